@@ -89,6 +89,9 @@ class FinetuneConfig:
     momentum: float = _opt(0.9, "SGD momentum.")
     weight_decay: float = _opt(5e-4, "SGD weight decay.")
     seed: int = _opt(0, "Random seed.")
+    lora_rank: int = _opt(8, "LoRA rank for --tune lora.")
+    lora_alpha: float = _opt(16.0, "LoRA alpha for --tune lora (scale = alpha / rank).")
+    num_workers: int = _opt(2, "Threads decoding images for the one-time cache.")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
