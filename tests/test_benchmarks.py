@@ -1,0 +1,210 @@
+"""Benchmark harness: metrics on hand-made cases, noise generators, materialisation, baselines, smoke run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks import baselines, datasets
+from benchmarks.metrics import detection_metrics
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR = SHARED / "data" / "cifar10" / "train.parquet"
+needs_cifar = pytest.mark.skipif(not CIFAR.is_file(), reason=f"CIFAR-10 parquet not found at {CIFAR}")
+CIFAR_IDS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+def test_perfect_flags_and_ranking_score_one() -> None:
+    truth = np.array([1, 0, 0, 1, 0, 1], dtype=bool)
+    result = detection_metrics(truth, truth * 0.9 + 0.05, truth)
+    assert (result["precision"], result["recall"], result["f1"]) == (1.0, 1.0, 1.0)
+    assert result["auroc"] == 1.0 and result["auprc"] == 1.0
+    assert (result["n_flagged"], result["n_noisy"]) == (3, 3)
+
+
+def test_inverted_flags_and_ranking_score_zero() -> None:
+    truth = np.array([1, 0, 0, 1, 0, 1], dtype=bool)
+    result = detection_metrics(~truth, 1.0 - truth, truth)
+    assert result["f1"] == 0.0 and result["precision"] == 0.0 and result["recall"] == 0.0
+    assert result["auroc"] == 0.0
+    assert result["auprc"] == pytest.approx(0.5)  # worst ranking: precision 3/4, 3/5, 3/6 at the hits
+
+
+def test_partial_flags_match_hand_computation() -> None:
+    truth = np.array([1, 1, 0, 0], dtype=bool)
+    flags = np.array([1, 0, 1, 0], dtype=bool)
+    result = detection_metrics(flags, None, truth)
+    assert result["precision"] == 0.5 and result["recall"] == 0.5 and result["f1"] == 0.5
+    assert result["auroc"] == 0.5  # ranking by the flags alone
+
+
+def test_metrics_without_noise_leave_ranking_undefined_and_check_shapes() -> None:
+    result = detection_metrics(np.zeros(4, bool), np.zeros(4), np.zeros(4, bool))
+    assert result["auroc"] is None and result["f1"] == 0.0
+    with pytest.raises(ValueError, match="must be equal"):
+        detection_metrics(np.zeros(4, bool), np.zeros(3), np.zeros(4, bool))
+
+
+# --- noise generators ----------------------------------------------------------------------------------
+LABELS = np.repeat(np.arange(10), 200)  # 2,000 rows, 200 per class
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.4, 0.6])
+def test_symmetric_noise_flips_exact_rate_never_to_same_class(rate: float) -> None:
+    given = datasets.symmetric_noise(LABELS, rate, 10, seed=3)
+    assert (given != LABELS).mean() == pytest.approx(rate, abs=1e-3)
+    flipped = given != LABELS
+    assert np.all(given[flipped] != LABELS[flipped])
+    if rate:  # offsets to the target class cover every other class
+        assert sorted(np.unique((given - LABELS)[flipped] % 10)) == list(range(1, 10))
+
+
+def test_noise_is_seeded() -> None:
+    assert np.array_equal(
+        datasets.symmetric_noise(LABELS, 0.4, 10, seed=1), datasets.symmetric_noise(LABELS, 0.4, 10, seed=1)
+    )
+    assert not np.array_equal(
+        datasets.symmetric_noise(LABELS, 0.4, 10, seed=1), datasets.symmetric_noise(LABELS, 0.4, 10, seed=2)
+    )
+    a = datasets.asymmetric_noise(LABELS, 0.4, CIFAR_IDS, seed=5)
+    assert np.array_equal(a, datasets.asymmetric_noise(LABELS, 0.4, CIFAR_IDS, seed=5))
+
+
+def test_asymmetric_noise_only_along_the_pairs() -> None:
+    given = datasets.asymmetric_noise(LABELS, 0.4, CIFAR_IDS, seed=0)
+    pairs = {(CIFAR_IDS.index(s), CIFAR_IDS.index(t)) for s, t in datasets.ASYM_PAIRS.items()}
+    flipped = given != LABELS
+    assert set(zip(LABELS[flipped], given[flipped], strict=True)) == pairs
+    for source, _ in pairs:  # each source class flipped at exactly the rate
+        assert flipped[LABELS == source].mean() == pytest.approx(0.4)
+    assert flipped.mean() == pytest.approx(0.2)  # 5 of 10 classes are sources
+
+
+def test_asymmetric_noise_refuses_datasets_without_the_pairs() -> None:
+    with pytest.raises(ValueError, match="lacks .*airplane"):
+        datasets.asymmetric_noise(LABELS, 0.4, tuple(f"c{k}" for k in range(10)), seed=0)
+
+
+def test_instance_noise_flips_the_most_confusable_rows_to_their_second_class() -> None:
+    labels = np.array([0, 0, 1, 1, 2])
+    probs = np.array(
+        [[0.9, 0.1, 0.0], [0.4, 0.1, 0.5], [0.3, 0.6, 0.1], [0.0, 0.55, 0.45], [0.2, 0.1, 0.7]], dtype=float
+    )
+    given = datasets.instance_noise(labels, probs, rate=0.4)  # 2 flips: rows 1 (0.5 → 2) and 3 (0.45 → 2)
+    assert given.tolist() == [0, 2, 1, 2, 2]
+
+
+def test_parse_noise_accepts_kinds_and_rejects_bad_specs() -> None:
+    assert datasets.parse_noise("sym:0.4") == ("sym", "0.4")
+    assert datasets.parse_noise("file:/x/y.npy") == ("file", "/x/y.npy")
+    for bad in ("sym", "gauss:0.1", "sym:1.5"):
+        with pytest.raises(ValueError, match="sym:0.4|KIND|\\[0, 1\\]"):
+            datasets.parse_noise(bad)
+
+
+def test_stratified_subset_keeps_class_balance_and_is_seeded() -> None:
+    rows = datasets.stratified_subset(LABELS, 300, seed=0)
+    assert len(rows) == 300 and np.all(np.diff(rows) > 0)
+    assert np.bincount(LABELS[rows]).tolist() == [30] * 10
+    assert np.array_equal(rows, datasets.stratified_subset(LABELS, 300, seed=0))
+    assert len(datasets.stratified_subset(LABELS, None, seed=0)) == len(LABELS)
+
+
+# --- materialisation ------------------------------------------------------------------------------------
+def test_materialise_synthetic_writes_tool_input_and_noisy_csv(tmp_path: Path) -> None:
+    ds = datasets.materialise("synthetic", data_root=tmp_path, cache_dir=tmp_path, subset=40, seed=0)
+    assert len(ds.paths) == 40 and all((ds.root / p).is_file() for p in ds.paths)
+    assert ds.classes_file.read_text().splitlines()[0] == "red,red"
+    noisy = datasets.write_noisy_labels(ds, datasets.symmetric_noise(ds.labels, 0.25, 10, 0), "sym:0.25", 0)
+    table = pd.read_csv(noisy.labels_csv)
+    assert list(table.columns) == ["path", "label"] and noisy.labels_csv.name == "labels_sym-0.25_s0.csv"
+    assert (table["label"] != np.array(ds.class_ids)[ds.labels]).sum() == noisy.truth.sum() == 10
+    again = datasets.materialise("synthetic", data_root=tmp_path, cache_dir=tmp_path, subset=40, seed=0)
+    assert again.paths == ds.paths and np.array_equal(again.labels, ds.labels)
+
+
+def test_file_noise_reads_npy_and_csv_at_source_positions(tmp_path: Path) -> None:
+    ds = datasets.materialise("synthetic", data_root=tmp_path, cache_dir=tmp_path, subset=20, seed=0)
+    full = (np.arange(20) + 1) % 10
+    np.save(tmp_path / "human.npy", full)
+    assert np.array_equal(datasets.file_noise(ds, tmp_path / "human.npy"), full[ds.source_index])
+    pd.DataFrame({"index": np.arange(20), "label": [ds.class_ids[k] for k in full]}).to_csv(
+        tmp_path / "human.csv", index=False
+    )
+    assert np.array_equal(datasets.file_noise(ds, tmp_path / "human.csv"), full[ds.source_index])
+    pd.DataFrame({"index": np.arange(20), "label": ["zebra"] * 20}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="bad.csv: labels \\['zebra'\\]"):
+        datasets.file_noise(ds, tmp_path / "bad.csv")
+
+
+def test_unknown_or_missing_dataset_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(datasets.DatasetUnavailable, match="--data-root"):
+        datasets.load_source("cifar10", tmp_path)
+    with pytest.raises(ValueError, match="Choose one of: cifar10"):
+        datasets.load_source("imagenet", tmp_path)
+
+
+@needs_cifar
+def test_materialise_cifar10_subset_copies_the_jpeg_bytes(tmp_path: Path) -> None:
+    ds = datasets.materialise("cifar10", data_root=SHARED / "data", cache_dir=tmp_path, subset=50, seed=1)
+    assert np.bincount(ds.labels).tolist() == [5] * 10
+    assert ds.class_ids == CIFAR_IDS
+    first = (ds.root / ds.paths[0]).read_bytes()
+    assert first[:2] == b"\xff\xd8" and ds.paths[0] == f"images/{ds.source_index[0]:05d}.jpg"
+
+
+# --- baselines ------------------------------------------------------------------------------------------
+def _clustered(n_per_class: int = 60, n_classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Well-separated Gaussian clusters (N, 16) and their labels: feature-based detectors must find flips."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    centres = rng.normal(0, 1, (n_classes, 16)) * 4
+    return (centres[labels] + rng.normal(0, 0.5, (len(labels), 16))).astype(np.float32), labels
+
+
+def test_feature_baselines_find_planted_flips_on_separable_features() -> None:
+    features, labels = _clustered()
+    given = datasets.symmetric_noise(labels, 0.2, 4, seed=0)
+    truth = given != labels
+    probs = baselines.cross_val_probs(features, given, n_classes=4, folds=5, seed=0)
+    assert probs.shape == (240, 4) and np.allclose(probs.sum(axis=1), 1.0)
+    detections = {
+        "cleanlab": baselines.cleanlab_baseline(probs, given),
+        "knn": baselines.knn_baseline(features, given, k=10),
+        "small-loss": baselines.small_loss_baseline(features, given, n_classes=4, rate=0.2),
+        "mismatch": baselines.mismatch_baseline(probs, given),
+    }
+    for name, det in detections.items():
+        result = detection_metrics(det.flags, det.scores, truth)
+        assert result["f1"] > 0.8 and result["auroc"] > 0.9, (name, result)
+    assert detections["small-loss"].flags.sum() == 48  # exactly the oracle rate
+
+
+def test_knn_agreement_by_hand() -> None:
+    features = np.array([[1, 0], [0.9, 0.1], [0.8, 0.2], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1, 1])
+    det = baselines.knn_baseline(features, labels, k=2)
+    # row 2's neighbours are rows 1 and 0 (label 0): agreement 0 → flagged; rows 0,1 see one label-1 row.
+    assert det.scores.tolist() == pytest.approx([0.5, 0.5, 1.0, 0.0, 0.0])
+    assert det.flags.tolist() == [False, False, True, False, False]
+
+
+def test_gmm_splits_bimodal_losses() -> None:
+    rng = np.random.default_rng(0)
+    losses = np.concatenate([rng.normal(0.2, 0.05, 80), rng.normal(3.0, 0.3, 20)])
+    det = baselines.gmm_baseline(losses, seed=0)
+    assert det.flags.tolist() == [False] * 80 + [True] * 20
+    assert np.all((det.scores >= 0) & (det.scores <= 1))
+
+
+def test_zero_shot_probs_follow_cosine_similarity() -> None:
+    images = np.array([[1.0, 0.0], [0.0, 2.0]])
+    texts = np.array([[3.0, 0.0], [0.0, 1.0]])
+    probs = baselines.zero_shot_probs(images, texts, scale=100.0)
+    assert probs.argmax(axis=1).tolist() == [0, 1] and probs[0, 0] == pytest.approx(1.0)
+    det = baselines.mismatch_baseline(probs, np.array([1, 1]))
+    assert det.flags.tolist() == [True, False]
