@@ -1,7 +1,9 @@
 """deft-clean: find wrong labels in image datasets (DeFT) and train on what is left (TeS)."""
 
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig
+from deft_clean.data import load_manifest
 from deft_clean.errors import BackboneError, ConfigError, DataError, DeftCleanError, Problem
+from deft_clean.results import read_results
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,6 @@ __all__ = [
     "FinetuneConfig",
     "Problem",
     "__version__",
+    "load_manifest",
+    "read_results",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -18,6 +19,9 @@ from rich.progress import (
 from rich.table import Table
 
 from deft_clean.errors import DataError, DeftCleanError
+
+if TYPE_CHECKING:
+    from deft_clean.data import Manifest
 
 console = Console(stderr=True)
 
@@ -86,3 +90,26 @@ def print_error(error: DeftCleanError) -> None:
     console.print(f"[bold red]error:[/bold red] {error.message}")
     if error.hint:
         console.print(f"[yellow]hint:[/yellow] {error.hint}")
+
+
+def print_manifest_summary(manifest: Manifest, max_classes: int = 40) -> None:
+    """``deft-clean check`` output: images per class (the smallest ones when there are many), a summary."""
+    readable = manifest.readable
+    counts = [int(((manifest.labels == k) & readable).sum()) for k in range(len(manifest.class_ids))]
+    skipped = [int(((manifest.labels == k) & ~readable).sum()) for k in range(len(manifest.class_ids))]
+    order = list(range(len(counts)))
+    if len(order) > max_classes:
+        order = sorted(order, key=lambda k: counts[k])[:max_classes]
+    caption = f"the {len(order)} smallest of {len(counts)} classes" if len(order) < len(counts) else None
+    table = Table(title="Images per class", caption=caption)
+    table.add_column("class id")
+    table.add_column("name")
+    table.add_column("images", justify="right")
+    table.add_column("unreadable (skipped)", justify="right")
+    for k in order:
+        table.add_row(manifest.class_ids[k], manifest.class_names[k], str(counts[k]), str(skipped[k] or ""))
+    console.print(table)
+    console.print(
+        f"[bold green]ok:[/bold green] {len(manifest)} rows, {len(counts)} classes, "
+        f"{sum(skipped)} unreadable skipped (kept as status=unreadable); all checks passed."
+    )

@@ -1,0 +1,210 @@
+"""The Parquet results file: one schema (:data:`COLUMNS`), atomic writes, self-describing metadata.
+
+Every later command reads what ``detect`` wrote, so the columns are declared once here, with their
+dtype and meaning (docs/output-schema.md is generated from :func:`schema_markdown`). The file carries
+its own provenance as JSON under the ``deft_clean`` key of the Arrow schema metadata: schema version,
+package versions, every stage config, the class list and the input fingerprint.
+
+Score direction: **low ``p_clean`` (and low ``margin``) = likely mislabeled**; ``noise_rank`` 1 is the
+row most likely to carry a wrong label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deft_clean.config import to_dict
+from deft_clean.errors import DeftCleanError
+
+if TYPE_CHECKING:
+    from deft_clean.data import Manifest
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"deft_clean"
+SCORE_DIRECTION = "Low p_clean (and low margin) = likely mislabeled; noise_rank 1 = most likely wrong."
+
+COLUMNS: dict[str, tuple[str, str]] = {
+    "path": ("string", "Image path as given in the labels CSV (ImageFolder: relative to DATA_DIR)."),
+    "given_label": ("category", "The label in the input: a class id (categories = all class ids, in order)."),
+    "status": ("string", "'ok', or 'unreadable' for a row skipped with --on-bad-image skip (no scores)."),
+    "is_noisy": (
+        "boolean",
+        "True when the given label is judged wrong: p_clean <= --threshold (with --strict, also when "
+        "another class has a higher p_clean). NA for unreadable rows.",
+    ),
+    "p_clean": (
+        "float32",
+        "Probability that the given label is correct (positive vs negative prompt of that class). "
+        "Low = likely mislabeled. NaN for unreadable rows.",
+    ),
+    "margin": (
+        "float32",
+        "cos(image, positive prompt) - cos(image, negative prompt) for the given label; "
+        "below 0 = closer to the negative prompt (likely mislabeled).",
+    ),
+    "predicted_label": ("category", "Class whose positive prompt matches the image best."),
+    "predicted_prob": ("float32", "Softmax probability of predicted_label over the positive prompts."),
+    "suggested_label": (
+        "category",
+        "Label to use instead for a noisy row (the best other class); NA if clean.",
+    ),
+    "noise_rank": (
+        "Int64",
+        "1 = most likely mislabeled (rows ordered by p_clean, ascending); NA if unreadable.",
+    ),
+}
+BASE_COLUMNS = ("path", "given_label", "status")
+LABEL_COLUMNS = ("given_label", "predicted_label", "suggested_label")
+_PACKAGES = ("torch", "open_clip_torch", "peft", "numpy", "pandas", "pyarrow", "pillow")
+
+
+def schema_markdown() -> str:
+    """The column table of docs/output-schema.md, generated from :data:`COLUMNS`."""
+    lines = ["| column | dtype | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | `{dtype}` | {text} |" for name, (dtype, text) in COLUMNS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def base_frame(manifest: Manifest) -> pd.DataFrame:
+    """(N rows) path, given_label (class ids), status ('ok'/'unreadable'), in input order."""
+    frame = pd.DataFrame(
+        {
+            "path": list(manifest.paths),
+            "given_label": [manifest.class_ids[k] for k in manifest.labels],
+            "status": np.where(manifest.readable, "ok", "unreadable"),
+        }
+    )
+    return _conform(frame, manifest.class_ids)
+
+
+def _package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_metadata(*, manifest: Manifest, configs: dict[str, Any], extra: dict | None = None) -> dict:
+    """Everything needed to know how a results file was made (stored in the file, see write_results)."""
+    from deft_clean import __version__  # late: the package __init__ imports this module
+
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "deft_clean_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "packages": _package_versions(),
+        "configs": {k: to_dict(v) if dataclasses.is_dataclass(v) else dict(v) for k, v in configs.items()},
+        "class_ids": list(manifest.class_ids),
+        "class_names": list(manifest.class_names),
+        "input": {"data_dir": str(manifest.data_dir), **manifest.fingerprint},
+        "score_direction": SCORE_DIRECTION,
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def _conform(frame: pd.DataFrame, class_ids: list[str]) -> pd.DataFrame:
+    """Columns in COLUMNS order with their declared dtypes; labels as Categoricals over ``class_ids``."""
+    unknown = [c for c in frame.columns if c not in COLUMNS]
+    missing = [c for c in BASE_COLUMNS if c not in frame.columns]
+    if unknown or missing:
+        raise DeftCleanError(
+            f"Results columns do not match the schema: unknown {unknown}, missing {missing}.",
+            hint="Declare every column once in deft_clean.results.COLUMNS.",
+        )
+    out = {}
+    for name in (c for c in COLUMNS if c in frame.columns):
+        dtype, column = COLUMNS[name][0], frame[name]
+        if name in LABEL_COLUMNS:
+            values = column.astype("string")
+            out[name] = pd.Categorical(values, categories=list(class_ids))
+            stray = values.notna() & pd.isna(out[name])
+            if stray.any():
+                raise DeftCleanError(
+                    f"Column '{name}' holds labels that are not class ids, e.g. '{values[stray].iloc[0]}'.",
+                    hint=f"Use values from class_ids: {', '.join(class_ids[:10])}.",
+                )
+        else:
+            out[name] = column.astype(dtype)
+    return pd.DataFrame(out, index=pd.RangeIndex(len(frame)))
+
+
+def write_results(df: pd.DataFrame, path: str | Path, *, metadata: dict) -> Path:
+    """Validate ``df`` against COLUMNS and write it atomically (temp file + rename) with ``metadata``.
+
+    ``metadata`` (from :func:`run_metadata`) must hold ``class_ids``; it is stored as JSON under the
+    ``deft_clean`` key of the Arrow schema metadata. An interrupted write leaves no partial file.
+    """
+    path = Path(path)
+    if "class_ids" not in metadata:
+        raise DeftCleanError(
+            "Results metadata has no 'class_ids'.", hint="Build it with results.run_metadata()."
+        )
+    frame = _conform(df, metadata["class_ids"])
+    try:
+        blob = json.dumps(metadata, default=_json_default).encode()
+    except TypeError as error:
+        raise DeftCleanError(f"Results metadata is not JSON-serialisable: {error}.") from None
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: blob})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.{os.getpid()}.partial"
+    try:
+        pq.write_table(table, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for the few non-JSON values configs and fingerprints hold (paths, numpy scalars/arrays)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} value {value!r}")
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """Read a results file: label columns as Categoricals over the class ids, metadata in ``df.attrs``.
+
+    Raises DeftCleanError when the file is missing, not Parquet, not written by deft-clean, or written by
+    a newer schema version.
+    """
+    path = Path(path)
+    hint = "Pass a results file written by 'deft-clean detect'."
+    if not path.is_file():
+        raise DeftCleanError(f"Results file not found: '{path}'.", hint=hint)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DeftCleanError(f"'{path}' is not a readable Parquet file ({error}).", hint=hint) from None
+    blob = (table.schema.metadata or {}).get(METADATA_KEY)
+    if blob is None:
+        raise DeftCleanError(f"'{path}' is a Parquet file but not a deft-clean results file.", hint=hint)
+    meta = json.loads(blob)
+    if meta.get("schema_version", 0) > SCHEMA_VERSION:
+        raise DeftCleanError(
+            f"'{path}' uses results schema {meta.get('schema_version')}; "
+            f"this version reads up to {SCHEMA_VERSION}.",
+            hint="Upgrade deft-clean: pip install -U deft-clean",
+        )
+    frame = _conform(table.to_pandas(), meta["class_ids"])
+    frame.attrs.update(meta)
+    return frame

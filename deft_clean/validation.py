@@ -1,0 +1,203 @@
+"""Every row-level data check, in one pass, before any model work.
+
+:func:`find_problems` looks at all rows at once and returns every problem it finds (each naming the
+CSV row and the file), so a user fixes a dataset in one round instead of one error per run. Image
+problems (missing, empty, undecodable, too large) can instead be *skipped* with
+``on_bad_image='skip'``: those rows stay in the manifest with ``readable=False``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import posixpath
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from deft_clean.errors import DataError, Problem
+from deft_clean.images import pixel_limit, verify_image
+from deft_clean.progress import Reporter, SilentReporter
+
+# Problems that describe one image file; --on-bad-image skip lets a run go on without them.
+IMAGE_KINDS = frozenset({"missing_file", "empty_file", "unreadable", "too_large"})
+
+
+@dataclass(frozen=True)
+class Row:
+    """One labelled image as read from the input: 1-based CSV line (None for ImageFolder)."""
+
+    line: int | None
+    path: str
+    label: str
+
+
+@dataclass
+class Findings:
+    """Result of :func:`find_problems`: blocking problems, skipped bad images, readable mask (N,)."""
+
+    problems: list[Problem]
+    skipped: list[Problem] = field(default_factory=list)
+    readable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+def _outside(root: Path, path: str) -> str | None:
+    """Why ``path`` is not safely inside ``root`` (absolute, '..' or a symlink out), else None."""
+    if not path:
+        return "empty image path"
+    if os.path.isabs(path) or Path(path).drive:
+        return "absolute path refused; paths must be relative to DATA_DIR"
+    resolved = (root / path).resolve()
+    if resolved.is_relative_to(root):
+        return None
+    if ".." in Path(path).parts:
+        return "path leaves DATA_DIR through '..'"
+    return f"symlink points outside DATA_DIR (to '{resolved}')"
+
+
+def _near_names(file: Path, listings: dict[Path, list[str]]) -> str:
+    """A 'did you mean' hint from the names in the file's folder (listed once per folder)."""
+    folder = file.parent
+    if folder not in listings:
+        listings[folder] = sorted(os.listdir(folder)) if folder.is_dir() else []
+    close = difflib.get_close_matches(file.name, listings[folder], n=1, cutoff=0.75)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _file_problem(root: Path, path: str, listings: dict[Path, list[str]]) -> Problem | None:
+    """Missing / not a file / 0 bytes, checked with one stat."""
+    file = root / path
+    fix = f"Paths are relative to DATA_DIR ({root})."
+    if not file.exists():
+        return Problem(
+            "missing_file", "image file not found", path=path, fix=fix + _near_names(file, listings)
+        )
+    if not file.is_file():
+        return Problem("missing_file", "not a regular file (a folder?)", path=path, fix=fix)
+    if file.stat().st_size == 0:
+        return Problem("empty_file", "image file is empty (0 bytes)", path=path, fix="Re-copy or remove it.")
+    return None
+
+
+def _decode_problems(
+    root: Path, rows: list[Row], num_workers: int, max_pixels: int | None, reporter: Reporter
+) -> list[Problem]:
+    """Fully decode every row's file in a thread pool; a problem (naming row and file) per failure."""
+
+    def check(row: Row) -> Problem | None:
+        try:
+            verify_image(root / row.path)
+        except DataError as error:
+            return replace(error.problems[0], path=row.path, row=row.line)
+        return None
+
+    found: list[Problem] = []
+    with reporter.task("Checking images", total=len(rows)), pixel_limit(max_pixels):
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+            for problem in pool.map(check, rows):
+                reporter.advance()
+                if problem is not None:
+                    found.append(problem)
+    return found
+
+
+def _key(path: str) -> str:
+    """Normalised form of a path, so 'a/./b.jpg' and 'a/b.jpg' count as the same image."""
+    return posixpath.normpath(path.replace("\\", "/"))
+
+
+def _row_problems(rows: list[Row], root: Path, class_ids: list[str]) -> tuple[list[Problem], dict[str, int]]:
+    """Label, path-safety and duplicate checks; returns problems and {normalised path: first row index}."""
+    known = set(class_ids)
+    problems: list[Problem] = []
+    first: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        where = {"path": row.path or None, "row": row.line}
+        if not row.label:
+            problems.append(Problem("empty_label", "label is empty", **where, fix="Fill in the label."))
+        elif row.label not in known:
+            close = difflib.get_close_matches(row.label, class_ids, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            fix = f"Add it to the --classes file or fix the label.{hint}"
+            problems.append(
+                Problem("unknown_label", f"label '{row.label}' is not in --classes", **where, fix=fix)
+            )
+        reason = _outside(root, row.path)
+        if reason is not None:
+            problems.append(Problem("unsafe_path", reason, **where, fix="Use a path relative to DATA_DIR."))
+            continue
+        key = _key(row.path)
+        if key in first:
+            seen = rows[first[key]]
+            other = f"row {seen.line}" if seen.line is not None else f"'{seen.path}'"
+            what = "" if seen.label == row.label else f" with a different label ('{seen.label}')"
+            fix = "Keep one row per image."
+            problems.append(Problem("duplicate", f"same image as {other}{what}", **where, fix=fix))
+        else:
+            first[key] = i
+    return problems, first
+
+
+def _class_problems(
+    rows: list[Row], readable: np.ndarray, class_ids: list[str], minimum: int
+) -> list[Problem]:
+    """Classes with fewer than ``minimum`` readable images (0 included, for classes from --classes)."""
+    counts = Counter(row.label for row, ok in zip(rows, readable, strict=True) if ok)
+    example = {row.label: row for row in reversed(rows)}
+    problems = []
+    for cls in class_ids:
+        if counts[cls] < minimum:
+            row = example.get(cls)
+            problems.append(
+                Problem(
+                    "small_class",
+                    f"class '{cls}' has {counts[cls]} readable image(s); at least {minimum} needed",
+                    path=row.path if row else None,
+                    row=row.line if row else None,
+                    fix="Add images, remove the class, or lower --min-per-class.",
+                )
+            )
+    return problems
+
+
+def find_problems(
+    rows: list[Row],
+    root: Path,
+    class_ids: list[str],
+    *,
+    min_per_class: int = 2,
+    on_bad_image: str = "error",
+    max_pixels: int | None = None,
+    num_workers: int | None = None,
+    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+) -> Findings:
+    """Check every row at once; return all problems (row-ordered) and the readable mask.
+
+    ``root`` must be resolved. Checks: empty/unknown labels, paths outside ``root`` (absolute, '..',
+    symlinks out), duplicate rows, missing / 0-byte / undecodable / too-large images (decoded in a
+    thread pool), and classes under ``min_per_class``. With ``on_bad_image='skip'`` image problems
+    go to ``Findings.skipped`` and their rows get ``readable=False`` instead of blocking.
+    """
+    problems, first = _row_problems(rows, root, class_ids)
+    listings: dict[Path, list[str]] = {}
+    bad: list[Problem] = []
+    to_decode: list[Row] = []
+    for i in first.values():
+        problem = _file_problem(root, rows[i].path, listings)
+        if problem is None:
+            to_decode.append(rows[i])
+        else:
+            bad.append(replace(problem, row=rows[i].line))
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    bad += _decode_problems(root, to_decode, workers, max_pixels, reporter)
+    skip = on_bad_image == "skip"
+    bad_keys = {_key(p.path or "") for p in bad} if skip else set()
+    readable = np.array([_key(row.path) not in bad_keys for row in rows], dtype=bool)
+    if not skip:
+        problems += bad
+    problems += _class_problems(rows, readable, class_ids, min_per_class)
+    problems.sort(key=lambda p: (p.row is None, p.row or 0, p.path or ""))
+    return Findings(problems, bad if skip else [], readable)
