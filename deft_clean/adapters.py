@@ -1,0 +1,209 @@
+"""Parameter-efficient tuning of the image tower for DeFT: LoRA (via peft), deep VPT, or none.
+
+:func:`apply_peft` freezes the whole image-text model, then makes trainable exactly:
+
+* ``lora``: peft LoRA layers on the image tower's modules named by ``--lora-targets`` (default: the
+  backbone's ``lora_targets``), injected in place through peft's public ``get_peft_model``;
+* ``vpt``: deep visual prompts, ``vpt_len`` learnable tokens fed to every block of an open_clip
+  ViT image tower (appended before block 0, replaced before every later block, dropped after the
+  last block so the tower's pooling sees only its own tokens);
+* ``none``: nothing in the tower (its features can then be computed once and cached);
+
+plus, whatever the choice, every parameter whose name starts with one of the backbone's
+``always_train`` prefixes (e.g. the fresh projection heads of the ``offline`` backbone).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deft_clean.config import DetectConfig
+from deft_clean.errors import ConfigError
+
+PEFT_KINDS = ("lora", "vpt", "none")
+
+
+class VisualPrompts(nn.Module):
+    """Deep visual prompt tuning on an open_clip ``VisionTransformer`` through forward hooks.
+
+    ``prompts``: ``(n_blocks, length, width)``, initialised uniformly in ±√(6 / (3·patch² + width))
+    as in VPT. The hooks live as long as this module's owner keeps it.
+    """
+
+    def __init__(self, visual: nn.Module, length: int) -> None:
+        super().__init__()
+        blocks = visual.transformer.resblocks
+        width = visual.transformer.width
+        patch = visual.conv1.kernel_size
+        bound = math.sqrt(6.0 / (3 * patch[0] * patch[1] + width))
+        weight = visual.conv1.weight
+        self.prompts = nn.Parameter(torch.empty(len(blocks), length, width, device=weight.device))
+        nn.init.uniform_(self.prompts, -bound, bound)
+        self.length = length
+        self.token_dim = 1 if getattr(visual.transformer, "batch_first", True) else 0
+        self.handles = [
+            block.register_forward_pre_hook(self._make_insert(i)) for i, block in enumerate(blocks)
+        ]
+        self.handles.append(blocks[-1].register_forward_hook(self._strip))
+
+    def _make_insert(self, index: int) -> Any:
+        def insert(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0]  # (N, L, D) batch-first, else (L, N, D)
+            if index > 0:
+                x = x.narrow(self.token_dim, 0, x.shape[self.token_dim] - self.length)
+            batch = x.shape[1 - self.token_dim]
+            prompt = self.prompts[index].to(x.dtype).unsqueeze(1 - self.token_dim)
+            prompt = prompt.expand(-1, batch, -1) if self.token_dim == 0 else prompt.expand(batch, -1, -1)
+            return (torch.cat([x, prompt], dim=self.token_dim), *args[1:])
+
+        return insert
+
+    def _strip(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return output.narrow(self.token_dim, 0, output.shape[self.token_dim] - self.length)
+
+    def remove(self) -> None:
+        """Detach the hooks: the tower runs as before."""
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class ImageTuning:
+    """What :func:`apply_peft` made trainable, and what is needed to save it."""
+
+    kind: str
+    peft_model: Any = None  # peft.PeftModel wrapping the (modified in place) image tower, for ``lora``
+    visual_prompts: VisualPrompts | None = None  # for ``vpt``
+    head_names: list[str] = field(default_factory=list)  # always-trained parameter names of the model
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Every trainable parameter of the tuned model (adapters, prompts, always-trained heads)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.visual_prompts is not None:
+            params.append(self.visual_prompts.prompts)
+        return params
+
+
+def apply_peft(backbone: Any, config: DetectConfig) -> ImageTuning:
+    """Freeze ``backbone.model`` and make the image-tower tuning of ``config.peft`` trainable.
+
+    ``backbone`` is a :class:`deft_clean.backbone.Backbone` (``model``, ``lora_targets``,
+    ``always_train``, ``name``). The model is modified in place; the returned
+    :class:`ImageTuning` says what is trainable.
+    """
+    model = backbone.model
+    model.requires_grad_(False)
+    if config.peft not in PEFT_KINDS:
+        raise ConfigError(f"Unknown --peft {config.peft!r}.", hint=f"Use one of: {', '.join(PEFT_KINDS)}.")
+    tuning = ImageTuning(kind=config.peft)
+    if config.peft == "lora":
+        tuning.peft_model = _add_lora(model.visual, _lora_targets(backbone, config), config)
+    elif config.peft == "vpt":
+        tuning.visual_prompts = _add_vpt(model.visual, backbone.name, config.vpt_len)
+    tuning.head_names = _unfreeze(model, list(backbone.always_train or []))
+    return tuning
+
+
+def _lora_targets(backbone: Any, config: DetectConfig) -> list[str]:
+    if config.lora_targets:
+        return [name.strip() for name in config.lora_targets.split(",") if name.strip()]
+    return list(backbone.lora_targets)
+
+
+def _add_lora(visual: nn.Module, targets: list[str], config: DetectConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+    )
+    try:
+        return get_peft_model(visual, lora)
+    except ValueError as error:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in visual.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"LoRA targets {targets} do not fit the image tower ({error}).",
+            hint=f"Pass --lora-targets with module names such as: {', '.join(names[:12])}.",
+        ) from None
+
+
+def _add_vpt(visual: nn.Module, name: str, length: int) -> VisualPrompts:
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None or not hasattr(visual, "conv1"):
+        raise ConfigError(
+            f"--peft vpt needs an open_clip ViT image tower; backbone {name!r} has a "
+            f"{type(visual).__name__}.",
+            hint="Use --peft lora or --peft none with this backbone.",
+        )
+    if length < 1:
+        raise ConfigError(f"--vpt-len must be at least 1, got {length}.")
+    return VisualPrompts(visual, length)
+
+
+def _unfreeze(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """Make parameters starting with any prefix trainable; returns their names."""
+    names = [n for n, _ in model.named_parameters() if any(n.startswith(p) for p in prefixes)]
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    return names
+
+
+def feature_split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(frozen trunk, trainable head)`` with ``head(trunk(x)) == model.visual(x)``, or None.
+
+    With a frozen tower (``--peft none``) the trunk's features are computed once and only the
+    head runs each step. None when trainable parameters sit where the tower cannot be split (the
+    tower must then run every step).
+    """
+    visual = model.visual
+    trainable = [n for n, p in visual.named_parameters() if p.requires_grad]
+    if not trainable:
+        return visual, nn.Identity()
+    if hasattr(visual, "trunk") and hasattr(visual, "head") and all(n.startswith("head.") for n in trainable):
+        return visual.trunk, visual.head
+    return None
+
+
+def save_tuning(tuning: ImageTuning, model: nn.Module, directory: Path) -> list[str]:
+    """Write the tuned weights under ``directory``; returns the file/dir names written.
+
+    ``lora/`` (peft ``save_pretrained``: adapter_config.json + adapter_model.safetensors),
+    ``vpt.pt`` (the visual prompts), ``heads.pt`` (always-trained parameters by model name).
+    """
+    written = []
+    if tuning.peft_model is not None:
+        tuning.peft_model.save_pretrained(str(directory / "lora"))
+        written.append("lora/")
+    if tuning.visual_prompts is not None:
+        torch.save({"prompts": tuning.visual_prompts.prompts.detach().cpu()}, directory / "vpt.pt")
+        written.append("vpt.pt")
+    if tuning.head_names:
+        params = dict(model.named_parameters())
+        torch.save({n: params[n].detach().cpu() for n in tuning.head_names}, directory / "heads.pt")
+        written.append("heads.pt")
+    return written
+
+
+def load_tuning(tuning: ImageTuning, model: nn.Module, directory: Path) -> None:
+    """Load what :func:`save_tuning` wrote into a freshly :func:`apply_peft`-ed model (same config)."""
+    if tuning.peft_model is not None:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(tuning.peft_model, load_peft_weights(str(directory / "lora")))
+    if tuning.visual_prompts is not None:
+        saved = torch.load(directory / "vpt.pt", map_location="cpu")["prompts"]
+        tuning.visual_prompts.prompts.data.copy_(saved)
+    if tuning.head_names:
+        params = dict(model.named_parameters())
+        for name, value in torch.load(directory / "heads.pt", map_location="cpu").items():
+            params[name].data.copy_(value)

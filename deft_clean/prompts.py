@@ -1,0 +1,207 @@
+"""Learnable positive and negative text prompts (DeFT), encoded by the frozen text tower.
+
+Each prompt is ``[start] ctx₁ … ctx_M <class name> . [end]``: ``M`` learnable context vectors
+replace the token embeddings right after the start token (SOT for CLIP's tokenizer, [CLS] for
+BERT-style ones), the class name's real token embeddings follow. One context is shared by all
+classes unless ``class_specific``; there is one positive and one negative set.
+
+Two kinds of text tower are fed with embeddings instead of token ids:
+
+* open_clip's own transformer (a ``CLIP`` model's text attributes, or ``CustomTextCLIP.text``
+  when it is a ``TextTransformer``): token + positional embeddings → transformer with its causal
+  ``attn_mask`` → ``ln_final`` → pooling (at the end token for ``text_pool_type='argmax'``/``'eos'``,
+  the first/last position otherwise) → ``text_projection``.
+* an HF text tower (open_clip ``HFTextEncoder``): ``inputs_embeds`` + ``attention_mask`` into the HF
+  transformer (which adds its own position embeddings), then the encoder's pooler and ``proj``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from deft_clean.errors import BackboneError, ConfigError
+
+
+class _OpenClipText:
+    """open_clip's text transformer fed with embeddings; ``src`` holds the text attributes."""
+
+    def __init__(self, src: nn.Module) -> None:
+        if getattr(src, "cls_emb", None) is not None or getattr(src, "use_pad_mask", False):
+            raise BackboneError(
+                "Text towers with a CLS embedding or a padding mask (CoCa-style) are not supported by "
+                "the prompt learner.",
+                hint="Use a CLIP-style backbone (e.g. ViT-B-16) or the 'offline' backbone.",
+            )
+        self.src = src
+        self.pool_type = getattr(src, "text_pool_type", None) or getattr(src, "pool_type", "argmax")
+        if self.pool_type not in ("argmax", "eos", "first", "last"):
+            raise BackboneError(f"Text pooling '{self.pool_type}' is not supported by the prompt learner.")
+        self.eos_id = getattr(src, "text_eos_id", getattr(src, "eos_id", None))
+        self.pad_id = getattr(src, "pad_id", 0)
+        self.width = src.token_embedding.weight.shape[1]
+        self.device = src.token_embedding.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.src.token_embedding(ids)  # (B, L, D)
+
+    def end_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,) position of each sequence's end token (what 'argmax'/'eos' pooling reads)."""
+        if self.pool_type == "argmax":
+            return ids.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (ids == self.eos_id).int().argmax(dim=-1)
+        return (ids != self.pad_id).sum(dim=-1) - 1
+
+    def encode(self, embeds: torch.Tensor, ids: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) prompt embeddings → (B, E) text features (unnormalised)."""
+        src, length = self.src, embeds.shape[1]
+        cast = src.transformer.get_cast_dtype()
+        x = embeds.to(cast) + src.positional_embedding[:length].to(cast)
+        mask = src.attn_mask[:length, :length] if src.attn_mask is not None else None
+        x = src.ln_final(src.transformer(x, attn_mask=mask))  # (B, L, D)
+        if self.pool_type == "first":
+            x = x[:, 0]
+        elif self.pool_type == "last":
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), pool_index]
+        projection = src.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+class _HFText:
+    """An open_clip ``HFTextEncoder`` fed with ``inputs_embeds``; padding is masked out."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self.encoder = encoder
+        self.pad_id = encoder.config.pad_token_id
+        self.width = encoder.transformer.get_input_embeddings().weight.shape[1]
+        self.device = encoder.transformer.get_input_embeddings().weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder.transformer.get_input_embeddings()(ids)  # (B, L, D)
+
+    def end_index(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids != self.pad_id).sum(dim=-1) - 1  # the [SEP] position
+
+    def encode(self, embeds: torch.Tensor, ids: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+        mask = (ids != self.pad_id).long()  # (B, L)
+        out = self.encoder.transformer(inputs_embeds=embeds, attention_mask=mask)
+        return self.encoder.proj(self.encoder.pooler(out, mask))
+
+
+def text_tower(model: nn.Module) -> _OpenClipText | _HFText:
+    """The text tower of an open_clip ``CLIP``/``CustomTextCLIP``, wrapped to accept embeddings."""
+    if hasattr(model, "token_embedding"):
+        return _OpenClipText(model)
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "token_embedding"):
+        return _OpenClipText(text)
+    if text is not None and hasattr(text, "pooler") and hasattr(text, "transformer"):
+        return _HFText(text)
+    raise BackboneError(
+        f"Cannot find a text tower on {type(model).__name__}: expected open_clip's CLIP text attributes, "
+        "a TextTransformer or an HFTextEncoder at .text."
+    )
+
+
+class DualPromptLearner(nn.Module):
+    """Positive and negative learnable prompts for ``K`` classes → ``(K, E)`` text features each.
+
+    Learned parameters: ``pos_ctx``/``neg_ctx`` of shape ``(M, D)`` (shared) or ``(K, M, D)``
+    (class-specific); they are the only entries of ``state_dict()``. The token embeddings of the
+    class names are non-persistent buffers rebuilt from the class names.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[[Sequence[str]], torch.Tensor],
+        class_names: Sequence[str],
+        *,
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_specific: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.tower = text_tower(model)
+        self.class_names = [str(name).replace("_", " ") for name in class_names]
+        ids = tokenizer([f"{name}." for name in self.class_names]).long()  # (K, L)
+        device = self.tower.device
+        ids = ids.to(device)
+        init = self._init_vectors(tokenizer, ctx_init, device) if ctx_init else None
+        n_ctx = init.shape[0] if init is not None else n_ctx
+        end = self.tower.end_index(ids)
+        _check_length(self.class_names, end, n_ctx, ids.shape[1])
+        filler = ids[:, :1].expand(-1, n_ctx)  # any non-pad id: these embeddings are replaced
+        full_ids = torch.cat([ids[:, :1], filler, ids[:, 1 : ids.shape[1] - n_ctx]], dim=1)
+        with torch.no_grad():
+            embedding = self.tower.embed(full_ids).float()  # (K, L, D)
+        self.register_buffer("token_ids", full_ids, persistent=False)
+        self.register_buffer("pool_index", end + n_ctx, persistent=False)
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # start token
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :], persistent=False)  # name, end, pad
+        self.n_ctx, self.n_cls = n_ctx, len(self.class_names)
+        self.pos_ctx = nn.Parameter(self._context(init, class_specific, generator, device))
+        self.neg_ctx = nn.Parameter(self._context(init, class_specific, generator, device))
+
+    def _init_vectors(
+        self, tokenizer: Callable[[Sequence[str]], torch.Tensor], phrase: str, device: torch.device
+    ) -> torch.Tensor:
+        """(M, D) token embeddings of ``phrase`` between its start and end tokens."""
+        ids = tokenizer([phrase]).long().to(device)
+        end = int(self.tower.end_index(ids)[0])
+        if end <= 1:
+            raise ConfigError(
+                f"--ctx-init {phrase!r} has no tokens.", hint="Use a phrase like 'a photo of a'."
+            )
+        with torch.no_grad():
+            return self.tower.embed(ids)[0, 1:end].float()
+
+    def _context(
+        self,
+        init: torch.Tensor | None,
+        class_specific: bool,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        shape = (
+            (self.n_cls, self.n_ctx, self.tower.width) if class_specific else (self.n_ctx, self.tower.width)
+        )
+        if init is not None:
+            return init.expand(shape).clone()
+        return torch.randn(shape, generator=generator).to(device) * 0.02
+
+    def _prompts(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(M, D) or (K, M, D) context → (K, L, D) prompt embeddings."""
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+        return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised ``(T⁺, T⁻)``, each ``(K, E)``, from one batched text-tower call over 2K prompts."""
+        embeds = torch.cat([self._prompts(self.pos_ctx), self._prompts(self.neg_ctx)])  # (2K, L, D)
+        ids, pool = self.token_ids.repeat(2, 1), self.pool_index.repeat(2)
+        features = self.tower.encode(embeds, ids, pool).float()
+        features = features / features.norm(dim=-1, keepdim=True)
+        return features[: self.n_cls], features[self.n_cls :]
+
+
+def _check_length(names: list[str], end: torch.Tensor, n_ctx: int, length: int) -> None:
+    """Refuse prompts whose end token would fall off the text tower's context window."""
+    too_long = [
+        (names[i], int(end[i]) + 1 + n_ctx) for i in range(len(names)) if int(end[i]) + n_ctx >= length
+    ]
+    if too_long:
+        name, needed = too_long[0]
+        raise ConfigError(
+            f"Class name {name!r} needs {needed} tokens with {n_ctx} context vectors; the text tower takes "
+            f"{length} ({len(too_long)} class name(s) too long).",
+            hint="Use fewer context vectors (--n-ctx) or shorter class names (--classes-file).",
+        )

@@ -1,0 +1,118 @@
+"""Pure functions of DeFT: dual-prompt similarities → clean probability, flags, loss, ranks, metrics.
+
+Notation (shapes): ``N`` samples, ``K`` classes. ``s_pos``/``s_neg`` are scaled cosine similarities
+``scale · cos(f(x), T⁺ₖ)`` and ``scale · cos(f(x), T⁻ₖ)``, both ``(N, K)``.
+
+Direction: **a low clean probability means a likely wrong label.** ``p_clean`` of the given label
+is the per-class two-way softmax over ``[s⁺ₖ, s⁻ₖ]``; a sample is clean when it exceeds the
+threshold (0.5 by default: the image is closer to the positive than to the negative prompt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LOG_CLAMP = 1e-5  # probabilities are clamped here before the log, as in the reference implementation
+
+
+def clean_probability(s_pos: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
+    """Per-class probability that the image matches class k's positive prompt rather than its negative.
+
+    ``softmax([s⁺ₖ, s⁻ₖ])[0]`` for every sample and class: ``(N, K)`` → ``(N, K)`` in [0, 1].
+    """
+    return torch.softmax(torch.stack([s_pos, s_neg], dim=-1), dim=-1)[..., 0]
+
+
+def select_clean(
+    p_clean: torch.Tensor, labels: torch.Tensor, *, threshold: float = 0.5, strict: bool = False
+) -> torch.Tensor:
+    """The clean rule: ``p_clean[i, yᵢ] > threshold`` (and, when ``strict``, ``yᵢ = argmaxₖ p_clean[i, k]``).
+
+    ``p_clean`` is ``(N, K)``, ``labels`` ``(N,)`` long; returns a ``(N,)`` bool mask, True = clean.
+    """
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    clean = p_clean[rows, labels] > threshold
+    if strict:
+        clean = clean & (p_clean.argmax(dim=1) == labels)
+    return clean
+
+
+def complementary_labels(
+    labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One label drawn uniformly from the ``K - 1`` classes other than each given label, ``(N,)`` long.
+
+    Drawing ``r ∈ [0, K-2]`` and skipping the label (``r + (r >= y)``) is exact and never equals ``y``.
+    """
+    draw = torch.randint(
+        0, num_classes - 1, labels.shape, generator=generator, device=labels.device, dtype=labels.dtype
+    )
+    return draw + (draw >= labels).to(labels.dtype)
+
+
+def deft_loss(
+    s_pos: torch.Tensor,
+    s_neg: torch.Tensor,
+    labels: torch.Tensor,
+    complementary: torch.Tensor,
+    selected: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeFT training loss: ``CE(s⁺, y)`` + negative-prompt loss; returns ``(total, ce, neg)`` scalars.
+
+    ``selected`` is None during warm-up (CE on every sample, "yes" target = the given label). After
+    warm-up it is the ``(N,)`` clean mask: CE averages over the selected samples only (0, not NaN,
+    when none is selected) and unselected samples take the pseudo-label ``argmax s⁺`` as "yes"
+    target. The negative-prompt loss is ``NLL(no | complementary) + NLL(yes | target)`` on the
+    two-way softmax of ``[s⁺.detach(), s⁻]``, so it trains the negative prompts only.
+    """
+    p_yes = clean_probability(s_pos.detach(), s_neg)  # (N, K)
+    log_yes = torch.log(p_yes.clamp(min=LOG_CLAMP, max=1.0))
+    log_no = torch.log((1.0 - p_yes).clamp(min=LOG_CLAMP, max=1.0))
+    ce_each = F.cross_entropy(s_pos, labels, reduction="none")  # (N,)
+    if selected is None:
+        ce = ce_each.mean()
+        yes_target = labels
+    else:
+        weight = selected.to(ce_each.dtype)
+        ce = (ce_each * weight).sum() / weight.sum().clamp(min=1.0)
+        yes_target = torch.where(selected, labels, s_pos.detach().argmax(dim=1))
+    neg = F.nll_loss(log_no, complementary) + F.nll_loss(log_yes, yes_target)
+    return ce + neg, ce, neg
+
+
+def noise_rank(p_clean: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """A total order, 1 = most likely mislabelled: ``p_clean`` ascending, ties by ``margin`` ascending.
+
+    Both ``(N,)``; remaining ties keep input order. Returns ``(N,)`` int64 ranks 1..N.
+    """
+    order = np.lexsort((np.arange(len(p_clean)), margin, p_clean))
+    ranks = np.empty(len(p_clean), dtype=np.int64)
+    ranks[order] = np.arange(1, len(p_clean) + 1)
+    return ranks
+
+
+def suggest_labels(given: np.ndarray, predicted: np.ndarray, is_noisy: np.ndarray) -> np.ndarray:
+    """The predicted label where a sample is flagged, else the given one, ``(N,)``."""
+    return np.where(is_noisy, predicted, given)
+
+
+def flag_metrics(is_noisy: np.ndarray, truly_noisy: np.ndarray) -> dict[str, float | int]:
+    """Precision, recall and F1 of the flags against known truth (``truly_noisy`` = given ≠ true label).
+
+    Both ``(N,)`` bool. A ratio with an empty denominator is reported as 0.0.
+    """
+    flagged, wrong = np.asarray(is_noisy, bool), np.asarray(truly_noisy, bool)
+    hits = int((flagged & wrong).sum())
+    precision = hits / int(flagged.sum()) if flagged.any() else 0.0
+    recall = hits / int(wrong.sum()) if wrong.any() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {
+        "n": int(len(flagged)),
+        "n_flagged": int(flagged.sum()),
+        "n_wrong": int(wrong.sum()),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+    }
