@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,74 @@ def test_zero_shot_probs_follow_cosine_similarity() -> None:
     assert probs.argmax(axis=1).tolist() == [0, 1] and probs[0, 0] == pytest.approx(1.0)
     det = baselines.mismatch_baseline(probs, np.array([1, 1]))
     assert det.flags.tolist() == [True, False]
+
+
+# --- run / report ---------------------------------------------------------------------------------------
+def test_parse_options_converts_types() -> None:
+    from benchmarks.run import parse_options
+
+    assert parse_options("peft=none,epochs=10,lr=0.01,strict=true,ctx_init=a photo") == {
+        "peft": None,
+        "epochs": 10,
+        "lr": 0.01,
+        "strict": True,
+        "ctx_init": "a photo",
+    }
+    assert parse_options("") == {}
+    with pytest.raises(SystemExit, match="'epochs' is not KEY=VALUE"):
+        parse_options("epochs")
+
+
+def test_parse_args_rejects_unknown_methods_and_noise(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.run import parse_args
+
+    args = parse_args(["--noise", "sym:0.2,asym:0.4", "--method", "knn,cleanlab"])
+    assert args.noise == ["sym:0.2", "asym:0.4"] and args.method == ["knn", "cleanlab"]
+    with pytest.raises(SystemExit):
+        parse_args(["--method", "magic"])
+    assert "unknown method(s) magic" in capsys.readouterr().err
+
+
+def _record(method: str, f1: float | None, status: str = "ok", created: str = "2026-01-01") -> dict:
+    return {
+        "dataset": "cifar10",
+        "n": 2000,
+        "noise": "sym:0.4",
+        "noise_rate": 0.4,
+        "method": method,
+        "status": status,
+        "backbone": {"model": "offline", "pretrained": None},
+        "seed": 0,
+        "f1": f1,
+        "precision": f1,
+        "recall": f1,
+        "auroc": f1,
+        "auprc": f1,
+        "n_flagged": 800,
+        "wall_s": 1.5,
+        "images_per_s": 1333.3,
+        "peak_gpu_mb": None,
+        "created": created,
+    }
+
+
+def test_report_orders_methods_keeps_newest_and_shows_status(tmp_path: Path) -> None:
+    from benchmarks.report import main, markdown_tables
+
+    records = [
+        _record("knn", 0.5),
+        _record("cleanlab", 0.7, created="2026-01-01"),
+        _record("cleanlab", 0.8, created="2026-01-02"),
+        _record("zero-shot", None, status="not aligned"),
+    ]
+    text = markdown_tables(records)
+    lines = text.splitlines()
+    assert lines[0] == "### cifar10, n = 2000, noise sym:0.4 (measured rate 0.400), backbone offline"
+    body = [line for line in lines if line.startswith("| ") and "F1" not in line]
+    assert [line.split(" | ")[0] for line in body] == ["| cleanlab", "| knn", "| zero-shot"]
+    assert body[0].startswith("| cleanlab | 0.800 | 0.800") and "| 1.5 |" in body[0] and "1,333" in body[0]
+    assert "not aligned" in body[2]
+    for i, record in enumerate(records):
+        (tmp_path / f"{i}.json").write_text(json.dumps(record))
+    assert main([str(p) for p in sorted(tmp_path.glob("*.json"))] + ["--out", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "t.md").read_text() == text

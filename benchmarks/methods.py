@@ -1,0 +1,226 @@
+"""The methods the harness compares, each run through deft-clean's public API on one shared backbone.
+
+A method is a function ``(Context, NoisySet) -> list[Row]`` (one method may give several rows, e.g. the
+fine-tuned GMM also reports its "prediction ≠ label" rule). Frozen features are computed once per
+(dataset, backbone, tower output) and cached on disk next to the images, so the feature-based baselines
+share one pass; the time and peak GPU memory of that pass are stored beside them and added to every
+record that used it (``feature_s``), so images/s stays an end-to-end figure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import baselines
+from benchmarks.baselines import Detection
+from benchmarks.datasets import Dataset, NoisySet
+from deft_clean.config import BackboneConfig, DataConfig
+
+
+@dataclass
+class Row:
+    """One result line: a method's detection (None when it could not run, with ``status`` saying why)."""
+
+    method: str
+    detection: Detection | None
+    status: str = "ok"
+    extra: dict[str, Any] = field(default_factory=dict)  # feature_s, peak_gpu_mb, options...
+
+
+@dataclass
+class Context:
+    """Everything the methods share for one dataset: the backbone (built lazily) and feature caches."""
+
+    dataset: Dataset
+    backbone_config: BackboneConfig
+    seed: int = 0
+    folds: int = 5
+    knn_k: int = 10
+    batch_size: int = 256
+    deft_options: dict[str, Any] = field(default_factory=dict)
+    finetune_options: dict[str, Any] = field(default_factory=dict)
+    _backbone: Any = None
+    _manifest: Any = None
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(classes_file=str(self.dataset.classes_file))
+
+    def backbone(self) -> Any:
+        if self._backbone is None:
+            from deft_clean.backbone import load_backbone
+
+            self._backbone = load_backbone(self.backbone_config)
+        return self._backbone
+
+    def manifest(self) -> Any:
+        """The dataset read through deft-clean's loader with its TRUE labels (labels don't matter here)."""
+        if self._manifest is None:
+            from deft_clean.data import load_manifest
+
+            truth = self.dataset.root / "truth.csv"
+            self._manifest = load_manifest(self.dataset.root, truth, config=self.data_config())
+        return self._manifest
+
+    def features(self, *, pooled: bool = True) -> tuple[np.ndarray, dict[str, float]]:
+        """Frozen features (N, D), cached, and what they cost ({'feature_s', 'feature_peak_gpu_mb'})."""
+        bcfg = self.backbone_config
+        key = hashlib.sha1(f"{bcfg.model}|{bcfg.pretrained}".encode()).hexdigest()[:8]
+        stem = f"features-{_slug(bcfg.model)}-{key}-{'pooled' if pooled else 'embed'}"
+        npy, meta = self.dataset.root / f"{stem}.npy", self.dataset.root / f"{stem}.json"
+        if npy.is_file() and meta.is_file():
+            return np.load(npy), json.loads(meta.read_text())
+        from deft_clean.embed import embed_images
+
+        backbone = self.backbone()  # built outside the timed pass
+        with _measure() as cost:
+            features = embed_images(self.manifest(), backbone, batch_size=self.batch_size, pooled=pooled)
+        np.save(npy, features)
+        summary = {"feature_s": cost["wall_s"], "feature_peak_gpu_mb": cost["peak_gpu_mb"]}
+        meta.write_text(json.dumps(summary))
+        return features, summary
+
+
+def _slug(text: str | None) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))[-40:]
+
+
+class _measure:
+    """Context manager filling a dict with wall seconds and peak CUDA memory (MB; None off CUDA)."""
+
+    def __enter__(self) -> dict[str, Any]:
+        self.result: dict[str, Any] = {}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        return self.result
+
+    def __exit__(self, *exc: object) -> None:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+        self.result["wall_s"] = time.perf_counter() - self.start
+        self.result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+
+
+def measure() -> _measure:
+    """``with measure() as cost: ...`` → ``cost['wall_s']``, ``cost['peak_gpu_mb']``."""
+    return _measure()
+
+
+def _n_classes(ctx: Context) -> int:
+    return len(ctx.dataset.class_ids)
+
+
+def run_cleanlab(ctx: Context, noisy: NoisySet) -> list[Row]:
+    features, cost = ctx.features()
+    probs = baselines.cross_val_probs(
+        features, noisy.given, n_classes=_n_classes(ctx), folds=ctx.folds, seed=ctx.seed
+    )
+    return [
+        Row("cleanlab", baselines.cleanlab_baseline(probs, noisy.given), extra=dict(cost, folds=ctx.folds))
+    ]
+
+
+def run_knn(ctx: Context, noisy: NoisySet) -> list[Row]:
+    features, cost = ctx.features()
+    return [
+        Row("knn", baselines.knn_baseline(features, noisy.given, k=ctx.knn_k), extra=dict(cost, k=ctx.knn_k))
+    ]
+
+
+def run_small_loss(ctx: Context, noisy: NoisySet) -> list[Row]:
+    features, cost = ctx.features()
+    rate = float(noisy.truth.mean())
+    det = baselines.small_loss_baseline(
+        features, noisy.given, n_classes=_n_classes(ctx), rate=rate, seed=ctx.seed
+    )
+    return [Row("small-loss", det, extra=dict(cost, oracle_rate=rate))]
+
+
+def run_zero_shot(ctx: Context, noisy: NoisySet) -> list[Row]:
+    backbone = ctx.backbone()
+    if not getattr(backbone, "aligned", False):
+        return [Row("zero-shot", None, status="not aligned")]
+    from deft_clean.classifier import text_classifier
+
+    features, cost = ctx.features(pooled=False)
+    texts = text_classifier(backbone, ctx.manifest().prompt_names(), "a photo of a {}.").float().cpu().numpy()
+    probs = baselines.zero_shot_probs(features, texts)
+    return [Row("zero-shot", baselines.mismatch_baseline(probs, noisy.given), extra=cost)]
+
+
+def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
+    """Fine-tune the image tower with plain CE on the noisy labels (``deft_clean.finetune``), then split the
+    un-augmented per-sample losses with a two-component GMM; also report "prediction ≠ label"."""
+    import deft_clean
+    from deft_clean.images import build_image_cache
+
+    options = {"method": "ce", "tune": "full", "epochs": 4, "lr": 0.05, "batch_size": 256, "seed": ctx.seed}
+    options.update(ctx.finetune_options)
+    bcfg = ctx.backbone_config
+    result = deft_clean.finetune(
+        ctx.dataset.root,
+        noisy.labels_csv,
+        model=bcfg.model,
+        pretrained=bcfg.pretrained,
+        device=bcfg.device,
+        classes_file=str(ctx.dataset.classes_file),
+        **options,
+    )
+    images = build_image_cache(ctx.manifest(), result.classifier.image_size)
+    probs = torch.cat(
+        [result.classifier.predict_batch(images[s : s + 256]) for s in range(0, len(images), 256)]
+    )
+    probs_np = probs.double().numpy()  # (N, K)
+    losses = -np.log(np.clip(probs_np[np.arange(len(noisy.given)), noisy.given], 1e-12, None))
+    extra = {"finetune_options": options}
+    return [
+        Row("ce-gmm", baselines.gmm_baseline(losses, seed=ctx.seed), extra=extra),
+        Row("ce-mismatch", baselines.mismatch_baseline(probs_np, noisy.given), extra=extra),
+    ]
+
+
+def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
+    """``deft_clean.detect`` with the harness's backbone and ``--deft-opts``; reads is_noisy and p_clean."""
+    import deft_clean
+
+    bcfg = ctx.backbone_config
+    options = {"seed": ctx.seed, **ctx.deft_options}
+    with tempfile.TemporaryDirectory() as tmp:
+        frame = deft_clean.detect(
+            ctx.dataset.root,
+            noisy.labels_csv,
+            out=Path(tmp) / "flags.parquet",
+            model=bcfg.model,
+            pretrained=bcfg.pretrained,
+            device=bcfg.device,
+            classes_file=str(ctx.dataset.classes_file),
+            **options,
+        )
+    if "path" in frame.columns:  # align on path in case the tool reorders rows
+        frame = frame.set_index("path").loc[list(ctx.dataset.paths)].reset_index()
+    flags = frame["is_noisy"].to_numpy(dtype=bool)
+    scores = 1.0 - frame["p_clean"].to_numpy(dtype=np.float64)
+    return [Row("deft", Detection(flags, scores), extra={"deft_options": options})]
+
+
+METHODS: dict[str, Callable[[Context, NoisySet], list[Row]]] = {
+    "deft": run_deft,
+    "cleanlab": run_cleanlab,
+    "knn": run_knn,
+    "small-loss": run_small_loss,
+    "gmm": run_gmm,
+    "zero-shot": run_zero_shot,
+}

@@ -1,0 +1,252 @@
+"""Benchmark entry point: plant noise in a dataset, run detectors, write one JSON record per result row.
+
+    python -m benchmarks.run --dataset cifar10 --noise sym:0.2,sym:0.4 --method deft,cleanlab,knn \\
+        --model offline --device cuda --deft-opts peft=none,epochs=10
+    python -m benchmarks.run --smoke          # a few hundred images, test-tiny, every method (CI)
+
+Records go to ``--results-dir`` (default benchmarks/results/) as
+``<dataset>-<subset>_<noise>_<method>_<model>_s<seed>.json``; ``python -m benchmarks.report`` turns them
+into markdown tables. The exit code is 1 when any method failed (its record says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import datasets
+from benchmarks.baselines import cross_val_probs
+from benchmarks.methods import METHODS, Context, Row, measure
+from benchmarks.metrics import detection_metrics
+from benchmarks.report import markdown_tables
+from deft_clean.config import BackboneConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+FEATURE_METHODS = {"cleanlab", "knn", "small-loss"}
+PACKAGES = ("deft-clean", "torch", "open_clip_torch", "cleanlab", "scikit-learn", "timm", "numpy")
+
+
+def parse_options(text: str | None) -> dict[str, Any]:
+    """``'peft=none,epochs=10,lr=0.01'`` → ``{'peft': 'none', 'epochs': 10, 'lr': 0.01}`` (int, float,
+    true/false and none are converted; everything else stays a string)."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"option '{item}' is not KEY=VALUE (in '{text}')")
+        lowered = raw.strip().lower()
+        value: Any = {"true": True, "false": False, "none": None}.get(lowered, raw.strip())
+        for convert in (int, float):
+            if isinstance(value, str):
+                try:
+                    value = convert(value)
+                except ValueError:
+                    pass
+        options[key.strip()] = value
+    return options
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--dataset", default="cifar10", choices=datasets.DATASETS)
+    add("--noise", default="sym:0.4", help="Comma-separated: sym:R, asym:R, instance:R, file:PATH.")
+    add("--method", default=",".join(METHODS), help=f"Comma-separated subset of: {', '.join(METHODS)}.")
+    add("--subset", type=int, default=None, help="Stratified random subset of N images (default: all).")
+    add("--seed", type=int, default=0, help="Seed for the subset, the noise and every method.")
+    add("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="Folder holding cifar10/ (../shared/data).")
+    add(
+        "--cache-dir",
+        type=Path,
+        default=REPO / "benchmarks" / "cache",
+        help="Materialised datasets + features.",
+    )
+    add("--results-dir", type=Path, default=REPO / "benchmarks" / "results", help="Where JSON records go.")
+    add("--model", default=BackboneConfig.model, help="Backbone for every method (deft-clean --model).")
+    add("--pretrained", default=BackboneConfig.pretrained, help="Weights tag / checkpoint (--pretrained).")
+    add("--device", default=BackboneConfig.device, help="'auto', 'cpu' or 'cuda[:N]'.")
+    add("--deft-opts", default="", help="detect() options, e.g. peft=none,epochs=10.")
+    add(
+        "--finetune-opts", default="", help="Overrides for the CE fine-tune of the gmm method, e.g. epochs=2."
+    )
+    add("--folds", type=int, default=5, help="Cross-validation folds for cleanlab and instance noise.")
+    add("--knn-k", type=int, default=10, help="Neighbours for the kNN baseline.")
+    add("--batch-size", type=int, default=256, help="Batch size of the frozen-feature pass.")
+    add("--smoke", action="store_true", help="Quick CI run: 200 images, test-tiny, every method, 1 epoch.")
+    args = parser.parse_args(argv)
+    args.noise = [n for n in args.noise.split(",") if n]
+    args.method = [m for m in args.method.split(",") if m]
+    unknown = sorted(set(args.method) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    for noise in args.noise:
+        try:
+            datasets.parse_noise(noise)
+        except ValueError as error:
+            parser.error(str(error))
+    return args
+
+
+def apply_smoke(args: argparse.Namespace) -> None:
+    """Shrink a run to CI size: CIFAR-10 (synthetic images when absent), 200 images, the random tiny
+    backbone on CPU, one training epoch."""
+    has_cifar = (args.data_root / "cifar10" / "train.parquet").is_file()
+    args.dataset = "cifar10" if has_cifar else "synthetic"
+    args.subset, args.model, args.pretrained, args.device = 200, "test-tiny", None, "cpu"
+    args.deft_opts = ",".join(
+        filter(None, ["epochs=1,warmup_epochs=0,batch_size=32,num_workers=1", args.deft_opts])
+    )
+    args.finetune_opts = ",".join(
+        filter(None, ["epochs=1,batch_size=32,lr=0.01,num_workers=1", args.finetune_opts])
+    )
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def plant_noise(ctx: Context, noise: str) -> datasets.NoisySet:
+    """The noisy labels for one ``--noise`` spec (instance noise probes the frozen features)."""
+    ds = ctx.dataset
+    kind, value = datasets.parse_noise(noise)
+    if kind == "sym":
+        given = datasets.symmetric_noise(ds.labels, float(value), len(ds.class_ids), ctx.seed)
+    elif kind == "asym":
+        given = datasets.asymmetric_noise(ds.labels, float(value), ds.class_ids, ctx.seed)
+    elif kind == "instance":
+        features, _ = ctx.features()
+        probs = cross_val_probs(
+            features, ds.labels, n_classes=len(ds.class_ids), folds=ctx.folds, seed=ctx.seed
+        )
+        given = datasets.instance_noise(ds.labels, probs, float(value))
+    else:
+        given = datasets.file_noise(ds, Path(value))
+    return datasets.write_noisy_labels(ds, given, noise, ctx.seed)
+
+
+def make_record(args: argparse.Namespace, noisy: datasets.NoisySet, row: Row, cost: dict) -> dict[str, Any]:
+    """The JSON record of one result row: setting, metrics against the planted truth, cost, versions."""
+    n = len(noisy.given)
+    extra = dict(row.extra)
+    feature_s = extra.pop("feature_s", 0.0)
+    peaks = [p for p in (cost["peak_gpu_mb"], extra.pop("feature_peak_gpu_mb", None)) if p is not None]
+    metrics = (
+        {}
+        if row.detection is None
+        else detection_metrics(row.detection.flags, row.detection.scores, noisy.truth)
+    )
+    return {
+        "dataset": noisy.dataset.name,
+        "subset": args.subset,
+        "n": n,
+        "noise": noisy.noise,
+        "noise_rate": float(noisy.truth.mean()),
+        "method": row.method,
+        "status": row.status,
+        "backbone": {"model": args.model, "pretrained": args.pretrained, "device": args.device},
+        "seed": args.seed,
+        **{
+            k: metrics.get(k) for k in ("precision", "recall", "f1", "auroc", "auprc", "n_flagged", "n_noisy")
+        },
+        "wall_s": cost["wall_s"],
+        "feature_s": feature_s,
+        "images_per_s": n / max(cost["wall_s"] + feature_s, 1e-9),
+        "peak_gpu_mb": max(peaks) if peaks else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "host": platform.node(),
+        "options": extra,
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_method(ctx: Context, noisy: datasets.NoisySet, name: str) -> list[tuple[Row, dict]]:
+    """Run one method, timed; a failure becomes a row whose status carries the error."""
+    with measure() as cost:
+        try:
+            rows = METHODS[name](ctx, noisy)
+        except Exception as error:  # noqa: BLE001 - a benchmark records failures and goes on
+            rows = [Row(name, None, status=f"error: {type(error).__name__}: {error}")]
+    return [(row, cost) for row in rows]
+
+
+def write_record(record: dict[str, Any], results_dir: Path) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    subset = record["subset"] or "all"
+    noise = record["noise"].replace(":", "-").replace("/", "_")
+    model = Path(str(record["backbone"]["model"])).name
+    path = (
+        results_dir
+        / f"{record['dataset']}-{subset}_{noise}_{record['method']}_{model}_s{record['seed']}.json"
+    )
+    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        apply_smoke(args)
+    try:
+        dataset = datasets.materialise(
+            args.dataset,
+            data_root=args.data_root,
+            cache_dir=args.cache_dir,
+            subset=args.subset,
+            seed=args.seed,
+        )
+    except datasets.DatasetUnavailable as error:
+        print(f"skipping {args.dataset}: {error}", file=sys.stderr)
+        return 0
+    ctx = Context(
+        dataset,
+        BackboneConfig(model=args.model, pretrained=args.pretrained, device=args.device),
+        seed=args.seed,
+        folds=args.folds,
+        knn_k=args.knn_k,
+        batch_size=args.batch_size,
+        deft_options=parse_options(args.deft_opts),
+        finetune_options=parse_options(args.finetune_opts),
+    )
+    if FEATURE_METHODS & set(args.method) or any(n.startswith("instance:") for n in args.noise):
+        ctx.features()  # one shared, separately timed pass (recorded as feature_s)
+    if "zero-shot" in args.method and getattr(ctx.backbone(), "aligned", False):
+        ctx.features(pooled=False)  # zero-shot compares projected embeddings with text embeddings
+    records = []
+    for noise in args.noise:
+        noisy = plant_noise(ctx, noise)
+        for name in args.method:
+            for row, cost in run_method(ctx, noisy, name):
+                records.append(make_record(args, noisy, row, cost))
+                write_record(records[-1], args.results_dir)
+    print(markdown_tables(records))
+    failed = [r for r in records if r["status"].startswith("error")]
+    for record in failed:
+        print(f"{record['method']} on {record['noise']}: {record['status']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
