@@ -64,6 +64,11 @@ COLUMNS: dict[str, tuple[str, str]] = {
         "Int64",
         "1 = most likely mislabeled (rows ordered by p_clean, ascending); NA if unreadable.",
     ),
+    "probs": (
+        "object",
+        "predict only: the fine-tuned classifier's class probabilities, a list of K floats in class_ids "
+        "order (np.stack(df.probs) gives (N, K)); NaN for unreadable rows.",
+    ),
 }
 BASE_COLUMNS = ("path", "given_label", "status")
 LABEL_COLUMNS = ("given_label", "predicted_label", "suggested_label")
@@ -132,13 +137,13 @@ def _conform(frame: pd.DataFrame, class_ids: list[str]) -> pd.DataFrame:
         dtype, column = COLUMNS[name][0], frame[name]
         if name in LABEL_COLUMNS:
             values = column.astype("string")
-            out[name] = pd.Categorical(values, categories=list(class_ids))
-            stray = values.notna() & pd.isna(out[name])
+            stray = values.notna() & ~values.isin(class_ids)
             if stray.any():
                 raise DeftCleanError(
                     f"Column '{name}' holds labels that are not class ids, e.g. '{values[stray].iloc[0]}'.",
                     hint=f"Use values from class_ids: {', '.join(class_ids[:10])}.",
                 )
+            out[name] = pd.Categorical(values, categories=list(class_ids))
         else:
             out[name] = column.astype(dtype)
     return pd.DataFrame(out, index=pd.RangeIndex(len(frame)))

@@ -12,7 +12,9 @@ from PIL import Image
 ImageWriter = Callable[..., Path]
 
 
-def write_image(path: Path, *, size: tuple[int, int] = (12, 8), mode: str = "RGB", seed: int = 0, **save) -> Path:
+def write_image(
+    path: Path, *, size: tuple[int, int] = (12, 8), mode: str = "RGB", seed: int = 0, **save
+) -> Path:
     """Write a random ``mode`` image of ``size`` (width, height) to ``path``; format from the suffix."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
