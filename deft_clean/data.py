@@ -309,12 +309,18 @@ def load_manifest(
 
 
 def load_labels(
-    labels_csv: str | Path, manifest: Manifest, *, image_col: str | None = None, label_col: str | None = None
+    labels_csv: str | Path,
+    manifest: Manifest,
+    *,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    allow_missing: bool = False,
 ) -> np.ndarray:
     """Labels from a second CSV (e.g. ``detect --truth``) keyed by path, mapped onto the manifest's classes.
 
-    Returns (N,) int64 aligned with ``manifest.paths``. Labels may be class ids or class names. Every
-    manifest row must be present and every label known; extra CSV rows are ignored. Raises DataError.
+    Returns (N,) int64 aligned with ``manifest.paths``; labels may be class ids or class names. Every
+    label must be known; every manifest row must have a row here unless ``allow_missing`` (then -1).
+    Extra CSV rows are ignored. Raises DataError listing every problem.
     """
     rows, _ = read_table(Path(labels_csv), image_col=image_col, label_col=label_col)
     index = {name: k for k, name in enumerate(manifest.class_names)}
@@ -324,7 +330,7 @@ def load_labels(
     problems = []
     for i, path in enumerate(manifest.paths):
         row = by_path.get(os.path.normpath(path))
-        if row is None:
+        if row is None and not allow_missing:
             problems.append(
                 Problem(
                     "missing_row",
@@ -333,7 +339,7 @@ def load_labels(
                     fix="Every image of the data set needs a label here.",
                 )
             )
-        elif row.label not in index:
+        elif row is not None and row.label not in index:
             problems.append(
                 Problem(
                     "unknown_label",
@@ -343,7 +349,7 @@ def load_labels(
                     fix=f"Known classes: {', '.join(manifest.class_ids[:20])}.",
                 )
             )
-        else:
+        elif row is not None:
             out[i] = index[row.label]
     if problems:
         raise DataError(problems, source=str(labels_csv))

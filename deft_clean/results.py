@@ -54,8 +54,14 @@ COLUMNS: dict[str, tuple[str, str]] = {
         "cos(image, positive prompt) - cos(image, negative prompt) for the given label; "
         "below 0 = closer to the negative prompt (likely mislabeled).",
     ),
-    "predicted_label": ("category", "Class whose positive prompt matches the image best."),
-    "predicted_prob": ("float32", "Softmax probability of predicted_label over the positive prompts."),
+    "predicted_label": (
+        "category",
+        "Class whose positive prompt matches the image best (predict: top class).",
+    ),
+    "predicted_prob": (
+        "float32",
+        "Softmax probability of predicted_label (over the positive prompts / classes).",
+    ),
     "suggested_label": (
         "category",
         "Label to use instead for a noisy row (the best other class); NA if clean.",

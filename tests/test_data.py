@@ -172,3 +172,5 @@ def test_load_labels_maps_ids_and_names_by_path(csv_dataset, tmp_path: Path) -> 
     kinds = [(p.kind, p.path) for p in info.value.problems]
     assert ("unknown_label", "img/1.png") in kinds and ("missing_row", "img/5.png") in kinds
     assert len(kinds) == 5
+    truth.write_text("image,class\nimg/0.png,2\nimg/3.png,10\nnot/in/manifest.png,2\n")
+    assert load_labels(truth, manifest, allow_missing=True).tolist() == [0, -1, -1, 1, -1, -1]

@@ -61,9 +61,9 @@ def test_round_trip_keeps_values_dtypes_categories_and_metadata(tmp_path, manife
     written = write_results(scored, tmp_path / "out" / "flags.parquet", metadata=meta)
     assert [p.name for p in written.parent.iterdir()] == ["flags.parquet"]
     back = read_results(written)
-    assert list(back.columns) == list(COLUMNS)
-    for name, (dtype, _) in COLUMNS.items():
-        assert str(back[name].dtype) == dtype, name
+    assert list(back.columns) == [name for name in COLUMNS if name != "probs"]
+    for name in back.columns:
+        assert str(back[name].dtype) == COLUMNS[name][0], name
     for name in ("given_label", "predicted_label", "suggested_label"):
         assert list(back[name].cat.categories) == ["7", "3", "12"]  # unused class kept, class order kept
     assert back["suggested_label"].isna().tolist() == [True, False, True, True]
@@ -78,6 +78,14 @@ def test_round_trip_keeps_values_dtypes_categories_and_metadata(tmp_path, manife
     assert {"torch", "open_clip_torch", "peft", "numpy", "pandas", "pyarrow", "python"} <= set(
         back.attrs["packages"]
     )
+
+
+def test_probability_lists_round_trip(tmp_path, manifest) -> None:
+    frame = base_frame(manifest)
+    frame["probs"] = [np.array([0.5, 0.25, 0.25], np.float32)] * 2 + [np.full(3, np.nan, np.float32)] * 2
+    path = write_results(frame, tmp_path / "p.parquet", metadata=run_metadata(manifest=manifest, configs={}))
+    probs = np.stack(read_results(path)["probs"])
+    assert probs.shape == (4, 3) and probs[0].tolist() == [0.5, 0.25, 0.25] and np.isnan(probs[3]).all()
 
 
 def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(
