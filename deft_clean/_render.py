@@ -113,3 +113,30 @@ def print_manifest_summary(manifest: Manifest, max_classes: int = 40) -> None:
         f"[bold green]ok:[/bold green] {len(manifest)} rows, {len(counts)} classes, "
         f"{sum(skipped)} unreadable skipped (kept as status=unreadable); all checks passed."
     )
+
+
+def print_finetune_summary(result: Any) -> None:
+    """``deft-clean finetune`` closing lines: rows used, test accuracy (worst classes), where it was saved."""
+    console.print(
+        f"[bold green]trained:[/bold green] {result.n_train} rows "
+        f"({result.n_dropped} flagged rows dropped, {result.n_relabelled} relabelled)."
+    )
+    if result.metrics is not None:
+        metrics = result.metrics
+        worst = sorted((v, k) for k, v in metrics["per_class_accuracy"].items() if v is not None)[:5]
+        listed = ", ".join(f"{k} {v:.1%}" for v, k in worst)
+        console.print(
+            f"test accuracy {metrics['accuracy']:.2%} on {metrics['n']} images; lowest classes: {listed}"
+        )
+    if result.out_dir is not None:
+        console.print(f"saved to {result.out_dir} (load with deft_clean.load_classifier)")
+
+
+def print_predict_summary(frame: Any, out: Any) -> None:
+    """``deft-clean predict`` closing line: rows, agreement with the given labels, the output file."""
+    ok = frame["status"] == "ok"
+    agree = (frame["predicted_label"] == frame["given_label"])[ok].mean() if ok.any() else float("nan")
+    console.print(
+        f"[bold green]predicted:[/bold green] {int(ok.sum())} images; "
+        f"{agree:.1%} agree with the given labels; written to {out}"
+    )

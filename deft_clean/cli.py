@@ -16,7 +16,7 @@ import typer
 
 from deft_clean import __version__
 from deft_clean._render import RichReporter, print_error, print_manifest_summary, print_problems
-from deft_clean.config import DataConfig
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig
 from deft_clean.errors import DataError, DeftCleanError
 
 app = typer.Typer(
@@ -55,7 +55,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version."
+    ),
 ) -> None:
     """Find wrong labels in image datasets and train a model without them."""
 
@@ -93,3 +95,98 @@ def check(
         max_image_pixels=max_image_pixels,
     )
     print_manifest_summary(load_manifest(data_dir, labels_csv, config=config, reporter=RichReporter()))
+
+
+def _given(values: dict[str, Any], *config_classes: type) -> dict[str, Any]:
+    """The command's values that are fields of ``config_classes``; None for model/pretrained = not given."""
+    names = {f.name for cls in config_classes for f in dataclasses.fields(cls)}
+    unset = {"model", "pretrained"}
+    return {k: v for k, v in values.items() if k in names and not (k in unset and v is None)}
+
+
+@app.command("finetune")
+@_user_errors
+def finetune_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the classifier: weights, config, metrics.")],
+    data_dir: Annotated[Path, typer.Argument(help="Folder with the training images.", show_default=False)],
+    labels_csv: Annotated[
+        Path | None, typer.Argument(help="CSV: image path + label (omit: ImageFolder).", show_default=False)
+    ] = None,
+    flags: Annotated[
+        Path | None, typer.Option("--flags", help="Flags Parquet from `deft-clean detect` on this data.")
+    ] = None,
+    test_dir: Annotated[
+        Path | None, typer.Option("--test-dir", help="Held-out labelled images: writes metrics.json.")
+    ] = None,
+    test_csv: Annotated[
+        Path | None, typer.Option("--test-csv", help="Labels CSV of --test-dir (omit: ImageFolder).")
+    ] = None,
+    clean_only: bool = _option(FinetuneConfig, "clean_only", "--clean-only"),
+    relabel: bool = _option(FinetuneConfig, "relabel", "--relabel"),
+    relabel_threshold: float = _option(FinetuneConfig, "relabel_threshold", "--relabel-threshold"),
+    method: str = _option(FinetuneConfig, "method", "--method"),
+    tune: str = _option(FinetuneConfig, "tune", "--tune"),
+    templates: str = _option(FinetuneConfig, "templates", "--templates"),
+    tau: float = _option(FinetuneConfig, "tau", "--tau"),
+    lambda_t: float = _option(FinetuneConfig, "lambda_t", "--lambda-t"),
+    lambda_v: float = _option(FinetuneConfig, "lambda_v", "--lambda-v"),
+    epochs: int = _option(FinetuneConfig, "epochs", "--epochs"),
+    batch_size: int = _option(FinetuneConfig, "batch_size", "--batch-size"),
+    lr: float = _option(FinetuneConfig, "lr", "--lr"),
+    momentum: float = _option(FinetuneConfig, "momentum", "--momentum"),
+    weight_decay: float = _option(FinetuneConfig, "weight_decay", "--weight-decay"),
+    seed: int = _option(FinetuneConfig, "seed", "--seed"),
+    lora_rank: int = _option(FinetuneConfig, "lora_rank", "--lora-rank"),
+    lora_alpha: float = _option(FinetuneConfig, "lora_alpha", "--lora-alpha"),
+    num_workers: int = _option(FinetuneConfig, "num_workers", "--num-workers"),
+    model: Annotated[
+        str | None, typer.Option("--model", help="Backbone (default: the one in --flags, else 'offline').")
+    ] = None,
+    pretrained: str | None = _option(BackboneConfig, "pretrained", "--pretrained"),
+    device: str = _option(BackboneConfig, "device", "--device"),
+    cache_dir: str | None = _option(BackboneConfig, "cache_dir", "--cache-dir"),
+    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
+    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
+    classes_file: str | None = _option(DataConfig, "classes_file", "--classes"),
+    min_per_class: int = _option(DataConfig, "min_per_class", "--min-per-class"),
+    on_bad_image: str = _option(DataConfig, "on_bad_image", "--on-bad-image"),
+    max_image_pixels: int | None = _option(DataConfig, "max_image_pixels", "--max-image-pixels"),
+) -> None:
+    """Fine-tune a classifier (TeS or CE) on the rows a flags file marks clean, or on every row."""
+    from deft_clean._render import print_finetune_summary
+    from deft_clean.finetune import finetune
+
+    options = _given(locals(), DataConfig, BackboneConfig, FinetuneConfig)
+    result = finetune(
+        data_dir, labels_csv, flags=flags, out=out, test_dir=test_dir, test_csv=test_csv,
+        reporter=RichReporter(), **options,
+    )  # fmt: skip
+    print_finetune_summary(result)
+
+
+@app.command("predict")
+@_user_errors
+def predict_command(
+    out: Annotated[Path, typer.Option("--out", help="Predictions Parquet (atomic write, with metadata).")],
+    model_dir: Annotated[Path, typer.Argument(help="Folder written by `deft-clean finetune --out`.")],
+    data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
+    labels_csv: Annotated[
+        Path | None, typer.Argument(help="CSV: image path + label (omit: ImageFolder).", show_default=False)
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    device: Annotated[
+        str | None, typer.Option("--device", help="'cpu' or 'cuda[:N]' (default: as trained, 'auto').")
+    ] = None,
+    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
+    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
+) -> None:
+    """Predict class probabilities for a folder of images with a fine-tuned classifier."""
+    from deft_clean._render import print_predict_summary
+    from deft_clean.classifier import predict
+
+    data_config = DataConfig(image_col=image_col, label_col=label_col, min_per_class=0)
+    frame = predict(
+        model_dir, data_dir, labels_csv, out=out, data_config=data_config, batch_size=batch_size,
+        device=device, reporter=RichReporter(),
+    )  # fmt: skip
+    print_predict_summary(frame, out)
