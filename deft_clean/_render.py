@@ -92,6 +92,26 @@ def print_error(error: DeftCleanError) -> None:
         console.print(f"[yellow]hint:[/yellow] {error.hint}")
 
 
+def print_backbones(rows: list[dict[str, Any]]) -> None:
+    """``deft-clean backbones``: the registry as a table on stdout."""
+    table = Table(title="Backbones (any name from open_clip.list_models() works too)")
+    for column in ("name", "kind", "image size", "aligned", "LoRA targets (image tower)"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("notes")
+    for row in rows:
+        aligned = "yes" if row["aligned"] else "[bold red]NO[/bold red]"
+        cells = (row["name"], row["kind"], str(row["image_size"]), aligned, row["lora_targets"], row["notes"])
+        table.add_row(*cells)
+    Console(width=max(Console().width, 160)).print(table)
+
+
+def print_exported(path: Any, model: str) -> None:
+    """``deft-clean export-backbone`` closing line: the folder, its size, how to load it back."""
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+    console.print(f"[bold green]exported:[/bold green] {path} ({size:.0f} MB)")
+    console.print(f"load it with: --model {model} --pretrained local-dir:{path}")
+
+
 def print_manifest_summary(manifest: Manifest, max_classes: int = 40) -> None:
     """``deft-clean check`` output: images per class (the smallest ones when there are many), a summary."""
     readable = manifest.readable

@@ -155,9 +155,8 @@ def list_backbones() -> list[dict[str, Any]]:
     ]
     for arch in LISTED_ARCHS:
         tags = open_clip.list_pretrained_tags_by_model(arch)
-        rows.append(
-            _row(arch, "open_clip", open_clip.get_model_config(arch), True, f"tags: {', '.join(tags)}")
-        )
+        shown = ", ".join(tags[:6]) + (f" (+{len(tags) - 6} more)" if len(tags) > 6 else "")
+        rows.append(_row(arch, "open_clip", open_clip.get_model_config(arch), True, f"tags: {shown}"))
     return rows
 
 

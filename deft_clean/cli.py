@@ -104,6 +104,37 @@ def _given(values: dict[str, Any], *config_classes: type) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in names and not (k in unset and v is None)}
 
 
+@app.command("backbones")
+@_user_errors
+def backbones_command() -> None:
+    """List the built-in backbones: kind, image size, whether the towers are aligned, default LoRA targets."""
+    from deft_clean._render import print_backbones
+    from deft_clean.backbone import list_backbones
+
+    print_backbones(list_backbones())
+
+
+@app.command("export-backbone")
+@_user_errors
+def export_backbone_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write: config, weights, tokenizer.")],
+    half: Annotated[bool, typer.Option("--half", help="Store the weights in fp16 (half the size).")] = False,
+    model: str = _option(BackboneConfig, "model", "--model"),
+    pretrained: str | None = _option(BackboneConfig, "pretrained", "--pretrained"),
+    cache_dir: str | None = _option(BackboneConfig, "cache_dir", "--cache-dir"),
+) -> None:
+    """Save a backbone as a self-contained folder; load it anywhere with --pretrained local-dir:DIR.
+
+    This is how air-gapped machines get a backbone: export it where the weights are (e.g. the offline
+    backbone, which is NOT aligned like CLIP, or a CLIP tag you downloaded), copy the folder over.
+    """
+    from deft_clean._render import print_exported
+    from deft_clean.backbone import export_backbone
+
+    config = BackboneConfig(model=model, pretrained=pretrained, cache_dir=cache_dir)
+    print_exported(export_backbone(config, out, half=half), model)
+
+
 @app.command("finetune")
 @_user_errors
 def finetune_command(
