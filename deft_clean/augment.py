@@ -65,13 +65,13 @@ def gpu_augment(
     horizontal flip with probability 0.5, bilinear, batched in one grid_sample. ``train=False``:
     a plain (antialiased bilinear) resize to ``out_size``. ``generator`` makes the draws reproducible.
     """
-    x = images.to(torch.float32).div_(255.0)  # (B, 3, S, S)
+    x = images.to(torch.float32) / 255.0  # (B, 3, S, S), a new tensor: the input is never modified
     if train:
         theta = _crop_flip_theta(x.shape[0], scale, ratio, generator, x.device)
         grid = F.affine_grid(theta, [x.shape[0], 3, out_size, out_size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     elif x.shape[-2:] != (out_size, out_size):
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    for c in range(3):  # Python scalars: a (3,) tensor built from host lists would copy and sync
+        x[:, c].sub_(float(mean[c])).div_(float(std[c]))
+    return x

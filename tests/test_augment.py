@@ -39,6 +39,12 @@ def test_eval_is_a_plain_resize_and_normalise(batch: torch.Tensor) -> None:
     torch.testing.assert_close(same, _normalise(batch.float() / 255))
 
 
+def test_input_is_not_modified(batch: torch.Tensor) -> None:
+    as_float = batch.float()
+    gpu_augment(as_float, mean=MEAN, std=STD, out_size=20, train=False)
+    assert torch.equal(as_float, batch.float())
+
+
 def test_seeded_generator_is_deterministic(batch: torch.Tensor) -> None:
     def run(seed: int) -> torch.Tensor:
         return gpu_augment(
