@@ -22,9 +22,6 @@ from deft_clean.errors import DataError, Problem
 from deft_clean.images import pixel_limit, verify_image
 from deft_clean.progress import Reporter, SilentReporter
 
-# Problems that describe one image file; --on-bad-image skip lets a run go on without them.
-IMAGE_KINDS = frozenset({"missing_file", "empty_file", "unreadable", "too_large"})
-
 
 @dataclass(frozen=True)
 class Row:
