@@ -58,9 +58,10 @@ class Context:
 
     def backbone(self) -> Any:
         if self._backbone is None:
-            from deft_clean.backbone import load_backbone
+            from deft_clean.backbone import load_backbone, resolve_device
 
-            self._backbone = load_backbone(self.backbone_config)
+            self._backbone = load_backbone(self.backbone_config)  # built on the CPU
+            self._backbone.model.to(resolve_device(self.backbone_config.device))
         return self._backbone
 
     def manifest(self) -> Any:
@@ -164,13 +165,13 @@ def run_zero_shot(ctx: Context, noisy: NoisySet) -> list[Row]:
 def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
     """Fine-tune the image tower with plain CE on the noisy labels (``deft_clean.finetune``), then split the
     un-augmented per-sample losses with a two-component GMM; also report "prediction ≠ label"."""
-    import deft_clean
+    from deft_clean.finetune import finetune
     from deft_clean.images import build_image_cache
 
     options = {"method": "ce", "tune": "full", "epochs": 4, "lr": 0.05, "batch_size": 256, "seed": ctx.seed}
     options.update(ctx.finetune_options)
     bcfg = ctx.backbone_config
-    result = deft_clean.finetune(
+    result = finetune(
         ctx.dataset.root,
         noisy.labels_csv,
         model=bcfg.model,
@@ -194,12 +195,12 @@ def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
 
 def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
     """``deft_clean.detect`` with the harness's backbone and ``--deft-opts``; reads is_noisy and p_clean."""
-    import deft_clean
+    from deft_clean.detect import detect
 
     bcfg = ctx.backbone_config
     options = {"seed": ctx.seed, **ctx.deft_options}
     with tempfile.TemporaryDirectory() as tmp:
-        frame = deft_clean.detect(
+        frame = detect(
             ctx.dataset.root,
             noisy.labels_csv,
             out=Path(tmp) / "flags.parquet",

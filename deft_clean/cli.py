@@ -221,3 +221,33 @@ def predict_command(
         device=device, reporter=RichReporter(),
     )  # fmt: skip
     print_predict_summary(frame, out)
+
+
+@app.command("embed")
+@_user_errors
+def embed_command(
+    out: Annotated[Path, typer.Option("--out", help="Features .npy, float32 (N, D), rows in input order.")],
+    data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
+    labels_csv: Annotated[
+        Path | None, typer.Argument(help="CSV: image path + label (omit: ImageFolder).", show_default=False)
+    ] = None,
+    pooled: Annotated[
+        bool, typer.Option("--pooled", help="A timm tower's pooled features, before its projection head.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    model: str = _option(BackboneConfig, "model", "--model"),
+    pretrained: str | None = _option(BackboneConfig, "pretrained", "--pretrained"),
+    device: str = _option(BackboneConfig, "device", "--device"),
+    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
+    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
+    classes_file: str | None = _option(DataConfig, "classes_file", "--classes"),
+) -> None:
+    """Write frozen, L2-normalised features of every image (un-augmented) to a .npy file."""
+    from deft_clean.embed import embed
+
+    options = _given(locals(), DataConfig, BackboneConfig)
+    reporter = RichReporter()
+    features = embed(
+        data_dir, labels_csv, out=out, pooled=pooled, batch_size=batch_size, reporter=reporter, **options
+    )
+    typer.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out}")

@@ -12,13 +12,15 @@ projection is freshly initialised): a random 1280→D projection only loses info
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from deft_clean.config import BackboneConfig, DataConfig, split_options
 from deft_clean.progress import Reporter, SilentReporter
 
 if TYPE_CHECKING:
@@ -84,3 +86,36 @@ def embed_images(
             reporter.advance(len(batch))
     model.train(was_training)
     return torch.cat(chunks).numpy()
+
+
+def embed(
+    data_dir: str | Path,
+    labels_csv: str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    pooled: bool = False,
+    batch_size: int = 256,
+    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    **options: Any,
+) -> np.ndarray:
+    """Read and validate a labelled image set, build the backbone, return :func:`embed_images` (N, D).
+
+    ``options`` are fields of DataConfig and BackboneConfig (e.g. ``model``, ``pretrained``, ``device``).
+    ``out`` also saves the array as ``.npy`` (written under a temporary name, then renamed); rows follow
+    the input order of ``labels_csv`` (or the ImageFolder listing).
+    """
+    from deft_clean.backbone import load_backbone, resolve_device
+    from deft_clean.data import load_manifest
+
+    data_config, backbone_config = split_options(options, DataConfig, BackboneConfig)
+    manifest = load_manifest(data_dir, labels_csv, config=data_config, reporter=reporter)
+    backbone = load_backbone(backbone_config)
+    backbone.model.to(resolve_device(backbone_config.device))
+    features = embed_images(manifest, backbone, batch_size=batch_size, pooled=pooled, reporter=reporter)
+    if out is not None:
+        target = Path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial.npy")
+        np.save(partial, features)
+        os.replace(partial, target)
+    return features

@@ -97,3 +97,35 @@ def test_embed_images_reads_a_data_dir_and_restores_training_mode(image_dir: Pat
     np.testing.assert_allclose(
         features, again, atol=1e-5
     )  # eval mode: batch size does not matter (BatchNorm)
+
+
+def test_embed_api_builds_the_backbone_and_saves_npy(image_dir: Path, tmp_path: Path) -> None:
+    from deft_clean.embed import embed
+
+    out = tmp_path / "sub" / "features.npy"
+    features = embed(
+        image_dir, image_dir / "labels.csv", out=out, model="test-tiny", device="cpu", batch_size=4
+    )
+    assert features.shape[0] == 6 and features.dtype == np.float32
+    np.testing.assert_array_equal(np.load(out), features)
+    assert [p.name for p in out.parent.iterdir()] == ["features.npy"]  # no partial file left behind
+    from deft_clean.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Unknown option"):
+        embed(image_dir, image_dir / "labels.csv", modle="test-tiny")
+
+
+def test_cli_embed_writes_npy(image_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deft_clean.cli import app
+
+    out = tmp_path / "f.npy"
+    args = ["embed", str(image_dir), str(image_dir / "labels.csv"), "--out", str(out), "--model", "test-tiny"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert np.load(out).shape[0] == 6 and f"wrote 6 x {np.load(out).shape[1]} features" in result.output
+    missing = CliRunner().invoke(
+        app, ["embed", str(tmp_path / "nope"), "--out", str(out), "--model", "test-tiny"]
+    )
+    assert missing.exit_code == 2 and "nope" in missing.output
