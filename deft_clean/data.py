@@ -115,7 +115,7 @@ def _records(text: str) -> list[tuple[int, list[str]]]:
 
 def _column(
     header: list[str], given: str | None, candidates: tuple[str, ...], option: str, what: str, source: str
-):
+) -> int | Problem:
     """Index of the wanted column, or a 'missing_column' Problem suggesting the nearest names."""
     lowered = [h.lower() for h in header]
     wanted = [given.lower()] if given is not None else list(candidates)
@@ -136,7 +136,9 @@ def _column(
     )
 
 
-def read_table(csv_path: Path, *, image_col: str | None = None, label_col: str | None = None):
+def read_table(
+    csv_path: Path, *, image_col: str | None = None, label_col: str | None = None
+) -> tuple[list[Row], str]:
     """Rows of a labels CSV and the file's sha256: ``(list[Row], str)``; DataError for a bad file.
 
     Rows with too few fields get empty values (reported later as empty path/label).
@@ -234,7 +236,9 @@ def _check_options(config: DataConfig) -> None:
         raise ConfigError(f"--max-image-pixels must be positive, got {config.max_image_pixels}.")
 
 
-def _read_inputs(root: Path, labels_csv: Path | None, config: DataConfig):
+def _read_inputs(
+    root: Path, labels_csv: Path | None, config: DataConfig
+) -> tuple[list[Row], dict, tuple[list[str], list[str]] | None]:
     """Rows, input fingerprint and (ids, names) from --classes (or None); all file-level problems at once."""
     problems: list[Problem] = []
     rows, fingerprint, classes = [], {}, None
