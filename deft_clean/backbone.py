@@ -28,7 +28,7 @@ import torch
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-from deft_clean import __version__, offline
+from deft_clean import offline
 from deft_clean.config import BackboneConfig
 from deft_clean.errors import BackboneError, ConfigError
 
@@ -114,6 +114,8 @@ def export_backbone(config: BackboneConfig, out_dir: Path, *, half: bool = False
     the folder is self-contained (the target machine needs transformers, not the offline PyPI packages).
     Returns ``out_dir``.
     """
+    from deft_clean import __version__  # deferred: the package __init__ imports modules that import this one
+
     plan = _plan(config)
     backbone = _build(plan, config.pretrained)
     out_dir = Path(out_dir)
