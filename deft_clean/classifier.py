@@ -1,4 +1,4 @@
-"""The fine-tuned classifier: image tower + linear head, the TeS text head, and save/load.
+"""The fine-tuned classifier (image tower + linear head): build, save/load, predict, evaluate.
 
 A :class:`Classifier` is what ``finetune`` returns and ``load_classifier`` rebuilds: call it on a
 float image batch or a list of PIL images/paths to get class probabilities ``(B, K)``.
@@ -10,9 +10,9 @@ a projection (the ``offline`` backbone). A saved classifier is a small directory
 - ``classifier.json`` - FinetuneConfig, BackboneConfig, classes, preprocessing, versions, run facts;
 - ``head.safetensors`` - the linear head ``fc`` (K x E);
 - ``tower.safetensors`` - the tower tensors training changed: trainable parameters (all of them for
-  ``--tune full``, the LoRA and ``always_train`` ones for ``lora``, none for ``linear``) plus buffers
-  (BatchNorm statistics). Everything else is rebuilt by ``load_backbone`` under the run's seed, so
-  randomly initialised parts (``test-tiny``, the offline backbone's fresh heads) come back identical.
+  ``--tune full``; LoRA's, plus any ``always_train`` ones in the tower, for ``lora``; none for
+  ``linear``) and buffers (BatchNorm statistics). Everything else is rebuilt by ``load_backbone``
+  under the run's seed, so randomly initialised parts (``test-tiny``, fresh heads) come back identical.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -33,67 +32,11 @@ from torch import nn
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig, from_dict, to_dict
 from deft_clean.errors import ConfigError
 from deft_clean.progress import Reporter, SilentReporter
-from deft_clean.tes import text_logits
 
 FORMAT_VERSION = 1
 _CONFIG_FILE, _HEAD_FILE, _TOWER_FILE = "classifier.json", "head.safetensors", "tower.safetensors"
 TUNE_MODES = ("full", "lora", "linear")
 _PREDICT_DATA = DataConfig(min_per_class=0)  # class sizes do not matter when only predicting
-
-
-class ClassifierHead(nn.Module):
-    """Linear vision head and, for TeS, the authors' projection head to the text space.
-
-    ``forward(features (B, E))`` returns ``(vision_logits (B, K), text_logits (B, K) or None)``.
-    The projection is Linear-BN-ReLU-Linear, L2-normalised, as in the authors' ``model.py``.
-    """
-
-    def __init__(self, feature_dim: int, num_classes: int, text_embeddings: torch.Tensor | None, tau: float):
-        super().__init__()
-        self.fc = nn.Linear(feature_dim, num_classes)
-        self.projection: nn.Module | None = None
-        self.tau = tau
-        if text_embeddings is not None:
-            self.projection = nn.Sequential(
-                nn.Linear(feature_dim, feature_dim),
-                nn.BatchNorm1d(feature_dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(feature_dim, text_embeddings.shape[1]),
-            )
-            self.register_buffer("text_embeddings", text_embeddings, persistent=False)  # (K, D) frozen
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.fc(features)  # (B, K)
-        if self.projection is None:
-            return logits, None
-        projected = F.normalize(self.projection(features).float(), dim=1)  # (B, D)
-        return logits, text_logits(projected, self.text_embeddings, self.tau)
-
-
-@torch.no_grad()
-def text_classifier(backbone: Any, class_prompts: Sequence[str], templates: str) -> torch.Tensor:
-    """The fixed TeS text classifier, (K, D) float32, L2-normalised.
-
-    Each class name goes through every ``'|'``-separated template; the text tower's embeddings are
-    normalised, averaged over templates and normalised again (CLIP's prompt ensembling).
-    """
-    patterns = [t.strip() for t in templates.split("|") if t.strip()]
-    if not patterns or any("{}" not in t for t in patterns):
-        raise ConfigError(
-            f"Prompt templates {templates!r} must each contain '{{}}' for the class name.",
-            hint="Example: --templates 'a photo of a {}.|a blurry photo of a {}.'",
-        )
-    model = backbone.model
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = None
-    for pattern in patterns:
-        tokens = backbone.tokenizer([pattern.format(name) for name in class_prompts]).to(device)
-        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)  # (K, D)
-        total = emb if total is None else total + emb
-    model.train(was_training)
-    return F.normalize(total, dim=-1)
 
 
 def feature_tower(backbone: Any) -> tuple[nn.Module, str]:

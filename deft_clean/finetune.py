@@ -1,9 +1,10 @@
-"""Fine-tune a classifier on the rows DeFT kept (TeS or plain CE), evaluate it, and predict with it.
+"""Fine-tune a classifier on the rows DeFT kept, with TeS or plain cross-entropy.
 
 ``finetune`` reads the data like ``detect`` (decode once into a uint8 cache, augment on the
 device, bf16 autocast on CUDA, no host sync inside a step), picks the training rows from a flags
-file, trains the head (and the tower for ``--tune full``/``lora``) with SGD + cosine schedule, and
-saves a :class:`~deft_clean.classifier.Classifier`. ``predict`` runs a saved classifier on a folder.
+file, trains a linear head (and the tower for ``--tune full``/``lora``) with SGD + cosine schedule, and
+returns/saves a :class:`~deft_clean.classifier.Classifier`. For TeS it also builds the fixed text
+classifier and the projection head (:class:`ClassifierHead`), which are used in training only.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,7 +25,6 @@ from torch import nn
 
 from deft_clean.classifier import (
     Classifier,
-    ClassifierHead,
     build_backbone,
     build_info,
     changed_tower_keys,
@@ -32,12 +32,11 @@ from deft_clean.classifier import (
     evaluate,
     is_conv,
     prepare_tower,
-    text_classifier,
 )
 from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, split_options
 from deft_clean.errors import ConfigError
 from deft_clean.progress import Reporter, SilentReporter
-from deft_clean.tes import tes_loss
+from deft_clean.tes import tes_loss, text_logits
 
 METHODS = ("tes", "ce")
 
@@ -124,9 +123,9 @@ def select_training_rows(
 ) -> TrainingRows:
     """Readable rows minus those ``flags`` marks noisy (``--clean-only``), or relabelled (``--relabel``).
 
-    ``--relabel`` keeps a flagged row with its ``suggested_label`` when the detector's prediction
-    agrees with the suggestion and ``predicted_prob >= relabel_threshold``; other flagged rows are
-    dropped. Without ``flags`` every readable row is used with its given label.
+    ``--relabel`` keeps a flagged row with its ``suggested_label`` when the suggestion is the detector's
+    prediction, differs from the given label, and ``predicted_prob >= relabel_threshold``; other flagged
+    rows are dropped. Without ``flags`` every readable row is used with its given label.
     """
     readable = np.asarray(manifest.readable, dtype=bool)
     labels = np.asarray(manifest.labels, dtype=np.int64).copy()
@@ -148,7 +147,9 @@ def select_training_rows(
     noisy = flags["is_noisy"].fillna(False).to_numpy(dtype=bool) & readable
     relabel = np.zeros(len(labels), dtype=bool)
     if config.relabel:
-        agree = (flags["suggested_label"] == flags["predicted_label"]).fillna(False).to_numpy(dtype=bool)
+        suggested = flags["suggested_label"]
+        agree = (suggested == flags["predicted_label"]) & (suggested.cat.codes != labels)
+        agree = agree.fillna(False).to_numpy(dtype=bool)
         sure = flags["predicted_prob"].fillna(0.0).to_numpy(dtype=float) >= config.relabel_threshold
         relabel = noisy & agree & sure
         labels[relabel] = flags["suggested_label"].cat.codes.to_numpy()[relabel]
@@ -221,6 +222,62 @@ def _load_images(manifest: Any, size: int, fcfg: FinetuneConfig, reporter: Repor
     from deft_clean.images import build_image_cache
 
     return build_image_cache(manifest, size, num_workers=fcfg.num_workers, reporter=reporter)
+
+
+class ClassifierHead(nn.Module):
+    """Linear vision head and, for TeS, the authors' projection head to the text space.
+
+    ``forward(features (B, E))`` returns ``(vision_logits (B, K), text_logits (B, K) or None)``.
+    The projection is Linear-BN-ReLU-Linear, L2-normalised, as in the authors' ``model.py``.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, text_embeddings: torch.Tensor | None, tau: float):
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, num_classes)
+        self.projection: nn.Module | None = None
+        self.tau = tau
+        if text_embeddings is not None:
+            self.projection = nn.Sequential(
+                nn.Linear(feature_dim, feature_dim),
+                nn.BatchNorm1d(feature_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(feature_dim, text_embeddings.shape[1]),
+            )
+            self.register_buffer("text_embeddings", text_embeddings, persistent=False)  # (K, D) frozen
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.fc(features)  # (B, K)
+        if self.projection is None:
+            return logits, None
+        projected = F.normalize(self.projection(features).float(), dim=1)  # (B, D)
+        with torch.autocast(features.device.type, enabled=False):  # cos / 0.03 needs fp32, not bf16
+            return logits, text_logits(projected, self.text_embeddings.float(), self.tau)
+
+
+@torch.no_grad()
+def text_classifier(backbone: Any, class_prompts: Sequence[str], templates: str) -> torch.Tensor:
+    """The fixed TeS text classifier, (K, D) float32, L2-normalised.
+
+    Each class name goes through every ``'|'``-separated template; the text tower's embeddings are
+    normalised, averaged over templates and normalised again (CLIP's prompt ensembling).
+    """
+    patterns = [t.strip() for t in templates.split("|") if t.strip()]
+    if not patterns or any("{}" not in t for t in patterns):
+        raise ConfigError(
+            f"Prompt templates {templates!r} must each contain '{{}}' for the class name.",
+            hint="Example: --templates 'a photo of a {}.|a blurry photo of a {}.'",
+        )
+    model = backbone.model
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = None
+    for pattern in patterns:
+        tokens = backbone.tokenizer([pattern.format(name) for name in class_prompts]).to(device)
+        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)  # (K, D)
+        total = emb if total is None else total + emb
+    model.train(was_training)
+    return F.normalize(total, dim=-1)
 
 
 def cosine_lr(step: int, total: int, base_lr: float) -> float:

@@ -96,6 +96,10 @@ def test_select_clean_only_and_relabel(colours: dict[str, Path], tmp_path: Path)
     assert list(relabelled.labels) == truth  # the suggested (true) colours replaced the wrong labels
     strict = select_training_rows(manifest, flags, FinetuneConfig(relabel=True, relabel_threshold=0.99))
     assert len(strict.rows) == 24 and strict.n_dropped == 6
+    own = flags.copy()  # a flagged row whose best guess is its own label is dropped, not "relabelled"
+    own.loc[0, ["suggested_label", "predicted_label"]] = own.loc[0, "given_label"]
+    kept = select_training_rows(manifest, own, FinetuneConfig(relabel=True, relabel_threshold=0.9))
+    assert 0 not in kept.rows and (kept.n_relabelled, kept.n_dropped) == (5, 1)
 
 
 def test_flags_need_a_selection_mode(colours: dict[str, Path], tmp_path: Path) -> None:
