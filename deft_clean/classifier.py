@@ -39,8 +39,8 @@ TUNE_MODES = ("full", "lora", "linear")
 _PREDICT_DATA = DataConfig(min_per_class=0)  # class sizes do not matter when only predicting
 
 
-def feature_tower(backbone: Any) -> tuple[nn.Module, str]:
-    """The module mapping a normalised batch (B, 3, S, S) to features (B, E), and its name in the model.
+def feature_tower(backbone: Any) -> nn.Module:
+    """The module mapping a normalised batch (B, 3, S, S) to features (B, E).
 
     ``embed.image_tower(pooled=True)`` decides: a timm trunk's pooled output when the tower's head only
     projects (the offline backbone's fresh projection would lose information), else ``model.visual``
@@ -48,26 +48,22 @@ def feature_tower(backbone: Any) -> tuple[nn.Module, str]:
     """
     from deft_clean.embed import image_tower
 
-    model = backbone.model
-    tower = image_tower(model, pooled=True)
-    module = tower if isinstance(tower, nn.Module) else model.visual
-    name = next(n for n, m in model.named_modules() if m is module)
-    return module, name
+    tower = image_tower(backbone.model, pooled=True)
+    return tower if isinstance(tower, nn.Module) else backbone.model.visual
 
 
 def prepare_tower(backbone: Any, config: FinetuneConfig) -> nn.Module:
     """The feature tower with requires_grad set for ``config.tune`` (LoRA via ``adapters.apply_peft``).
 
-    'full' trains every tower parameter, 'lora' adds peft LoRA on ``backbone.lora_targets`` (plus the
-    backbone's ``always_train`` parameters), 'linear' freezes the tower. The text tower never trains.
+    ``config.tune`` is one of :data:`TUNE_MODES` (checked by ``finetune``). 'full' trains every tower
+    parameter, 'lora' adds peft LoRA on ``backbone.lora_targets`` (plus the backbone's ``always_train``
+    parameters), 'linear' freezes the tower. The text tower never trains.
     """
     from deft_clean.adapters import apply_peft
 
-    if config.tune not in TUNE_MODES:
-        raise ConfigError(f"--tune must be one of {', '.join(TUNE_MODES)}; got {config.tune!r}.")
     peft = "lora" if config.tune == "lora" else "none"
     apply_peft(backbone, DetectConfig(peft=peft, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha))
-    tower, _ = feature_tower(backbone)
+    tower = feature_tower(backbone)
     if config.tune != "lora":
         tower.requires_grad_(config.tune == "full")
     return tower

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deft_clean.classifier import (
+    TUNE_MODES,
     Classifier,
     build_backbone,
     build_info,
@@ -198,14 +199,30 @@ def _configs(
 ) -> tuple[DataConfig, BackboneConfig, FinetuneConfig]:
     """Split the options; the backbone defaults to the one the flags file was made with."""
     data_cfg, bcfg, fcfg = split_options(options, DataConfig, BackboneConfig, FinetuneConfig)
-    if fcfg.method not in METHODS:
-        raise ConfigError(f"--method must be 'tes' or 'ce'; got {fcfg.method!r}.")
+    _check_config(fcfg)
     recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
     if recorded and "model" not in options and "pretrained" not in options:
-        bcfg = BackboneConfig(
-            model=recorded["model"], pretrained=recorded.get("pretrained"), device=bcfg.device
-        )
+        bcfg = dataclasses.replace(bcfg, model=recorded["model"], pretrained=recorded.get("pretrained"))
     return data_cfg, bcfg, fcfg
+
+
+def _check_config(cfg: FinetuneConfig) -> None:
+    """Refuse option values that cannot work, before any data or model is loaded."""
+    checks = [
+        (cfg.method in METHODS, f"--method must be 'tes' or 'ce'; got {cfg.method!r}."),
+        (cfg.tune in TUNE_MODES, f"--tune must be one of {', '.join(TUNE_MODES)}; got {cfg.tune!r}."),
+        (cfg.epochs >= 1, f"--epochs must be at least 1; got {cfg.epochs}."),
+        (cfg.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm); got {cfg.batch_size}."),
+        (cfg.tau > 0, f"--tau must be positive; got {cfg.tau}."),
+        (0 <= cfg.lambda_v <= 1, f"--lambda-v must be in [0, 1]; got {cfg.lambda_v}."),
+        (
+            0 <= cfg.relabel_threshold <= 1,
+            f"--relabel-threshold must be in [0, 1]; got {cfg.relabel_threshold}.",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 @torch.no_grad()

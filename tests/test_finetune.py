@@ -113,6 +113,18 @@ def test_flags_need_a_selection_mode(colours: dict[str, Path], tmp_path: Path) -
         select_training_rows(manifest, None, FinetuneConfig(clean_only=True))
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("tune", "half", "--tune must be one of full, lora, linear; got 'half'"),
+        ("lambda_v", 1.5, "--lambda-v"),
+    ],
+)
+def test_bad_options_refused_before_loading(option: str, value: object, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        finetune(tmp_path / "does-not-exist", **{option: value})
+
+
 def test_linear_probe_learns_colours_and_reloads_identically(
     colours: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -129,8 +141,9 @@ def test_linear_probe_learns_colours_and_reloads_identically(
         out=out,
         test_dir=colours["test"],
         test_csv=colours["test_csv"],
-        **FAST,
+        **{k: v for k, v in FAST.items() if k != "model"},  # the backbone recorded in the flags file
     )
+    assert result.classifier.info["backbone"]["model"] == "test-tiny"
     assert result.n_train == 24 and result.n_dropped == 6
     assert result.metrics is not None and result.metrics["accuracy"] >= 0.9  # chance is 1/3
     assert sorted(p.name for p in out.iterdir()) == [
