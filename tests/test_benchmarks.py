@@ -280,3 +280,45 @@ def test_report_orders_methods_keeps_newest_and_shows_status(tmp_path: Path) -> 
         (tmp_path / f"{i}.json").write_text(json.dumps(record))
     assert main([str(p) for p in sorted(tmp_path.glob("*.json"))] + ["--out", str(tmp_path / "t.md")]) == 0
     assert (tmp_path / "t.md").read_text() == text
+
+
+def test_a_failing_method_becomes_an_error_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import run
+
+    def boom(ctx: object, noisy: object) -> list:
+        raise RuntimeError("no GPU left")
+
+    monkeypatch.setitem(run.METHODS, "knn", boom)
+    [(row, cost)] = run.run_method(None, None, "knn")  # type: ignore[arg-type]
+    assert row.method == "knn" and row.detection is None
+    assert row.status == "error: RuntimeError: no GPU left" and cost["wall_s"] >= 0
+
+
+RECORD_FIELDS = set(
+    "dataset subset n noise noise_rate method status backbone seed precision recall f1 auroc auprc n_flagged "
+    "n_noisy wall_s feature_s images_per_s peak_gpu_mb gpu host options versions created".split()
+)
+
+
+def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
+    """The CI smoke run: ~200 images (CIFAR-10 from ../shared, else synthetic), test-tiny, every method."""
+    from benchmarks.run import main
+
+    assert (
+        main(["--smoke", "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "res")]) == 0
+    )
+    records = {
+        r["method"]: r for r in map(json.loads, map(Path.read_text, (tmp_path / "res").glob("*.json")))
+    }
+    expected = {"deft", "cleanlab", "knn", "small-loss", "ce-gmm", "ce-mismatch", "zero-shot"}
+    assert set(records) == expected
+    assert records["zero-shot"]["status"] == "not aligned"  # test-tiny's towers are random, not CLIP-aligned
+    for method in expected - {"zero-shot"}:
+        record = records[method]
+        assert set(record) == RECORD_FIELDS and record["status"] == "ok", record
+        assert record["n"] == 200 and record["noise_rate"] == pytest.approx(0.4)
+        for key in ("precision", "recall", "f1", "auroc", "auprc"):
+            assert 0.0 <= record[key] <= 1.0, (method, key, record[key])
+        assert record["wall_s"] > 0 and record["images_per_s"] > 0
+        assert record["versions"]["cleanlab"] and record["versions"]["torch"]
+    assert records["small-loss"]["n_flagged"] == 80  # the oracle rate
