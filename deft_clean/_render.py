@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -80,16 +81,17 @@ def print_problems(error: DataError) -> None:
     table.add_column("problem", style="red")
     table.add_column("what to do")
     for p in error.problems:
-        table.add_row("" if p.row is None else str(p.row), p.path or "", p.message, p.fix or "")
+        cells = (p.path or "", p.message, p.fix or "")
+        table.add_row("" if p.row is None else str(p.row), *(escape(c) for c in cells))
     console.print(table)
     print_error(error)
 
 
 def print_error(error: DeftCleanError) -> None:
     """One line for the user: the message, then the hint."""
-    console.print(f"[bold red]error:[/bold red] {error.message}")
+    console.print(f"[bold red]error:[/bold red] {escape(error.message)}")
     if error.hint:
-        console.print(f"[yellow]hint:[/yellow] {error.hint}")
+        console.print(f"[yellow]hint:[/yellow] {escape(error.hint)}")
 
 
 def print_backbones(rows: list[dict[str, Any]]) -> None:
