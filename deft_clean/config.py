@@ -69,6 +69,7 @@ class DetectConfig:
     warmup_epochs: int = _opt(1, "Epochs that train on all samples before clean selection starts.")
     batch_size: int = _opt(64, "Batch size.")
     lr: float = _opt(0.03, "SGD learning rate (cosine schedule).")
+    lr_schedule: str = _opt("epoch", "Cosine decay stepped per 'epoch' (as the authors) or per 'step'.")
     momentum: float = _opt(0.9, "SGD momentum.")
     weight_decay: float = _opt(5e-4, "SGD weight decay.")
     strict: bool = _opt(False, "Also require the given label to be the argmax of p_clean (real-world noise).")

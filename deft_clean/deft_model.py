@@ -1,0 +1,158 @@
+"""The DeFT detector network: a tuned image tower + dual prompts → scaled similarities, and its files.
+
+``s⁺ = scale · cos(f(x), T⁺)`` and ``s⁻ = scale · cos(f(x).detach(), T⁻)``, both ``(B, K)``, with
+``scale = logit_scale.exp()`` of the backbone (frozen). open_clip initialises ``logit_scale`` to
+``log(1/0.07)`` for every model it builds, so backbones that were not trained as CLIP (``offline``,
+random weights) use ``1/0.07 ≈ 14.3``.
+
+Saved detector layout (``--save-model DIR``; everything small, the backbone itself is not copied)::
+
+    DIR/detector.json  format, version, the backbone and detect configs, class ids and names, files
+    DIR/prompts.pt     DualPromptLearner state: pos_ctx, neg_ctx
+    DIR/lora/          peft save_pretrained of the image tower's LoRA (--peft lora)
+    DIR/vpt.pt         deep visual prompts (--peft vpt)
+    DIR/heads.pt       always-trained parameters by model name (e.g. the offline backbone's heads)
+
+:func:`load_detector` rebuilds the backbone from the saved :class:`BackboneConfig` (same weights
+source; random ``test-tiny`` weights are re-drawn from the saved seed) and loads the learned parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deft_clean.adapters import ImageTuning, apply_peft, feature_split, load_tuning, save_tuning
+from deft_clean.config import BackboneConfig, DetectConfig, from_dict, to_dict
+from deft_clean.errors import ConfigError
+from deft_clean.prompts import DualPromptLearner
+
+DETECTOR_FORMAT = "deft-clean-detector"
+DETECTOR_VERSION = 1
+DEFAULT_SCALE = 1 / 0.07
+
+
+class DeftModel(nn.Module):
+    """Backbone model with its image-tower tuning and a :class:`DualPromptLearner` for ``class_names``."""
+
+    def __init__(
+        self,
+        backbone: Any,
+        class_names: list[str],
+        config: DetectConfig,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = backbone.model
+        self.tuning: ImageTuning = apply_peft(backbone, config)
+        self.prompts = DualPromptLearner(
+            self.model,
+            backbone.tokenizer,
+            class_names,
+            n_ctx=config.n_ctx,
+            ctx_init=config.ctx_init,
+            class_specific=config.class_specific_ctx,
+            generator=generator,
+        )
+        self.split = feature_split(self.model) if config.peft == "none" else None
+        logit_scale = getattr(self.model, "logit_scale", None)
+        self.scale = float(logit_scale.exp()) if logit_scale is not None else DEFAULT_SCALE
+
+    def train(self, mode: bool = True) -> DeftModel:
+        """The backbone stays in eval mode (frozen BatchNorm statistics); LoRA dropout follows ``mode``."""
+        super().train(mode)
+        self.model.eval()
+        for name, module in self.model.named_modules():
+            if name.endswith("lora_dropout"):
+                module.train(mode)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Prompts, image-tower adapters and always-trained heads: what the optimizer updates."""
+        return list(self.prompts.parameters()) + self.tuning.parameters(self.model)
+
+    @property
+    def caches_features(self) -> bool:
+        """True when the image tower's trunk is frozen: its features can be computed once."""
+        return self.split is not None
+
+    def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images → (B, F) frozen trunk features (``caches_features`` only)."""
+        return self.split[0](images)
+
+    def image_features(
+        self, images: torch.Tensor | None = None, trunk: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised (B, E) image features, from images or from cached trunk features."""
+        features = self.split[1](trunk) if trunk is not None else self.model.encode_image(images)
+        return F.normalize(features.float(), dim=-1)
+
+    def similarities(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, E) normalised image features → ``(s⁺, s⁻)``, each (B, K); s⁻ does not train the image tower."""
+        t_pos, t_neg = self.prompts()  # (K, E) each
+        return self.scale * features @ t_pos.t(), self.scale * features.detach() @ t_neg.t()
+
+
+def save_detector(
+    net: DeftModel,
+    directory: str | Path,
+    *,
+    backbone_config: BackboneConfig,
+    detect_config: DetectConfig,
+    class_ids: list[str],
+    class_names: list[str],
+) -> Path:
+    """Write the learned prompts and adapters with the configs (layout in the module docstring)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in net.prompts.state_dict().items()}, directory / "prompts.pt")
+    files = ["prompts.pt", *save_tuning(net.tuning, net.model, directory)]
+    from deft_clean import __version__
+
+    manifest = {
+        "format": DETECTOR_FORMAT,
+        "version": DETECTOR_VERSION,
+        "deft_clean_version": __version__,
+        "configs": {"backbone": to_dict(backbone_config), "detect": to_dict(detect_config)},
+        "class_ids": list(class_ids),
+        "class_names": list(class_names),
+        "n_ctx": net.prompts.n_ctx,
+        "logit_scale": net.scale,
+        "files": files,
+    }
+    (directory / "detector.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_detector(directory: str | Path, *, device: str | None = None) -> tuple[DeftModel, dict]:
+    """Rebuild a saved detector: ``(DeftModel in eval mode, detector.json contents)``.
+
+    ``device`` overrides the saved backbone device ('cpu', 'cuda', ...).
+    """
+    from deft_clean.backbone import load_backbone
+
+    directory = Path(directory)
+    meta_file = directory / "detector.json"
+    if not meta_file.is_file():
+        raise ConfigError(
+            f"No detector.json in '{directory}'.",
+            hint="Pass a folder written by 'deft-clean detect --save-model'.",
+        )
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta.get("format") != DETECTOR_FORMAT or meta.get("version", math.inf) > DETECTOR_VERSION:
+        raise ConfigError(f"'{meta_file}' is not a detector this version of deft-clean can read.")
+    backbone_values = dict(meta["configs"]["backbone"], **({"device": device} if device else {}))
+    backbone_config = from_dict(BackboneConfig, backbone_values)
+    config = from_dict(DetectConfig, meta["configs"]["detect"])
+    torch.manual_seed(config.seed)  # random-weight backbones are re-drawn as in the run that saved them
+    backbone = load_backbone(backbone_config)
+    net = DeftModel(backbone, meta["class_names"], config)
+    net.prompts.load_state_dict(torch.load(directory / "prompts.pt", map_location="cpu"))
+    load_tuning(net.tuning, net.model, directory)
+    return net.eval(), meta
