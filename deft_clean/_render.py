@@ -162,3 +162,31 @@ def print_predict_summary(frame: Any, out: Any) -> None:
         f"[bold green]predicted:[/bold green] {int(ok.sum())} images; "
         f"{agree:.1%} agree with the given labels; written to {out}"
     )
+
+
+def print_detect_summary(frame: Any, max_classes: int = 30) -> None:
+    """``deft-clean detect`` closing summary: flagged share per class, time, throughput, truth metrics."""
+    summary, out = frame.attrs["detect"], frame.attrs.get("out", "")
+    classes = sorted(summary["classes"], key=lambda c: -c["noise_rate"])
+    shown = classes[:max_classes]
+    caption = f"the {len(shown)} noisiest of {len(classes)} classes" if len(shown) < len(classes) else None
+    table = Table(title="Flagged labels per class (given label)", caption=caption)
+    for column, justify in (("class", "left"), ("images", "right"), ("flagged", "right"), ("rate", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for c in shown:
+        table.add_row(escape(str(c["name"])), str(c["n"]), str(c["flagged"]), f"{c['noise_rate']:.1%}")
+    console.print(table)
+    timings = summary["timings"]
+    console.print(
+        f"[bold green]flagged:[/bold green] {summary['n_flagged']} of {summary['n_scored']} images "
+        f"({summary['flagged_fraction']:.1%}); {summary['n_unreadable']} unreadable. "
+        f"Time {timings['total_s']:.1f}s (training {timings['train_s']:.1f}s, "
+        f"{summary['images_per_s']:,.0f} img/s on {summary['device']})."
+    )
+    truth = summary.get("truth")
+    if truth is not None:
+        console.print(
+            f"vs --truth ({truth['n']} rows, {truth['n_wrong']} wrong): precision {truth['precision']:.3f}, "
+            f"recall {truth['recall']:.3f}, F1 {truth['f1']:.3f}"
+        )
+    console.print(f"results: {escape(str(out))} (noise_rank 1 = most likely wrong)")

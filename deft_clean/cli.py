@@ -16,7 +16,7 @@ import typer
 
 from deft_clean import __version__
 from deft_clean._render import RichReporter, print_error, print_manifest_summary, print_problems
-from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig
+from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig
 from deft_clean.errors import DataError, DeftCleanError
 
 app = typer.Typer(
@@ -102,6 +102,74 @@ def _given(values: dict[str, Any], *config_classes: type) -> dict[str, Any]:
     names = {f.name for cls in config_classes for f in dataclasses.fields(cls)}
     unset = {"model", "pretrained"}
     return {k: v for k, v in values.items() if k in names and not (k in unset and v is None)}
+
+
+@app.command("detect")
+@_user_errors
+def detect_command(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
+    labels_csv: Annotated[
+        Path | None, typer.Argument(help="CSV: image path + label (omit: ImageFolder).", show_default=False)
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Results Parquet (default: <labels stem>.deft.parquet, or ./deft_results.parquet)."
+        ),
+    ] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option("--truth", help="CSV path,label of verified labels: report precision/recall/F1."),
+    ] = None,
+    save_model: Annotated[
+        Path | None, typer.Option("--save-model", help="Folder for the learned prompts and adapters.")
+    ] = None,
+    model: str = _option(BackboneConfig, "model", "--model"),
+    pretrained: str | None = _option(BackboneConfig, "pretrained", "--pretrained"),
+    device: str = _option(BackboneConfig, "device", "--device"),
+    cache_dir: str | None = _option(BackboneConfig, "cache_dir", "--cache-dir"),
+    n_ctx: int = _option(DetectConfig, "n_ctx", "--n-ctx"),
+    ctx_init: str | None = _option(DetectConfig, "ctx_init", "--ctx-init"),
+    class_specific_ctx: bool = _option(DetectConfig, "class_specific_ctx", "--class-specific-ctx"),
+    peft: str = _option(DetectConfig, "peft", "--peft"),
+    lora_rank: int = _option(DetectConfig, "lora_rank", "--lora-rank"),
+    lora_alpha: float = _option(DetectConfig, "lora_alpha", "--lora-alpha"),
+    lora_dropout: float = _option(DetectConfig, "lora_dropout", "--lora-dropout"),
+    lora_targets: str | None = _option(DetectConfig, "lora_targets", "--lora-targets"),
+    vpt_len: int = _option(DetectConfig, "vpt_len", "--vpt-len"),
+    epochs: int = _option(DetectConfig, "epochs", "--epochs"),
+    warmup_epochs: int = _option(DetectConfig, "warmup_epochs", "--warmup-epochs"),
+    batch_size: int = _option(DetectConfig, "batch_size", "--batch-size"),
+    lr: float = _option(DetectConfig, "lr", "--lr"),
+    lr_schedule: str = _option(DetectConfig, "lr_schedule", "--lr-schedule"),
+    momentum: float = _option(DetectConfig, "momentum", "--momentum"),
+    weight_decay: float = _option(DetectConfig, "weight_decay", "--weight-decay"),
+    strict: bool = _option(DetectConfig, "strict", "--strict"),
+    threshold: float = _option(DetectConfig, "threshold", "--threshold"),
+    seed: int = _option(DetectConfig, "seed", "--seed"),
+    num_workers: int = _option(DetectConfig, "num_workers", "--num-workers"),
+    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
+    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
+    classes_file: str | None = _option(DataConfig, "classes_file", "--classes"),
+    min_per_class: int = _option(DataConfig, "min_per_class", "--min-per-class"),
+    on_bad_image: str = _option(DataConfig, "on_bad_image", "--on-bad-image"),
+    max_image_pixels: int | None = _option(DataConfig, "max_image_pixels", "--max-image-pixels"),
+) -> None:
+    """Flag likely wrong labels with DeFT (dual text prompts + LoRA on a CLIP-style backbone)."""
+    from deft_clean._render import print_detect_summary
+    from deft_clean.detect import detect
+
+    options = _given(locals(), DataConfig, BackboneConfig, DetectConfig)
+    frame = detect(
+        data_dir,
+        labels_csv,
+        out=out,
+        truth_csv=truth,
+        save_model=save_model,
+        reporter=RichReporter(),
+        **options,
+    )
+    print_detect_summary(frame)
 
 
 @app.command("backbones")

@@ -179,3 +179,44 @@ def test_invalid_options_are_refused(change, option):
 def test_default_out(tmp_path):
     assert default_out(tmp_path / "labels.csv") == tmp_path / "labels.deft.parquet"
     assert default_out(None) == Path("deft_results.parquet")
+
+
+def test_cli_detect_writes_results_and_summary(tmp_path, wide_console):
+    from typer.testing import CliRunner
+
+    from deft_clean.cli import app
+
+    root, labels, truth = make_dataset(tmp_path / "d", per_class=4)
+    args = [
+        "detect",
+        str(root),
+        str(labels),
+        "--truth",
+        str(truth),
+        "--model",
+        "test-tiny",
+        "--device",
+        "cpu",
+    ]
+    args += ["--peft", "none", "--epochs", "1", "--batch-size", "8", "--n-ctx", "4", "--seed", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    written = read_results(tmp_path / "d" / "labels.deft.parquet")
+    assert len(written) == 16 and written.attrs["configs"]["detect"]["seed"] == 3
+    assert (
+        "flagged:" in result.output
+        and "precision" in result.output
+        and "labels.deft.parquet" in result.output
+    )
+
+
+def test_cli_detect_reports_bad_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from deft_clean.cli import app
+
+    root, labels, _ = make_dataset(tmp_path / "d", per_class=2)
+    result = CliRunner().invoke(
+        app, ["detect", str(root), str(labels), "--model", "test-tiny", "--epochs", "0"]
+    )
+    assert result.exit_code == 1 and "--epochs 0 is invalid" in result.output
