@@ -88,9 +88,10 @@ def detect(
     net = DeftModel(
         backbone, manifest.prompt_names(), config, generator=torch.Generator().manual_seed(config.seed)
     )
-    history = train_detector(net, data, config, reporter=reporter)
+    trunk = trunk_cache(net, data, 2 * config.batch_size) if net.caches_features else None
+    history = train_detector(net, data, config, trunk=trunk, reporter=reporter)
     clock["trained"] = time.perf_counter()
-    scores = score_detector(net, data, config, reporter=reporter)
+    scores = score_detector(net, data, config, trunk=trunk, reporter=reporter)
     clock["scored"] = time.perf_counter()
 
     frame = result_frame(manifest, rows, scores)
@@ -151,7 +152,10 @@ def _seed_everything(seed: int) -> None:
 class Batches:
     """The decoded images of the readable rows, staged for the device, and their labels.
 
-    ``cache`` (N_all, 3, S, S) uint8 on the CPU (RAM or memmap); ``rows`` the readable rows' indices.
+    ``cache`` (N_all, 3, S, S) uint8 on the CPU (RAM or memmap), never copied whole on the host;
+    ``rows`` (N,) the readable rows' indices into it; ``labels_np`` (N,) their given labels. Sample
+    ``i`` of this set is cache row ``rows[i]``. The cache moves to the GPU when it fits; otherwise
+    each batch is gathered on the host, pinned and copied asynchronously.
     """
 
     cache: torch.Tensor
@@ -163,13 +167,10 @@ class Batches:
     device: torch.device
 
     def __post_init__(self) -> None:
-        index = torch.from_numpy(self.rows)
-        images = self.cache[index] if len(index) < len(self.cache) else self.cache  # (N, 3, S, S)
-        on_device = self.device.type == "cuda" and images.numel() <= _GPU_CACHE_FRACTION * _free_gpu_bytes()
-        if on_device:
-            self.images = images.to(self.device)
-        else:
-            self.images = images.pin_memory() if self.device.type == "cuda" else images
+        cuda = self.device.type == "cuda"
+        self.on_device = cuda and self.cache.numel() <= _GPU_CACHE_FRACTION * _free_gpu_bytes()
+        self.images = self.cache.to(self.device) if self.on_device else self.cache
+        self.cache_rows = torch.from_numpy(self.rows).to(self.device if self.on_device else "cpu")
         self.labels = torch.from_numpy(self.labels_np).to(self.device)
 
     def __len__(self) -> int:
@@ -179,12 +180,14 @@ class Batches:
         self, index: torch.Tensor, *, train: bool, generator: torch.Generator | None
     ) -> torch.Tensor:
         """Normalised float images (B, 3, size, size) for CPU ``index`` (B,); augmented when ``train``."""
-        if self.images.device == self.device:
-            batch = self.images[index.to(self.device, non_blocking=True)]
-        else:
-            batch = self.images[index].pin_memory().to(self.device, non_blocking=True)
         from deft_clean.augment import gpu_augment
 
+        if self.on_device:
+            batch = self.images[self.cache_rows[index.to(self.device, non_blocking=True)]]
+        else:
+            batch = self.images[self.cache_rows[index]]
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
         return gpu_augment(
             batch, mean=self.mean, std=self.std, out_size=self.size, train=train, generator=generator
         )
@@ -206,8 +209,8 @@ def cosine_lr(base: float, progress: float) -> float:
 
 
 @torch.no_grad()
-def _trunk_cache(net: DeftModel, data: Batches, batch_size: int) -> torch.Tensor:
-    """(N, F) frozen-trunk features of the un-augmented images, computed once (``--peft none``)."""
+def trunk_cache(net: DeftModel, data: Batches, batch_size: int) -> torch.Tensor:
+    """(N, F) frozen-trunk features of the un-augmented images, computed once (``net.caches_features``)."""
     parts = []
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
@@ -236,12 +239,14 @@ def train_detector(
     data: Batches,
     config: DetectConfig,
     *,
+    trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
 ) -> list[dict[str, float]]:
     """Train prompts and tuning on the given labels; returns per-epoch dicts (loss, ce, neg, selected, img_s).
 
     Warm-up epochs: CE on every sample. Later epochs: CE on the samples the current model calls clean
     (in the same batch), pseudo-labels for the rest in the negative-prompt loss (:func:`deft_loss`).
+    ``trunk``: features from :func:`trunk_cache` when the tower is frozen (computed here if not given).
     """
     device, n = data.device, len(data)
     cpu_gen = torch.Generator().manual_seed(config.seed)
@@ -249,7 +254,8 @@ def train_detector(
     optimizer = torch.optim.SGD(
         net.trainable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    trunk = _trunk_cache(net, data, 2 * config.batch_size) if net.caches_features else None
+    if trunk is None and net.caches_features:
+        trunk = trunk_cache(net, data, 2 * config.batch_size)
     steps = math.ceil(n / config.batch_size)
     history = []
     net.train()
@@ -324,11 +330,13 @@ def score_detector(
     data: Batches,
     config: DetectConfig,
     *,
+    trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
 ) -> Scores:
     """Score every readable image once, un-augmented, with the final model (no training, no selection)."""
     net.eval()
-    trunk = _trunk_cache(net, data, 2 * config.batch_size) if net.caches_features else None
+    if trunk is None and net.caches_features:
+        trunk = trunk_cache(net, data, 2 * config.batch_size)
     parts: list[torch.Tensor] = []
     batch = 2 * config.batch_size
     with reporter.task("Scoring", total=len(data)):
