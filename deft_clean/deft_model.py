@@ -96,7 +96,9 @@ class DeftModel(nn.Module):
     def similarities(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, E) normalised image features → ``(s⁺, s⁻)``, each (B, K); s⁻ does not train the image tower."""
         t_pos, t_neg = self.prompts()  # (K, E) each
-        return self.scale * features @ t_pos.t(), self.scale * features.detach() @ t_neg.t()
+        with torch.autocast(features.device.type, enabled=False):  # cosines in fp32: bf16 would blur them
+            features, t_pos, t_neg = features.float(), t_pos.float(), t_neg.float()
+            return self.scale * features @ t_pos.t(), self.scale * features.detach() @ t_neg.t()
 
 
 def save_detector(
