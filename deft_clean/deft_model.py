@@ -137,7 +137,7 @@ def load_detector(directory: str | Path, *, device: str | None = None) -> tuple[
 
     ``device`` overrides the saved backbone device ('cpu', 'cuda', ...).
     """
-    from deft_clean.backbone import load_backbone
+    from deft_clean.backbone import load_backbone, resolve_device
 
     directory = Path(directory)
     meta_file = directory / "detector.json"
@@ -154,6 +154,7 @@ def load_detector(directory: str | Path, *, device: str | None = None) -> tuple[
     config = from_dict(DetectConfig, meta["configs"]["detect"])
     torch.manual_seed(config.seed)  # random-weight backbones are re-drawn as in the run that saved them
     backbone = load_backbone(backbone_config)
+    backbone.model.to(resolve_device(backbone_config.device))
     net = DeftModel(backbone, meta["class_names"], config)
     net.prompts.load_state_dict(torch.load(directory / "prompts.pt", map_location="cpu"))
     load_tuning(net.tuning, net.model, directory)
