@@ -6,6 +6,9 @@ Notation (shapes): ``N`` samples, ``K`` classes. ``s_pos``/``s_neg`` are scaled 
 Direction: **a low clean probability means a likely wrong label.** ``p_clean`` of the given label
 is the per-class two-way softmax over ``[s⁺ₖ, s⁻ₖ]``; a sample is clean when it exceeds the
 threshold (0.5 by default: the image is closer to the positive than to the negative prompt).
+
+The last functions turn the final model's per-row :class:`Scores` into the results table
+(:func:`result_frame`) and the ``detect`` block of its metadata (:func:`run_summary`).
 """
 
 from __future__ import annotations
