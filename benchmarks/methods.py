@@ -154,7 +154,7 @@ def run_zero_shot(ctx: Context, noisy: NoisySet) -> list[Row]:
     backbone = ctx.backbone()
     if not getattr(backbone, "aligned", False):
         return [Row("zero-shot", None, status="not aligned")]
-    from deft_clean.classifier import text_classifier
+    from deft_clean.finetune import text_classifier
 
     features, cost = ctx.features(pooled=False)
     texts = text_classifier(backbone, ctx.manifest().prompt_names(), "a photo of a {}.").float().cpu().numpy()
@@ -181,10 +181,7 @@ def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
         **options,
     )
     images = build_image_cache(ctx.manifest(), result.classifier.image_size)
-    probs = torch.cat(
-        [result.classifier.predict_batch(images[s : s + 256]) for s in range(0, len(images), 256)]
-    )
-    probs_np = probs.double().numpy()  # (N, K)
+    probs_np = result.classifier.predict_images(images, batch_size=256).astype(np.float64)  # (N, K)
     losses = -np.log(np.clip(probs_np[np.arange(len(noisy.given)), noisy.given], 1e-12, None))
     extra = {"finetune_options": options}
     return [

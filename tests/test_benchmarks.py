@@ -322,3 +322,21 @@ def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
         assert record["wall_s"] > 0 and record["images_per_s"] > 0
         assert record["versions"]["cleanlab"] and record["versions"]["torch"]
     assert records["small-loss"]["n_flagged"] == 80  # the oracle rate
+
+
+def test_zero_shot_runs_on_an_aligned_backbone(tmp_path: Path) -> None:
+    """test-tiny is random (not aligned); marked aligned here, the zero-shot path must produce a full row."""
+    import dataclasses
+
+    from benchmarks.methods import Context, run_zero_shot
+    from deft_clean.backbone import load_backbone
+    from deft_clean.config import BackboneConfig
+
+    ds = datasets.materialise("synthetic", data_root=tmp_path, cache_dir=tmp_path, subset=40, seed=0)
+    noisy = datasets.write_noisy_labels(ds, datasets.symmetric_noise(ds.labels, 0.25, 10, 0), "sym:0.25", 0)
+    config = BackboneConfig(model="test-tiny", device="cpu")
+    ctx = Context(ds, config, _backbone=dataclasses.replace(load_backbone(config), aligned=True))
+    [row] = run_zero_shot(ctx, noisy)
+    assert row.status == "ok" and row.detection.flags.shape == (40,)
+    assert np.all((row.detection.scores >= 0) & (row.detection.scores <= 1))
+    assert list(ds.root.glob("features-test-tiny-*-embed.npy"))  # the projected embeddings were cached
