@@ -1,0 +1,122 @@
+"""Detector throughput: the compute ceiling against the end-to-end ``detect`` run.
+
+(a) ceiling: DeFT training steps on one batch that already sits on the device (no decoding, no host
+    copies): what the model and optimizer alone allow, for the same backbone, tuning and batch size;
+(b) end to end: ``deft_clean.detect`` on N JPEG files, from decoding to the written Parquet file; the
+    training epochs' images/s come from the run's own metadata.
+
+The goal is (b) ≥ 70% of (a). Images are synthetic (speed does not depend on pixel values, nor on
+weight values, so random-weight architectures are fine)::
+
+    python -m benchmarks.throughput --model ViT-B-16 --n 50000 --epochs 2 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from deft_clean.backbone import load_backbone, resolve_device
+from deft_clean.config import BackboneConfig, DetectConfig
+from deft_clean.deft_model import DeftModel
+from deft_clean.detect import Batches, _train_step, detect
+
+
+def write_images(root: Path, n: int, *, classes: int = 10, size: int = 32, seed: int = 0) -> Path:
+    """N random ``size``² JPEGs under ``root/images`` and a ``labels.csv``; returns the CSV path."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+
+    def one(i: int) -> None:
+        pixels = np.random.default_rng(seed + i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=75)
+        (root / "images" / f"{i}.jpg").write_bytes(buffer.getvalue())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(n)))
+    csv = root / "labels.csv"
+    csv.write_text("path,label\n" + "".join(f"images/{i}.jpg,c{labels[i]}\n" for i in range(n)))
+    return csv
+
+
+def ceiling(backbone_config: BackboneConfig, config: DetectConfig, *, classes: int, steps: int) -> float:
+    """Images/s of training steps on a batch resident on the device (augmentation included)."""
+    device = resolve_device(backbone_config.device)
+    backbone = load_backbone(backbone_config)
+    backbone.model.to(device)
+    size, batch = backbone.image_size, config.batch_size
+    cache = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    data = Batches(
+        cache, np.arange(batch), np.arange(batch) % classes, backbone.mean, backbone.std, size, device
+    )
+    net = DeftModel(backbone, [f"class {k}" for k in range(classes)], config)
+    optimizer = torch.optim.SGD(net.trainable_parameters(), lr=config.lr, momentum=config.momentum)
+    generator = torch.Generator(device=device).manual_seed(0)
+    index = torch.arange(batch)
+    net.train()
+
+    def run(count: int) -> None:
+        for _ in range(count):
+            _train_step(net, data, index, None, optimizer, config, warm=False, generator=generator)
+
+    run(5)  # warm-up: kernels, autotuning, allocator
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    run(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="offline")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--peft", default="lora")
+    parser.add_argument("--n", type=int, default=50_000, help="Images for the end-to-end run.")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=DetectConfig.batch_size)
+    parser.add_argument("--steps", type=int, default=50, help="Timed steps for the ceiling.")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/deft-throughput"))
+    parser.add_argument("--json", type=Path, default=None, help="Write the record here too.")
+    args = parser.parse_args()
+
+    backbone_config = BackboneConfig(model=args.model, pretrained=args.pretrained, device=args.device)
+    config = DetectConfig(peft=args.peft, batch_size=args.batch_size, epochs=args.epochs, warmup_epochs=1)
+    ceiling_img_s = ceiling(backbone_config, config, classes=10, steps=args.steps)
+    csv = write_images(args.workdir / f"n{args.n}", args.n)
+    started = time.perf_counter()
+    frame = detect(
+        csv.parent, csv, out=args.workdir / "flags.parquet", model=args.model, pretrained=args.pretrained,
+        device=args.device, peft=args.peft, batch_size=args.batch_size, epochs=args.epochs,
+        warmup_epochs=1, num_workers=16,
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    epochs = frame.attrs["detect"]["epochs"]
+    train_img_s = max(e["img_s"] for e in epochs)
+    record = {
+        "model": args.model, "peft": args.peft, "batch_size": args.batch_size, "n": args.n,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "ceiling_img_s": round(ceiling_img_s, 1), "e2e_epoch_img_s": [round(e["img_s"], 1) for e in epochs],
+        "e2e_wall_s": round(wall, 1), "e2e_over_ceiling": round(train_img_s / ceiling_img_s, 3),
+        "timings": frame.attrs["detect"].get("timings"), "torch": torch.__version__,
+    }  # fmt: skip
+    print(json.dumps(record))
+    if args.json is not None:
+        args.json.write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
