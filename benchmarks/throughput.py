@@ -80,7 +80,9 @@ def ceiling(backbone_config: BackboneConfig, config: DetectConfig, *, classes: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="offline")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--peft", default="lora")

@@ -26,11 +26,11 @@ def _opt(default: Any, help: str) -> Any:
 class DataConfig:
     """How the labelled image set is read and validated."""
 
-    image_col: str | None = _opt(None, "CSV column with image paths (default: autodetect path/image/filename/file).")
+    image_col: str | None = _opt(None, "CSV column with image paths (default: path/image/filename/file).")
     label_col: str | None = _opt(None, "CSV column with labels (default: autodetect label/class).")
     classes_file: str | None = _opt(None, "File fixing class order: 'id' or 'id,name' per line.")
     min_per_class: int = _opt(2, "Refuse classes with fewer images than this.")
-    on_bad_image: str = _opt("error", "'error' stops on unreadable images; 'skip' keeps them as status=unreadable.")
+    on_bad_image: str = _opt("error", "'error' stops on bad images; 'skip' keeps them as status=unreadable.")
     max_image_pixels: int | None = _opt(
         178_956_970, "PIL decompression-bomb limit in pixels (raise it for huge scans)."
     )
@@ -43,13 +43,13 @@ class BackboneConfig:
     model: str = _opt(
         "offline",
         "open_clip architecture (e.g. ViT-B-32), 'offline' (pretrained PyPI towers, NOT aligned like CLIP: "
-        "its projection heads start untrained) or 'test-tiny' (random, for tests). See: deft-clean backbones.",
+        "its projection heads start untrained) or 'test-tiny' (random, for tests). See `backbones`.",
     )
     pretrained: str | None = _opt(
         None, "open_clip pretrained tag (needs internet once), a checkpoint file, or 'local-dir:DIR'."
     )
     device: str = _opt("auto", "'auto' (cuda when available), 'cpu' or 'cuda[:N]'.")
-    cache_dir: str | None = _opt(None, "Where pretrained tags are downloaded/looked up (default: the HF cache).")
+    cache_dir: str | None = _opt(None, "Where pretrained tags are looked up (default: the HF cache).")
 
 
 @dataclass(frozen=True)
