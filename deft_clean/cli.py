@@ -7,6 +7,8 @@ No logic lives here: defaults come from `deft_clean.config`, errors are
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -62,50 +64,75 @@ def main(
     """Find wrong labels in image datasets and train a model without them."""
 
 
-def _option(config_cls: type, name: str, *flags: str) -> Any:
-    """A typer.Option whose default and help are the config field's (one source of truth)."""
-    spec = {f.name: f for f in dataclasses.fields(config_cls)}[name]
-    return typer.Option(spec.default, *flags, help=spec.metadata.get("help"))
+_FLAGS = {"classes_file": "--classes"}  # field names whose flag is not simply --field-name
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def config_options(*config_classes: type, only: set[str] | None = None, **overrides: Any) -> Callable[[F], F]:
+    """Give a command one option per field of ``config_classes`` and pass their values as ``options``.
+
+    Defaults and help come from the dataclass fields (one source of truth), so every command that takes
+    a stage's options takes all of them the same way. ``only`` restricts the fields; ``overrides`` maps a
+    field to its own ``typer.Option`` (e.g. a ``--model`` whose default is read from another file). The
+    wrapped command receives ``options``: the values, without ``model``/``pretrained`` left at None.
+    """
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "options"]
+        names = []
+        for cls in config_classes:
+            hints = typing.get_type_hints(cls)
+            for spec in dataclasses.fields(cls):
+                if only is not None and spec.name not in only:
+                    continue
+                default = overrides.get(spec.name) or typer.Option(
+                    spec.default, _flag(spec.name), help=spec.metadata.get("help")
+                )
+                kind = inspect.Parameter.KEYWORD_ONLY
+                params.append(
+                    inspect.Parameter(spec.name, kind, default=default, annotation=hints[spec.name])
+                )
+                names.append(spec.name)
+
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in names}
+            unset = {"model", "pretrained"}  # None means: take it from elsewhere (flags file, default)
+            options = {k: v for k, v in values.items() if not (k in unset and v is None)}
+            return func(*args, options=options, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 @app.command()
 @_user_errors
+@config_options(DataConfig)
 def check(
     data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
     labels_csv: Annotated[
         Path | None,
         typer.Argument(help="CSV: image path + label (omit: ImageFolder).", show_default=False),
     ] = None,
-    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
-    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
-    classes_file: str | None = _option(DataConfig, "classes_file", "--classes"),
-    min_per_class: int = _option(DataConfig, "min_per_class", "--min-per-class"),
-    on_bad_image: str = _option(DataConfig, "on_bad_image", "--on-bad-image"),
-    max_image_pixels: int | None = _option(DataConfig, "max_image_pixels", "--max-image-pixels"),
+    *,
+    options: dict[str, Any],  # filled by @config_options
 ) -> None:
     """Validate a labelled image set (every image is decoded) and count images per class; no model needed."""
     from deft_clean.data import load_manifest
 
-    config = DataConfig(
-        image_col=image_col,
-        label_col=label_col,
-        classes_file=classes_file,
-        min_per_class=min_per_class,
-        on_bad_image=on_bad_image,
-        max_image_pixels=max_image_pixels,
-    )
+    config = DataConfig(**options)
     print_manifest_summary(load_manifest(data_dir, labels_csv, config=config, reporter=RichReporter()))
-
-
-def _given(values: dict[str, Any], *config_classes: type) -> dict[str, Any]:
-    """The command's values that are fields of ``config_classes``; None for model/pretrained = not given."""
-    names = {f.name for cls in config_classes for f in dataclasses.fields(cls)}
-    unset = {"model", "pretrained"}
-    return {k: v for k, v in values.items() if k in names and not (k in unset and v is None)}
 
 
 @app.command("detect")
 @_user_errors
+@config_options(DataConfig, BackboneConfig, DetectConfig)
 def detect_command(
     data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
     labels_csv: Annotated[
@@ -124,42 +151,13 @@ def detect_command(
     save_model: Annotated[
         Path | None, typer.Option("--save-model", help="Folder for the learned prompts and adapters.")
     ] = None,
-    model: str = _option(BackboneConfig, "model", "--model"),
-    pretrained: str | None = _option(BackboneConfig, "pretrained", "--pretrained"),
-    device: str = _option(BackboneConfig, "device", "--device"),
-    cache_dir: str | None = _option(BackboneConfig, "cache_dir", "--cache-dir"),
-    n_ctx: int = _option(DetectConfig, "n_ctx", "--n-ctx"),
-    ctx_init: str | None = _option(DetectConfig, "ctx_init", "--ctx-init"),
-    class_specific_ctx: bool = _option(DetectConfig, "class_specific_ctx", "--class-specific-ctx"),
-    peft: str = _option(DetectConfig, "peft", "--peft"),
-    lora_rank: int = _option(DetectConfig, "lora_rank", "--lora-rank"),
-    lora_alpha: float = _option(DetectConfig, "lora_alpha", "--lora-alpha"),
-    lora_dropout: float = _option(DetectConfig, "lora_dropout", "--lora-dropout"),
-    lora_targets: str | None = _option(DetectConfig, "lora_targets", "--lora-targets"),
-    vpt_len: int = _option(DetectConfig, "vpt_len", "--vpt-len"),
-    epochs: int = _option(DetectConfig, "epochs", "--epochs"),
-    warmup_epochs: int = _option(DetectConfig, "warmup_epochs", "--warmup-epochs"),
-    batch_size: int = _option(DetectConfig, "batch_size", "--batch-size"),
-    lr: float = _option(DetectConfig, "lr", "--lr"),
-    lr_schedule: str = _option(DetectConfig, "lr_schedule", "--lr-schedule"),
-    momentum: float = _option(DetectConfig, "momentum", "--momentum"),
-    weight_decay: float = _option(DetectConfig, "weight_decay", "--weight-decay"),
-    strict: bool = _option(DetectConfig, "strict", "--strict"),
-    threshold: float = _option(DetectConfig, "threshold", "--threshold"),
-    seed: int = _option(DetectConfig, "seed", "--seed"),
-    num_workers: int = _option(DetectConfig, "num_workers", "--num-workers"),
-    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
-    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
-    classes_file: str | None = _option(DataConfig, "classes_file", "--classes"),
-    min_per_class: int = _option(DataConfig, "min_per_class", "--min-per-class"),
-    on_bad_image: str = _option(DataConfig, "on_bad_image", "--on-bad-image"),
-    max_image_pixels: int | None = _option(DataConfig, "max_image_pixels", "--max-image-pixels"),
+    *,
+    options: dict[str, Any],  # filled by @config_options
 ) -> None:
     """Flag likely wrong labels with DeFT (dual text prompts + LoRA on a CLIP-style backbone)."""
     from deft_clean._render import print_detect_summary
     from deft_clean.detect import detect
 
-    options = _given(locals(), DataConfig, BackboneConfig, DetectConfig)
     frame = detect(
         data_dir,
         labels_csv,
@@ -184,12 +182,12 @@ def backbones_command() -> None:
 
 @app.command("export-backbone")
 @_user_errors
+@config_options(BackboneConfig, only={"model", "pretrained", "cache_dir"})
 def export_backbone_command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write: config, weights, tokenizer.")],
     half: Annotated[bool, typer.Option("--half", help="Store the weights in fp16 (half the size).")] = False,
-    model: str = _option(BackboneConfig, "model", "--model"),
-    pretrained: str | None = _option(BackboneConfig, "pretrained", "--pretrained"),
-    cache_dir: str | None = _option(BackboneConfig, "cache_dir", "--cache-dir"),
+    *,
+    options: dict[str, Any],  # filled by @config_options
 ) -> None:
     """Save a backbone as a self-contained folder; load it anywhere with --pretrained local-dir:DIR.
 
@@ -199,12 +197,18 @@ def export_backbone_command(
     from deft_clean._render import print_exported
     from deft_clean.backbone import export_backbone
 
-    config = BackboneConfig(model=model, pretrained=pretrained, cache_dir=cache_dir)
-    print_exported(export_backbone(config, out, half=half), model)
+    config = BackboneConfig(**options)
+    print_exported(export_backbone(config, out, half=half), config.model)
 
 
 @app.command("finetune")
 @_user_errors
+@config_options(
+    DataConfig,
+    BackboneConfig,
+    FinetuneConfig,
+    model=typer.Option(None, "--model", help="Backbone (default: the one in --flags, else 'offline')."),
+)
 def finetune_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the classifier: weights, config, metrics.")],
     data_dir: Annotated[Path, typer.Argument(help="Folder with the training images.", show_default=False)],
@@ -220,42 +224,13 @@ def finetune_command(
     test_csv: Annotated[
         Path | None, typer.Option("--test-csv", help="Labels CSV of --test-dir (omit: ImageFolder).")
     ] = None,
-    clean_only: bool = _option(FinetuneConfig, "clean_only", "--clean-only"),
-    relabel: bool = _option(FinetuneConfig, "relabel", "--relabel"),
-    relabel_threshold: float = _option(FinetuneConfig, "relabel_threshold", "--relabel-threshold"),
-    method: str = _option(FinetuneConfig, "method", "--method"),
-    tune: str = _option(FinetuneConfig, "tune", "--tune"),
-    templates: str = _option(FinetuneConfig, "templates", "--templates"),
-    tau: float = _option(FinetuneConfig, "tau", "--tau"),
-    lambda_t: float = _option(FinetuneConfig, "lambda_t", "--lambda-t"),
-    lambda_v: float = _option(FinetuneConfig, "lambda_v", "--lambda-v"),
-    epochs: int = _option(FinetuneConfig, "epochs", "--epochs"),
-    batch_size: int = _option(FinetuneConfig, "batch_size", "--batch-size"),
-    lr: float = _option(FinetuneConfig, "lr", "--lr"),
-    momentum: float = _option(FinetuneConfig, "momentum", "--momentum"),
-    weight_decay: float = _option(FinetuneConfig, "weight_decay", "--weight-decay"),
-    seed: int = _option(FinetuneConfig, "seed", "--seed"),
-    lora_rank: int = _option(FinetuneConfig, "lora_rank", "--lora-rank"),
-    lora_alpha: float = _option(FinetuneConfig, "lora_alpha", "--lora-alpha"),
-    num_workers: int = _option(FinetuneConfig, "num_workers", "--num-workers"),
-    model: Annotated[
-        str | None, typer.Option("--model", help="Backbone (default: the one in --flags, else 'offline').")
-    ] = None,
-    pretrained: str | None = _option(BackboneConfig, "pretrained", "--pretrained"),
-    device: str = _option(BackboneConfig, "device", "--device"),
-    cache_dir: str | None = _option(BackboneConfig, "cache_dir", "--cache-dir"),
-    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
-    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
-    classes_file: str | None = _option(DataConfig, "classes_file", "--classes"),
-    min_per_class: int = _option(DataConfig, "min_per_class", "--min-per-class"),
-    on_bad_image: str = _option(DataConfig, "on_bad_image", "--on-bad-image"),
-    max_image_pixels: int | None = _option(DataConfig, "max_image_pixels", "--max-image-pixels"),
+    *,
+    options: dict[str, Any],  # filled by @config_options
 ) -> None:
     """Fine-tune a classifier (TeS or CE) on the rows a flags file marks clean, or on every row."""
     from deft_clean._render import print_finetune_summary
     from deft_clean.finetune import finetune
 
-    options = _given(locals(), DataConfig, BackboneConfig, FinetuneConfig)
     result = finetune(
         data_dir, labels_csv, flags=flags, out=out, test_dir=test_dir, test_csv=test_csv,
         reporter=RichReporter(), **options,
@@ -265,6 +240,7 @@ def finetune_command(
 
 @app.command("predict")
 @_user_errors
+@config_options(DataConfig, only={"image_col", "label_col"})
 def predict_command(
     out: Annotated[Path, typer.Option("--out", help="Predictions Parquet (atomic write, with metadata).")],
     model_dir: Annotated[Path, typer.Argument(help="Folder written by `deft-clean finetune --out`.")],
@@ -276,14 +252,14 @@ def predict_command(
     device: Annotated[
         str | None, typer.Option("--device", help="'cpu' or 'cuda[:N]' (default: as trained, 'auto').")
     ] = None,
-    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
-    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
+    *,
+    options: dict[str, Any],  # filled by @config_options
 ) -> None:
     """Predict class probabilities for a folder of images with a fine-tuned classifier."""
     from deft_clean._render import print_predict_summary
     from deft_clean.classifier import predict
 
-    data_config = DataConfig(image_col=image_col, label_col=label_col, min_per_class=0)
+    data_config = DataConfig(**options, min_per_class=0)
     frame = predict(
         model_dir, data_dir, labels_csv, out=out, data_config=data_config, batch_size=batch_size,
         device=device, reporter=RichReporter(),
@@ -293,6 +269,11 @@ def predict_command(
 
 @app.command("embed")
 @_user_errors
+@config_options(
+    DataConfig,
+    BackboneConfig,
+    only={"image_col", "label_col", "classes_file", "model", "pretrained", "device"},
+)
 def embed_command(
     out: Annotated[Path, typer.Option("--out", help="Features .npy, float32 (N, D), rows in input order.")],
     data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
@@ -303,17 +284,12 @@ def embed_command(
         bool, typer.Option("--pooled", help="A timm tower's pooled features, before its projection head.")
     ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
-    model: str = _option(BackboneConfig, "model", "--model"),
-    pretrained: str | None = _option(BackboneConfig, "pretrained", "--pretrained"),
-    device: str = _option(BackboneConfig, "device", "--device"),
-    image_col: str | None = _option(DataConfig, "image_col", "--image-col"),
-    label_col: str | None = _option(DataConfig, "label_col", "--label-col"),
-    classes_file: str | None = _option(DataConfig, "classes_file", "--classes"),
+    *,
+    options: dict[str, Any],  # filled by @config_options
 ) -> None:
     """Write frozen, L2-normalised features of every image (un-augmented) to a .npy file."""
     from deft_clean.embed import embed
 
-    options = _given(locals(), DataConfig, BackboneConfig)
     reporter = RichReporter()
     features = embed(
         data_dir, labels_csv, out=out, pooled=pooled, batch_size=batch_size, reporter=reporter, **options
