@@ -141,6 +141,10 @@ class DualPromptLearner(nn.Module):
         _check_length(self.class_names, end, n_ctx, ids.shape[1])
         filler = ids[:, :1].expand(-1, n_ctx)  # any non-pad id: these embeddings are replaced
         full_ids = torch.cat([ids[:, :1], filler, ids[:, 1 : ids.shape[1] - n_ctx]], dim=1)
+        if getattr(self.tower, "pool_type", None) != "last":
+            # Padding after the longest prompt's end token never reaches a pooled feature (causal mask
+            # or attention mask), so drop it: the text tower runs on ~20 tokens instead of 77.
+            full_ids = full_ids[:, : int(end.max()) + n_ctx + 1]
         with torch.no_grad():
             embedding = self.tower.embed(full_ids).float()  # (K, L, D)
         self.register_buffer("token_ids", full_ids, persistent=False)
