@@ -75,7 +75,7 @@ class DetectConfig:
     strict: bool = _opt(False, "Also require the given label to be the argmax of p_clean (real-world noise).")
     threshold: float = _opt(0.5, "A sample is clean when p_clean of its given label exceeds this.")
     seed: int = _opt(0, "Random seed.")
-    num_workers: int = _opt(2, "Threads decoding images for the one-time cache.")
+    num_workers: int = _opt(0, "Threads decoding images for the one-time cache (0: one per CPU core).")
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class FinetuneConfig:
     seed: int = _opt(0, "Random seed.")
     lora_rank: int = _opt(8, "LoRA rank for --tune lora.")
     lora_alpha: float = _opt(16.0, "LoRA alpha for --tune lora (scale = alpha / rank).")
-    num_workers: int = _opt(2, "Threads decoding images for the one-time cache.")
+    num_workers: int = _opt(0, "Threads decoding images for the one-time cache (0: one per CPU core).")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def embed_images(
     batch_size: int = 256,
     pooled: bool = False,
     cache_dir: Path | None = None,
-    num_workers: int = 2,
+    num_workers: int = 0,
     reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
 ) -> np.ndarray:
     """L2-normalised image features, float32 (N, D), rows in the manifest's input order.
