@@ -186,7 +186,7 @@ def print_detect_summary(frame: Any, max_classes: int = 30) -> None:
     truth = summary.get("truth")
     if truth is not None:
         console.print(
-            f"vs --truth ({truth['n']} rows, {truth['n_wrong']} wrong): precision {truth['precision']:.3f}, "
-            f"recall {truth['recall']:.3f}, F1 {truth['f1']:.3f}"
+            f"vs --truth ({truth['n']} rows): caught {truth['n_caught']} of the {truth['n_wrong']} wrong "
+            f"labels; precision {truth['precision']:.3f}, recall {truth['recall']:.3f}, F1 {truth['f1']:.3f}"
         )
     console.print(f"results: {escape(str(out))} (noise_rank 1 = most likely wrong)")

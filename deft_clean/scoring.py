@@ -120,6 +120,7 @@ def flag_metrics(is_noisy: np.ndarray, truly_noisy: np.ndarray) -> dict[str, flo
         "n": int(len(flagged)),
         "n_flagged": int(flagged.sum()),
         "n_wrong": int(wrong.sum()),
+        "n_caught": hits,
         "precision": precision,
         "recall": recall,
         "f1": f1,

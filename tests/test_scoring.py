@@ -147,6 +147,11 @@ def test_flag_metrics():
     truth = np.array([True, False, True, False, True])
     m = flag_metrics(flags, truth)
     assert (m["precision"], m["recall"]) == pytest.approx((2 / 3, 2 / 3))
-    assert m["f1"] == pytest.approx(2 / 3) and (m["n"], m["n_flagged"], m["n_wrong"]) == (5, 3, 3)
+    assert m["f1"] == pytest.approx(2 / 3) and (m["n"], m["n_flagged"], m["n_wrong"], m["n_caught"]) == (
+        5,
+        3,
+        3,
+        2,
+    )
     empty = flag_metrics(np.zeros(3, bool), np.zeros(3, bool))
     assert (empty["precision"], empty["recall"], empty["f1"]) == (0.0, 0.0, 0.0)
