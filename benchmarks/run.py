@@ -38,14 +38,14 @@ PACKAGES = ("deft-clean", "torch", "open_clip_torch", "cleanlab", "scikit-learn"
 
 def parse_options(text: str | None) -> dict[str, Any]:
     """``'peft=none,epochs=10,lr=0.01'`` → ``{'peft': 'none', 'epochs': 10, 'lr': 0.01}`` (int, float,
-    true/false and none are converted; everything else stays a string)."""
+    true/false and null are converted; 'none' stays a string: it is a value of --peft)."""
     options: dict[str, Any] = {}
     for item in filter(None, (text or "").split(",")):
         key, sep, raw = item.partition("=")
         if not sep:
             raise SystemExit(f"option '{item}' is not KEY=VALUE (in '{text}')")
         lowered = raw.strip().lower()
-        value: Any = {"true": True, "false": False, "none": None}.get(lowered, raw.strip())
+        value: Any = {"true": True, "false": False, "null": None}.get(lowered, raw.strip())
         for convert in (int, float):
             if isinstance(value, str):
                 try:

@@ -215,8 +215,9 @@ def test_zero_shot_probs_follow_cosine_similarity() -> None:
 def test_parse_options_converts_types() -> None:
     from benchmarks.run import parse_options
 
-    assert parse_options("peft=none,epochs=10,lr=0.01,strict=true,ctx_init=a photo") == {
-        "peft": None,
+    assert parse_options("peft=none,epochs=10,lr=0.01,strict=true,ctx_init=a photo,lora_targets=null") == {
+        "peft": "none",
+        "lora_targets": None,
         "epochs": 10,
         "lr": 0.01,
         "strict": True,
