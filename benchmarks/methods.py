@@ -211,7 +211,14 @@ def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
         frame = frame.set_index("path").loc[list(ctx.dataset.paths)].reset_index()
     flags = frame["is_noisy"].to_numpy(dtype=bool)
     scores = 1.0 - frame["p_clean"].to_numpy(dtype=np.float64)
-    return [Row("deft", Detection(flags, scores), extra={"deft_options": options})]
+    # The same run, read with the classifier rule instead of the dual-prompt one: flag when the positive
+    # prompts' prediction differs from the given label (the ranking is unchanged).
+    mismatch = (frame["predicted_label"].astype(str) != frame["given_label"].astype(str)).to_numpy()
+    extra = {"deft_options": options}
+    return [
+        Row("deft", Detection(flags, scores), extra=extra),
+        Row("deft-mismatch", Detection(mismatch, scores), extra=extra),
+    ]
 
 
 METHODS: dict[str, Callable[[Context, NoisySet], list[Row]]] = {

@@ -311,7 +311,16 @@ def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
     records = {
         r["method"]: r for r in map(json.loads, map(Path.read_text, (tmp_path / "res").glob("*.json")))
     }
-    expected = {"deft", "cleanlab", "knn", "small-loss", "ce-gmm", "ce-mismatch", "zero-shot"}
+    expected = {
+        "deft",
+        "deft-mismatch",
+        "cleanlab",
+        "knn",
+        "small-loss",
+        "ce-gmm",
+        "ce-mismatch",
+        "zero-shot",
+    }
     assert set(records) == expected
     assert records["zero-shot"]["status"] == "not aligned"  # test-tiny's towers are random, not CLIP-aligned
     for method in expected - {"zero-shot"}:
