@@ -331,7 +331,9 @@ def _train(
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=order_gen, device=device)
         running = torch.zeros((), device=device)
-        with reporter.task(f"Fine-tuning ({cfg.method}) epoch {epoch + 1}/{cfg.epochs}", total=n):
+        with reporter.task(
+            f"Fine-tuning ({cfg.method}) epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * batch_size
+        ):
             for i in range(steps_per_epoch):
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(step, total_steps, cfg.lr)
