@@ -16,7 +16,6 @@ import datetime
 import json
 import platform
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from benchmarks.methods import METHODS, Context, Row, measure
 from benchmarks.metrics import detection_metrics
 from benchmarks.report import markdown_tables
 from deft_clean.config import BackboneConfig
+from deft_clean.results import package_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
@@ -111,16 +111,6 @@ def apply_smoke(args: argparse.Namespace) -> None:
     )
 
 
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for package in PACKAGES:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def plant_noise(ctx: Context, noise: str) -> datasets.NoisySet:
     """The noisy labels for one ``--noise`` spec (instance noise probes the frozen features)."""
     ds = ctx.dataset
@@ -171,7 +161,7 @@ def make_record(args: argparse.Namespace, noisy: datasets.NoisySet, row: Row, co
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "host": platform.node(),
         "options": extra,
-        "versions": versions(),
+        "versions": package_versions(PACKAGES),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -100,9 +100,10 @@ def base_frame(manifest: Manifest) -> pd.DataFrame:
     return _conform(frame, manifest.class_ids)
 
 
-def _package_versions() -> dict[str, str | None]:
+def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str | None]:
+    """Installed versions of ``names`` (None when absent) and of Python: how a run was made."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib_metadata.version(name)
         except importlib_metadata.PackageNotFoundError:
@@ -118,7 +119,7 @@ def run_metadata(*, manifest: Manifest, configs: dict[str, Any], extra: dict | N
         "schema_version": SCHEMA_VERSION,
         "deft_clean_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "packages": _package_versions(),
+        "packages": package_versions(),
         "configs": {k: to_dict(v) if dataclasses.is_dataclass(v) else dict(v) for k, v in configs.items()},
         "class_ids": list(manifest.class_ids),
         "class_names": list(manifest.class_names),
