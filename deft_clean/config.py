@@ -74,6 +74,11 @@ class DetectConfig:
     weight_decay: float = _opt(5e-4, "SGD weight decay.")
     strict: bool = _opt(False, "Also require the given label to be the argmax of p_clean (real-world noise).")
     threshold: float = _opt(0.5, "A sample is clean when p_clean of its given label exceeds this.")
+    flag_rule: str = _opt(
+        "dual",
+        "Final flags: 'dual' (the paper's rule above) or 'either' (also flag rows whose positive prompts "
+        "predict another class; more recall on unaligned backbones, see docs/benchmarks.md).",
+    )
     seed: int = _opt(0, "Random seed.")
     num_workers: int = _opt(0, "Threads decoding images for the one-time cache (0: one per CPU core).")
 

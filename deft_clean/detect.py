@@ -135,6 +135,7 @@ def check_config(config: DetectConfig) -> None:
         (config.lr > 0, "--lr", config.lr, "positive"),
         (config.lr_schedule in ("epoch", "step"), "--lr-schedule", config.lr_schedule, "'epoch' or 'step'"),
         (config.peft in ("lora", "vpt", "none"), "--peft", config.peft, "'lora', 'vpt' or 'none'"),
+        (config.flag_rule in ("dual", "either"), "--flag-rule", config.flag_rule, "'dual' or 'either'"),
         (config.lora_rank >= 1, "--lora-rank", config.lora_rank, "at least 1"),
     ]
     for ok, option, value, expected in rules:
@@ -333,7 +334,11 @@ def score_detector(
     trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
 ) -> Scores:
-    """Score every readable image once, un-augmented, with the final model (no training, no selection)."""
+    """Score every readable image once, un-augmented, with the final model (no training, no selection).
+
+    Flags follow ``config.flag_rule``: the clean rule of training (``dual``), or that rule OR the positive
+    prompts' prediction differing from the given label (``either``); scores and ranks are the same.
+    """
     net.eval()
     if trunk is None and net.caches_features:
         trunk = trunk_cache(net, data, 2 * config.batch_size)
@@ -353,8 +358,9 @@ def score_detector(
             clean = select_clean(p_all, labels, threshold=config.threshold, strict=config.strict)
             margin = (s_pos - s_neg)[rows, labels] / net.scale
             prob, predicted = torch.softmax(s_pos, dim=1).max(dim=1)
+            noisy = ~clean | (predicted != labels) if config.flag_rule == "either" else ~clean
             parts.append(
-                torch.stack([p_all[rows, labels], margin, (~clean).float(), predicted.float(), prob], 1)
+                torch.stack([p_all[rows, labels], margin, noisy.float(), predicted.float(), prob], 1)
             )
             reporter.advance(len(index))
     table = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, 5), np.float32)

@@ -158,6 +158,19 @@ def test_lora_detector_saves_and_reloads(tmp_path):
     np.testing.assert_allclose(rescored.p_clean, frame["p_clean"].to_numpy(), atol=1e-5)
 
 
+def test_flag_rule_either_adds_rows_predicted_as_another_class(tmp_path):
+    root, labels, _ = make_dataset(tmp_path / "d", per_class=6)
+    dual, either = (
+        detect(root, labels, out=tmp_path / f"{rule}.parquet", flag_rule=rule, **QUICK)
+        for rule in ("dual", "either")
+    )
+    pd.testing.assert_series_equal(dual["p_clean"], either["p_clean"])  # same model, same scores
+    mismatch = (either["predicted_label"].astype(str) != either["given_label"].astype(str)).to_numpy()
+    expected = dual["is_noisy"].to_numpy(bool) | mismatch
+    np.testing.assert_array_equal(either["is_noisy"].to_numpy(bool), expected)
+    assert mismatch.any() and expected.sum() > dual["is_noisy"].sum()  # the rule changed something here
+
+
 def test_truth_for_some_rows_only(tmp_path):
     root, labels, truth = make_dataset(tmp_path / "d", per_class=4)
     lines = truth.read_text().splitlines()
@@ -169,7 +182,8 @@ def test_truth_for_some_rows_only(tmp_path):
 @pytest.mark.parametrize(
     ("change", "option"),
     [({"warmup_epochs": 3, "epochs": 2}, "--warmup-epochs"), ({"threshold": 1.0}, "--threshold"),
-     ({"lr_schedule": "linear"}, "--lr-schedule"), ({"peft": "full"}, "--peft")],
+     ({"lr_schedule": "linear"}, "--lr-schedule"), ({"peft": "full"}, "--peft"),
+     ({"flag_rule": "any"}, "--flag-rule")],
 )  # fmt: skip
 def test_invalid_options_are_refused(change, option):
     with pytest.raises(ConfigError, match=option):
