@@ -89,6 +89,7 @@ def detect(
         backbone, manifest.prompt_names(), config, generator=torch.Generator().manual_seed(config.seed)
     )
     trunk = trunk_cache(net, data, 2 * config.batch_size) if net.caches_features else None
+    clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
     history = train_detector(net, data, config, trunk=trunk, reporter=reporter)
     clock["trained"] = time.perf_counter()
     scores = score_detector(net, data, config, trunk=trunk, reporter=reporter)

@@ -180,7 +180,7 @@ def run_summary(
         classes.append(
             {"id": cid, "name": name, "n": count, "flagged": hits, "noise_rate": hits / max(count, 1)}
         )
-    train_s = clock["trained"] - clock["prepared"]
+    train_s = clock["trained"] - clock["features"]
     summary: dict[str, Any] = {
         "n_rows": len(manifest),
         "n_scored": int(readable.sum()),
@@ -191,6 +191,7 @@ def run_summary(
         "epochs": history,
         "timings": {
             "prepare_s": clock["prepared"] - clock["start"],
+            "features_s": clock["features"] - clock["prepared"],
             "train_s": train_s,
             "score_s": clock["scored"] - clock["trained"],
             "total_s": time.perf_counter() - clock["start"],
