@@ -310,6 +310,8 @@ def _build(plan: _Plan, pretrained: str | None) -> Backbone:
         preprocess.update(offline.load_offline_towers(model))
     if plan.checkpoint:
         _load_checkpoint(model, plan.checkpoint, plan.name)
+    if is_conv(model.visual):  # NHWC weights: oneDNN and cuDNN run these convolutions about 2x faster
+        model.visual.to(memory_format=torch.channels_last)
     cfg = merge_preprocess_dict(PreprocessCfg(), {**preprocess, "size": model.visual.image_size})
     open_clip.set_model_preprocess_cfg(model, cfg)
     size = cfg["size"]
@@ -327,6 +329,11 @@ def _build(plan: _Plan, pretrained: str | None) -> Backbone:
         notes=plan.notes,
         embed_dim=int(plan.model_cfg["embed_dim"]),
     )
+
+
+def is_conv(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has real convolutions (kernel != stride; a ViT's patch embedding does not count)."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride for m in module.modules())
 
 
 def _instantiate(plan: _Plan) -> torch.nn.Module:

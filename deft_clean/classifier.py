@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deft_clean.backbone import is_conv
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig, from_dict, to_dict
 from deft_clean.errors import ConfigError
 from deft_clean.progress import Reporter, SilentReporter
@@ -158,11 +159,6 @@ def eval_features(
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device):
         return tower(x).float()
-
-
-def is_conv(module: nn.Module) -> bool:
-    """Whether ``module`` has real convolutions (kernel != stride; a ViT's patch embedding does not count)."""
-    return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in module.modules())
 
 
 def _square(image: Image.Image, size: int) -> np.ndarray:

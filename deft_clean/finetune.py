@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deft_clean.backbone import is_conv
 from deft_clean.classifier import (
     TUNE_MODES,
     Classifier,
@@ -31,7 +32,6 @@ from deft_clean.classifier import (
     changed_tower_keys,
     eval_features,
     evaluate,
-    is_conv,
     prepare_tower,
 )
 from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, split_options
