@@ -121,10 +121,10 @@ class Classifier:
     def _as_tensor(self, images: torch.Tensor | Sequence[Image.Image | str | Path]) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
             return images.unsqueeze(0) if images.dim() == 3 else images
-        from deft_clean.images import decode_square, to_rgb
+        from deft_clean.images import decode_square, square, to_rgb
 
         arrays = [
-            _square(to_rgb(item), self.image_size)
+            square(to_rgb(item), self.image_size)
             if isinstance(item, Image.Image)
             else decode_square(Path(item), self.image_size)
             for item in images
@@ -159,14 +159,6 @@ def eval_features(
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device):
         return tower(x).float()
-
-
-def _square(image: Image.Image, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 centre square of an RGB PIL image (for in-memory images)."""
-    width, height = image.size
-    side = min(width, height)
-    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
 
 
 def _autocast(device: torch.device) -> Any:

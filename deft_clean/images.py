@@ -133,8 +133,12 @@ def open_image(path: Path, *, draft: int | None = None) -> Image.Image:
 
 
 def decode_square(path: Path, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 of the image file at ``path``: see :func:`square`."""
+    return square(open_image(path, draft=size), size)
+
+
+def square(image: Image.Image, size: int) -> np.ndarray:
     """(size, size, 3) uint8: shorter side resized to ``size`` (bicubic, antialiased), centre crop."""
-    image = open_image(path, draft=size)
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
