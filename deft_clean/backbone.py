@@ -175,6 +175,11 @@ def _row(name: str, kind: str, model_cfg: dict[str, Any], aligned: bool, notes: 
     }
 
 
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; a disabled (fp32) context elsewhere. The one mixed-precision rule."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` → ``cuda`` when available, else ``cpu``; otherwise the named device, checked to exist."""
     if name == "auto":

@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deft_clean.backbone import is_conv
+from deft_clean.backbone import autocast, is_conv
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig, from_dict, to_dict
 from deft_clean.errors import ConfigError
 from deft_clean.progress import Reporter, SilentReporter
@@ -157,13 +157,8 @@ def eval_features(
     x = gpu_augment(images, mean=mean, std=std, out_size=size, train=False)
     if x.device.type == "cuda" and is_conv(tower):
         x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(x.device):
+    with autocast(x.device):
         return tower(x).float()
-
-
-def _autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA; a no-op context on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def changed_tower_keys(tower: nn.Module) -> list[str]:

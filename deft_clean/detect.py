@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from deft_clean.backbone import autocast
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, split_options
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.errors import ConfigError
@@ -200,11 +201,6 @@ def _free_gpu_bytes() -> int:
     return free
 
 
-def _autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA; a no-op on CPU (fp32)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def cosine_lr(base: float, progress: float) -> float:
     """Cosine decay from ``base`` at ``progress`` 0 towards 0 at ``progress`` 1."""
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -216,7 +212,7 @@ def trunk_cache(net: DeftModel, data: Batches, batch_size: int) -> torch.Tensor:
     parts = []
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
-        with _autocast(data.device):
+        with autocast(data.device):
             parts.append(net.trunk_features(data.images_at(index, train=False, generator=None)).float())
     return torch.cat(parts)
 
@@ -309,7 +305,7 @@ def _train_step(
 ) -> torch.Tensor:
     """One SGD step on samples ``index`` (B,); returns (4,) on the device: B·loss, B·ce, B·neg, #selected."""
     labels = data.labels[index.to(data.device, non_blocking=True)]
-    with _autocast(data.device):
+    with autocast(data.device):
         s_pos, s_neg = net.similarities(_features(net, data, index, trunk, train=True, generator=generator))
     s_pos, s_neg = s_pos.float(), s_neg.float()  # (B, K) each
     selected = None
@@ -349,7 +345,7 @@ def score_detector(
         for start in range(0, len(data), batch):
             index = torch.arange(start, min(start + batch, len(data)))
             labels = data.labels[index.to(data.device)]
-            with _autocast(data.device):
+            with autocast(data.device):
                 s_pos, s_neg = net.similarities(
                     _features(net, data, index, trunk, train=False, generator=None)
                 )

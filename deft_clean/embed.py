@@ -61,6 +61,7 @@ def embed_images(
     (``manifest.readable == False``) get the features of a black image; callers drop them.
     """
     from deft_clean.augment import gpu_augment
+    from deft_clean.backbone import autocast
     from deft_clean.data import load_manifest
     from deft_clean.images import build_image_cache
 
@@ -80,7 +81,7 @@ def embed_images(
             batch = gpu_augment(
                 batch, mean=backbone.mean, std=backbone.std, out_size=backbone.image_size, train=False
             )
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 features = tower(batch)  # (B, D)
             chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
             reporter.advance(len(batch))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deft_clean.backbone import is_conv
+from deft_clean.backbone import autocast, is_conv
 from deft_clean.classifier import (
     TUNE_MODES,
     Classifier,
@@ -339,7 +339,7 @@ def _train(
                     group["lr"] = cosine_lr(step, total_steps, cfg.lr)
                 idx = order[i * batch_size : (i + 1) * batch_size]
                 y = labels[idx]  # (B,)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with autocast(device):
                     vision_logits, text_logits = head(features_of(idx))  # (B, K), (B, K) or None
                 if text_logits is None:
                     loss = F.cross_entropy(vision_logits.float(), y)
