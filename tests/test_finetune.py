@@ -191,10 +191,8 @@ def test_lora_saves_only_adapters(colours: dict[str, Path], tmp_path: Path) -> N
     assert torch.allclose(result.classifier(batch), load_classifier(tmp_path, device="cpu")(batch), atol=1e-6)
 
 
-def test_cli_refuses_flags_from_another_input(colours: dict[str, Path], tmp_path: Path) -> None:
-    other_csv = tmp_path / "other.csv"
-    other_csv.write_text(colours["train_csv"].read_text().replace("blue/9.png,blue\n", ""))
-    flags = _flags(colours["train"], other_csv, tmp_path / "f.parquet", np.zeros(29, bool))
+def _refused_clean_only(colours: dict[str, Path], flags: Path, tmp_path: Path, *extra: str) -> str:
+    """Run ``finetune --flags FLAGS --clean-only`` expecting exit 1; returns the output on one line."""
     args = [
         "finetune",
         str(colours["train"]),
@@ -203,26 +201,23 @@ def test_cli_refuses_flags_from_another_input(colours: dict[str, Path], tmp_path
         str(flags),
         "--clean-only",
     ]
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "m"), "--model", "test-tiny"])
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "m"), *extra])
     assert result.exit_code == 1
-    text = " ".join(result.output.split())
+    return " ".join(result.output.split())
+
+
+def test_cli_refuses_flags_from_another_input(colours: dict[str, Path], tmp_path: Path) -> None:
+    other_csv = tmp_path / "other.csv"
+    other_csv.write_text(colours["train_csv"].read_text().replace("blue/9.png,blue\n", ""))
+    flags = _flags(colours["train"], other_csv, tmp_path / "f.parquet", np.zeros(29, bool))
+    text = _refused_clean_only(colours, flags, tmp_path, "--model", "test-tiny")
     assert "different input" in text and "fingerprint" in text and "29 rows" in text
     assert "deft-clean detect" in text
 
 
 def test_cli_refuses_all_noisy_flags(colours: dict[str, Path], tmp_path: Path) -> None:
     flags = _flags(colours["train"], colours["train_csv"], tmp_path / "f.parquet", np.ones(30, bool))
-    args = [
-        "finetune",
-        str(colours["train"]),
-        str(colours["train_csv"]),
-        "--flags",
-        str(flags),
-        "--clean-only",
-    ]
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "m")])
-    assert result.exit_code == 1
-    text = " ".join(result.output.split())
+    text = _refused_clean_only(colours, flags, tmp_path)
     assert "marks 30 of 30 readable rows noisy" in text and "--relabel" in text
 
 
