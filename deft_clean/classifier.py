@@ -106,7 +106,7 @@ class Classifier:
         images: torch.Tensor,
         *,
         batch_size: int = 256,
-        reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+        reporter: Reporter = SilentReporter(),
     ) -> np.ndarray:
         """Probabilities (N, K) float32 for a uint8 image cache (N, 3, S, S); one host copy at the end."""
         chunks = []
@@ -276,7 +276,7 @@ def evaluate(
     *,
     data_config: DataConfig = _PREDICT_DATA,
     batch_size: int = 256,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
 ) -> dict[str, Any]:
     """:func:`classification_metrics` of ``classifier`` on a labelled split (readable rows only)."""
     from deft_clean.images import build_image_cache
@@ -297,7 +297,7 @@ def predict(
     data_config: DataConfig = _PREDICT_DATA,
     batch_size: int = 256,
     device: str | None = None,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
 ) -> pd.DataFrame:
     """Class probabilities for every image of ``data_dir`` (ImageFolder, or ``labels_csv``).
 

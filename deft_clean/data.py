@@ -264,8 +264,8 @@ def load_manifest(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
     *,
-    config: DataConfig = DataConfig(),  # noqa: B008 (frozen)
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    config: DataConfig = DataConfig(),
+    reporter: Reporter = SilentReporter(),
 ) -> Manifest:
     """Read, validate (decoding every image once) and return the labelled image set.
 

@@ -49,7 +49,7 @@ def detect(
     out: str | Path | None = None,
     truth_csv: str | Path | None = None,
     save_model: str | Path | None = None,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
     **options: Any,
 ) -> pd.DataFrame:
     """Flag likely wrong labels in an image set; write and return the results (one row per input row).
@@ -238,7 +238,7 @@ def train_detector(
     config: DetectConfig,
     *,
     trunk: torch.Tensor | None = None,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
 ) -> list[dict[str, float]]:
     """Train prompts and tuning on the given labels; returns per-epoch dicts (loss, ce, neg, selected, img_s).
 
@@ -329,7 +329,7 @@ def score_detector(
     config: DetectConfig,
     *,
     trunk: torch.Tensor | None = None,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
 ) -> Scores:
     """Score every readable image once, un-augmented, with the final model (no training, no selection).
 

@@ -52,7 +52,7 @@ def embed_images(
     pooled: bool = False,
     cache_dir: Path | None = None,
     num_workers: int = 0,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
 ) -> np.ndarray:
     """L2-normalised image features, float32 (N, D), rows in the manifest's input order.
 
@@ -96,7 +96,7 @@ def embed(
     out: str | Path | None = None,
     pooled: bool = False,
     batch_size: int = 256,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
     **options: Any,
 ) -> np.ndarray:
     """Read and validate a labelled image set, build the backbone, return :func:`embed_images` (N, D).

@@ -62,7 +62,7 @@ def finetune(
     out: str | Path | None = None,
     test_dir: str | Path | None = None,
     test_csv: str | Path | None = None,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
     **options: Any,
 ) -> FinetuneResult:
     """Train a classifier on ``data_dir`` (rows a ``flags`` file marks clean, or all rows).

@@ -192,7 +192,7 @@ def build_image_cache(
     cache_dir: Path | None = None,
     num_workers: int = 0,
     in_memory: bool | None = None,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
 ) -> torch.Tensor:
     """Decode every image once into a uint8 tensor of shape (N, 3, size, size), on the CPU.
 

@@ -169,7 +169,7 @@ def find_problems(
     on_bad_image: str = "error",
     max_pixels: int | None = None,
     num_workers: int | None = None,
-    reporter: Reporter = SilentReporter(),  # noqa: B008 (stateless)
+    reporter: Reporter = SilentReporter(),
 ) -> Findings:
     """Check every row at once; return all problems (row-ordered) and the readable mask.
 
