@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--tune", default="linear")
     parser.add_argument("--deft-opts", default="peft=none", help="detect() options, key=value,...")
     parser.add_argument(
+        "--flags", type=Path, default=None, help="Reuse this detect results file (same data and noise)."
+    )
+    parser.add_argument(
         "--finetune-opts", default="epochs=10,lr=0.5", help="finetune() options, key=value,..."
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -74,8 +77,9 @@ def main() -> None:
     common = {"classes_file": str(data.classes_file), "seed": args.seed, **backbone}
     work = args.cache_dir / f"finetune-compare-{data.root.name}"
     started = time.perf_counter()
-    flags = work / "flags.parquet"
-    detect(data.root, noisy.labels_csv, out=flags, **common, **parse_options(args.deft_opts))
+    flags = args.flags or work / "flags.parquet"
+    if args.flags is None:
+        detect(data.root, noisy.labels_csv, out=flags, **common, **parse_options(args.deft_opts))
     detect_s = time.perf_counter() - started
 
     runs = {
@@ -99,8 +103,8 @@ def main() -> None:
 
     record = {
         "dataset": data.root.name, "noise": f"sym:{args.noise}", "n_test": args.test, "tune": args.tune,
-        "backbone": backbone, "deft_opts": args.deft_opts, "finetune_opts": args.finetune_opts,
-        "detect_s": detect_s, "rows": rows,
+        "backbone": backbone, "deft_opts": args.deft_opts, "flags": args.flags,
+        "finetune_opts": args.finetune_opts, "detect_s": detect_s, "rows": rows,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"finetune-compare_{data.root.name}_sym-{args.noise}_{args.tune}_{args.model}.json"

@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,7 +75,7 @@ class Context:
         """Frozen features (N, D), cached, and what they cost ({'feature_s', 'feature_peak_gpu_mb'})."""
         bcfg = self.backbone_config
         key = hashlib.sha1(f"{bcfg.model}|{bcfg.pretrained}".encode()).hexdigest()[:8]
-        stem = f"features-{_slug(bcfg.model)}-{key}-{'pooled' if pooled else 'embed'}"
+        stem = f"features-{slug(bcfg.model)}-{key}-{'pooled' if pooled else 'embed'}"
         npy, meta = self.dataset.root / f"{stem}.npy", self.dataset.root / f"{stem}.json"
         if npy.is_file() and meta.is_file():
             return np.load(npy), json.loads(meta.read_text())
@@ -92,8 +90,9 @@ class Context:
         return features, summary
 
 
-def _slug(text: str | None) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))[-40:]
+def slug(text: str | None) -> str:
+    """A file-name-safe form of ``text``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
 
 
 class _measure:
@@ -196,17 +195,20 @@ def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
 
     bcfg = ctx.backbone_config
     options = {"seed": ctx.seed, **ctx.deft_options}
-    with tempfile.TemporaryDirectory() as tmp:
-        frame = detect(
-            ctx.dataset.root,
-            noisy.labels_csv,
-            out=Path(tmp) / "flags.parquet",
-            model=bcfg.model,
-            pretrained=bcfg.pretrained,
-            device=bcfg.device,
-            classes_file=str(ctx.dataset.classes_file),
-            **options,
-        )
+    # Kept beside the materialised dataset (the cache, not the results): other rules and thresholds
+    # can be read from the same run later, and finetune_compare can reuse it (--flags).
+    tag = slug(",".join(f"{k}={v}" for k, v in sorted(ctx.deft_options.items())) or "defaults")
+    out = ctx.dataset.root / "deft-flags" / f"{noisy.labels_csv.stem}_{slug(bcfg.model)}_{tag}.parquet"
+    frame = detect(
+        ctx.dataset.root,
+        noisy.labels_csv,
+        out=out,
+        model=bcfg.model,
+        pretrained=bcfg.pretrained,
+        device=bcfg.device,
+        classes_file=str(ctx.dataset.classes_file),
+        **options,
+    )
     if "path" in frame.columns:  # align on path in case the tool reorders rows
         frame = frame.set_index("path").loc[list(ctx.dataset.paths)].reset_index()
     flags = frame["is_noisy"].to_numpy(dtype=bool)

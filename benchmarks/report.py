@@ -4,7 +4,8 @@
     python -m benchmarks.report benchmarks/results/*.json --out table.md  # also write to a file
 
 Within a setting, rows follow the method order of ``ORDER``; a record that did not run shows its status.
-When several records share a setting and method (re-runs), the newest (``created``) wins.
+When several records share a setting, method and variant (re-runs), the newest (``created``) wins. A
+variant (the run's ``--deft-opts``/``--finetune-opts``) shows in brackets after the method name.
 """
 
 from __future__ import annotations
@@ -51,11 +52,24 @@ def _setting(record: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
+def variant(record: dict[str, Any]) -> str:
+    """The options that tell runs of one method apart; older records carry them only in ``options``."""
+    if "variant" in record:
+        return record["variant"]
+    options = dict(record.get("options", {}).get("deft_options", {}))
+    options.pop("seed", None)
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+def _label(record: dict[str, Any]) -> str:
+    return record["method"] + (f" [{variant(record)}]" if variant(record) else "")
+
+
 def _latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per (setting, method, seed): the newest."""
+    """One record per (setting, method, variant, seed): the newest."""
     best: dict[tuple, dict[str, Any]] = {}
     for record in sorted(records, key=lambda r: r.get("created", "")):
-        best[(*_setting(record), record["method"], record["seed"])] = record
+        best[(*_setting(record), record["method"], variant(record), record["seed"])] = record
     return list(best.values())
 
 
@@ -66,7 +80,13 @@ def markdown_tables(records: Iterable[dict[str, Any]]) -> str:
         groups.setdefault(_setting(record), []).append(record)
     parts = []
     for (dataset, n, noise, backbone), rows in sorted(groups.items()):
-        rows.sort(key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER), r["seed"]))
+        rows.sort(
+            key=lambda r: (
+                ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER),
+                variant(r),
+                r["seed"],
+            )
+        )
         rate = rows[0]["noise_rate"]
         lines = [
             f"### {dataset}, n = {n}, noise {noise} (measured rate {rate:.3f}), backbone {backbone}",
@@ -76,9 +96,9 @@ def markdown_tables(records: Iterable[dict[str, Any]]) -> str:
         ]
         for r in rows:
             if r["status"] != "ok":
-                cells = [r["method"], r["status"]] + [""] * (len(COLUMNS) - 2)
+                cells = [_label(r), r["status"]] + [""] * (len(COLUMNS) - 2)
             else:
-                cells = [_cell(key, r.get(key)) for key, _ in COLUMNS]
+                cells = [_label(r)] + [_cell(key, r.get(key)) for key, _ in COLUMNS[1:]]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"

@@ -24,7 +24,7 @@ import torch
 
 from benchmarks import datasets
 from benchmarks.baselines import cross_val_probs
-from benchmarks.methods import METHODS, Context, Row, measure
+from benchmarks.methods import METHODS, Context, Row, measure, slug
 from benchmarks.metrics import detection_metrics
 from benchmarks.report import markdown_tables
 from deft_clean.config import BackboneConfig
@@ -148,6 +148,7 @@ def make_record(args: argparse.Namespace, noisy: datasets.NoisySet, row: Row, co
         "noise": noisy.noise,
         "noise_rate": float(noisy.truth.mean()),
         "method": row.method,
+        "variant": _variant(args, row.method),
         "status": row.status,
         "backbone": {"model": args.model, "pretrained": args.pretrained, "device": args.device},
         "seed": args.seed,
@@ -166,6 +167,15 @@ def make_record(args: argparse.Namespace, noisy: datasets.NoisySet, row: Row, co
     }
 
 
+def _variant(args: argparse.Namespace, method: str) -> str:
+    """The user's options for a trained method (``--deft-opts``/``--finetune-opts``); '' for the others."""
+    if method.startswith("deft"):
+        return args.deft_opts or ""
+    if method.startswith("ce-"):
+        return args.finetune_opts or ""
+    return ""
+
+
 def run_method(ctx: Context, noisy: datasets.NoisySet, name: str) -> list[tuple[Row, dict]]:
     """Run one method, timed; a failure becomes a row whose status carries the error."""
     with measure() as cost:
@@ -181,9 +191,10 @@ def write_record(record: dict[str, Any], results_dir: Path) -> Path:
     subset = record["subset"] or "all"
     noise = record["noise"].replace(":", "-").replace("/", "_")
     model = Path(str(record["backbone"]["model"])).name
+    variant = f"_{slug(record['variant'])}" if record.get("variant") else ""
     path = (
         results_dir
-        / f"{record['dataset']}-{subset}_{noise}_{record['method']}_{model}_s{record['seed']}.json"
+        / f"{record['dataset']}-{subset}_{noise}_{record['method']}{variant}_{model}_s{record['seed']}.json"
     )
     path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     return path

@@ -9,6 +9,9 @@ The goal is (b) ≥ 70% of (a). Images are synthetic (speed does not depend on p
 weight values, so random-weight architectures are fine)::
 
     python -m benchmarks.throughput --model ViT-B-16 --n 50000 --epochs 2 --device cuda
+
+``--ceiling-batches 256`` adds ceilings at other batch sizes; the default batch is timed with cuDNN
+autotuning off and on (before/after of ``backbone.cuda_autotune``).
 """
 
 from __future__ import annotations
@@ -49,9 +52,15 @@ def write_images(root: Path, n: int, *, classes: int = 10, size: int = 32, seed:
     return csv
 
 
-def ceiling(backbone_config: BackboneConfig, config: DetectConfig, *, classes: int, steps: int) -> float:
-    """Images/s of training steps on a batch resident on the device (augmentation included)."""
+def ceiling(
+    backbone_config: BackboneConfig, config: DetectConfig, *, classes: int, steps: int, autotune: bool = True
+) -> float:
+    """Images/s of training steps on a batch resident on the device (augmentation included).
+
+    ``autotune``: cuDNN kernel autotuning on (what ``detect`` uses) or off (the figure before it).
+    """
     device = resolve_device(backbone_config.device)
+    torch.manual_seed(0)
     backbone = load_backbone(backbone_config)
     backbone.model.to(device)
     size, batch = backbone.image_size, config.batch_size
@@ -69,14 +78,37 @@ def ceiling(backbone_config: BackboneConfig, config: DetectConfig, *, classes: i
         for _ in range(count):
             _train_step(net, data, index, None, optimizer, config, warm=False, generator=generator)
 
-    run(5)  # warm-up: kernels, autotuning, allocator
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = autotune
+    try:
+        run(5)  # warm-up: kernels, autotuning, allocator
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run(steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * batch / (time.perf_counter() - started)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def end_to_end(args: argparse.Namespace, batch_size: int) -> dict:
+    """``detect`` on ``args.n`` synthetic JPEGs: per-epoch images/s, wall time and its phases."""
+    csv = write_images(args.workdir / f"n{args.n}", args.n)
     started = time.perf_counter()
-    run(steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - started)
+    frame = detect(
+        csv.parent, csv, out=args.workdir / "flags.parquet", model=args.model, pretrained=args.pretrained,
+        device=args.device, peft=args.peft, batch_size=batch_size, epochs=args.epochs,
+        warmup_epochs=1, num_workers=args.num_workers,
+    )  # fmt: skip
+    epochs = frame.attrs["detect"]["epochs"]
+    return {
+        "n": args.n,
+        "epoch_img_s": [round(e["img_s"], 1) for e in epochs],
+        "wall_s": round(time.perf_counter() - started, 1),
+        "timings": frame.attrs["detect"].get("timings"),
+    }
 
 
 def main() -> None:
@@ -86,35 +118,39 @@ def main() -> None:
     parser.add_argument("--model", default="offline")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--peft", default="lora")
-    parser.add_argument("--n", type=int, default=50_000, help="Images for the end-to-end run.")
+    parser.add_argument("--n", type=int, default=50_000, help="Images for the end-to-end run (0: skip it).")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=DetectConfig.batch_size)
+    parser.add_argument(
+        "--ceiling-batches", default="", help="Extra batch sizes for the ceiling alone, e.g. '256,512'."
+    )
     parser.add_argument("--steps", type=int, default=50, help="Timed steps for the ceiling.")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, default=0, help="Decode threads (0: one per core).")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/deft-throughput"))
     parser.add_argument("--json", type=Path, default=None, help="Write the record here too.")
     args = parser.parse_args()
 
     backbone_config = BackboneConfig(model=args.model, pretrained=args.pretrained, device=args.device)
-    config = DetectConfig(peft=args.peft, batch_size=args.batch_size, epochs=args.epochs, warmup_epochs=1)
-    ceiling_img_s = ceiling(backbone_config, config, classes=10, steps=args.steps)
-    csv = write_images(args.workdir / f"n{args.n}", args.n)
-    started = time.perf_counter()
-    frame = detect(
-        csv.parent, csv, out=args.workdir / "flags.parquet", model=args.model, pretrained=args.pretrained,
-        device=args.device, peft=args.peft, batch_size=args.batch_size, epochs=args.epochs,
-        warmup_epochs=1, num_workers=16,
-    )  # fmt: skip
-    wall = time.perf_counter() - started
-    epochs = frame.attrs["detect"]["epochs"]
-    train_img_s = max(e["img_s"] for e in epochs)
-    record = {
-        "model": args.model, "peft": args.peft, "batch_size": args.batch_size, "n": args.n,
+    record: dict = {
+        "model": args.model, "peft": args.peft, "batch_size": args.batch_size, "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "ceiling_img_s": round(ceiling_img_s, 1), "e2e_epoch_img_s": [round(e["img_s"], 1) for e in epochs],
-        "e2e_wall_s": round(wall, 1), "e2e_over_ceiling": round(train_img_s / ceiling_img_s, 3),
-        "timings": frame.attrs["detect"].get("timings"), "torch": torch.__version__,
     }  # fmt: skip
+    ceilings = {}
+    batches = [args.batch_size] + [int(b) for b in args.ceiling_batches.split(",") if b.strip()]
+    for batch in batches:
+        config = DetectConfig(peft=args.peft, batch_size=batch, epochs=args.epochs, warmup_epochs=1)
+        for autotune in (False, True) if batch == args.batch_size else (True,):
+            key = f"b{batch}" + ("" if autotune else "_no_autotune")
+            ceilings[key] = round(
+                ceiling(backbone_config, config, classes=10, steps=args.steps, autotune=autotune), 1
+            )
+            print(f"ceiling {args.model} {args.peft} {key}: {ceilings[key]} img/s", flush=True)
+    record["ceiling_img_s"] = ceilings
+    if args.n > 0:
+        e2e = end_to_end(args, args.batch_size)
+        e2e["over_ceiling"] = round(max(e2e["epoch_img_s"]) / ceilings[f"b{args.batch_size}"], 3)
+        record["end_to_end"] = e2e
     print(json.dumps(record))
     if args.json is not None:
         args.json.write_text(json.dumps(record, indent=1))

@@ -75,9 +75,9 @@ class DetectConfig:
     strict: bool = _opt(False, "Also require the given label to be the argmax of p_clean (real-world noise).")
     threshold: float = _opt(0.5, "A sample is clean when p_clean of its given label exceeds this.")
     flag_rule: str = _opt(
-        "dual",
-        "Final flags: 'dual' (the paper's rule above) or 'either' (also flag rows whose positive prompts "
-        "predict another class; more recall on unaligned backbones, see docs/benchmarks.md).",
+        "either",
+        "Final flags: 'either' (the dual-prompt rule above, or the positive prompts predict another class) "
+        "or 'dual' (the paper's rule alone: more precise, fewer caught; see docs/benchmarks.md).",
     )
     seed: int = _opt(0, "Random seed.")
     num_workers: int = _opt(0, "Threads decoding images for the one-time cache (0: one per CPU core).")

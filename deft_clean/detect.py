@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deft_clean.backbone import autocast
+from deft_clean.backbone import autocast, cuda_autotune, is_conv
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, split_options
 from deft_clean.deft_model import DeftModel, save_detector
-from deft_clean.errors import ConfigError
+from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.scoring import (
     Scores,
@@ -36,6 +36,7 @@ from deft_clean.scoring import (
     result_frame,
     run_summary,
     select_clean,
+    training_failure,
 )
 
 DEFAULT_OUT = "deft_results.parquet"
@@ -89,12 +90,22 @@ def detect(
     net = DeftModel(
         backbone, manifest.prompt_names(), config, generator=torch.Generator().manual_seed(config.seed)
     )
-    trunk = trunk_cache(net, data, 2 * config.batch_size) if net.caches_features else None
-    clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
-    history = train_detector(net, data, config, trunk=trunk, reporter=reporter)
-    clock["trained"] = time.perf_counter()
-    scores = score_detector(net, data, config, trunk=trunk, reporter=reporter)
-    clock["scored"] = time.perf_counter()
+    with cuda_autotune(device, enabled=is_conv(backbone.model.visual)):
+        trunk = trunk_cache(net, data, 2 * config.batch_size) if net.caches_features else None
+        clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
+        history = train_detector(net, data, config, trunk=trunk, reporter=reporter)
+        clock["trained"] = time.perf_counter()
+        scores = score_detector(net, data, config, trunk=trunk, reporter=reporter)
+        clock["scored"] = time.perf_counter()
+    failure = training_failure(
+        history, scores.predicted, data.labels_np, collapse=not backbone.random_weights
+    )
+    if failure is not None:
+        raise TrainingError(
+            f"DeFT training failed: {failure}. No results were written.",
+            hint=f"Lower --lr (this run: {config.lr}) or use more --warmup-epochs; "
+            "with a larger --batch-size, raise --lr less than in proportion.",
+        )
 
     frame = result_frame(manifest, rows, scores)
     summary = run_summary(manifest, frame, history, clock, device, backbone, truth)

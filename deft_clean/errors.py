@@ -77,3 +77,7 @@ class MissingExtraError(DeftCleanError):
             f"{purpose} needs the package '{package}', which is not installed.",
             hint=f"Install it with: pip install 'deft-clean[{extra}]'",
         )
+
+
+class TrainingError(DeftCleanError):
+    """Training produced a model that cannot be trusted (diverged or collapsed); nothing is written."""

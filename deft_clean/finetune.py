@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deft_clean.backbone import autocast, is_conv
+from deft_clean.backbone import autocast, cuda_autotune, is_conv
 from deft_clean.classifier import (
     TUNE_MODES,
     Classifier,
@@ -92,7 +92,8 @@ def finetune(
         _feature_dim(tower, backbone.image_size, device), len(manifest.class_ids), texts, fcfg.tau
     )
     cache = _load_images(manifest, backbone.image_size, fcfg, reporter)[torch.from_numpy(rows)]
-    _train(tower, head.to(device), cache, torch.from_numpy(labels), backbone, fcfg, reporter)
+    with cuda_autotune(device, enabled=is_conv(tower)):
+        _train(tower, head.to(device), cache, torch.from_numpy(labels), backbone, fcfg, reporter)
     info = build_info(backbone, bcfg, fcfg, manifest)
     info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}
     info["training"].update(fingerprint=manifest.fingerprint, flags=None if flags is None else str(flags))

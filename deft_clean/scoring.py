@@ -90,6 +90,36 @@ def deft_loss(
     return ce + neg, ce, neg
 
 
+COLLAPSE_SHARE = 0.98  # the final model's top predicted class covering this share of the rows ...
+COLLAPSE_GIVEN_MAX = 0.5  # ... while no given label covers more than this share: a collapsed model
+
+
+def training_failure(
+    history: list[dict[str, float]], predicted: np.ndarray, given: np.ndarray, *, collapse: bool = True
+) -> str | None:
+    """Why the trained detector cannot be trusted, or None: a non-finite loss, or collapsed predictions.
+
+    A too-high learning rate can send the tuned tower to a constant feature: every image then gets the
+    same predicted class and its flags only echo the class sizes (seen on the GPU with LoRA at
+    lr 0.12). Such a run must fail loudly rather than write confident-looking nonsense.
+    ``predicted`` and ``given`` are (N,) class indices of the scored rows. ``collapse=False`` skips
+    the prediction check (random-weight backbones have near-constant features from the start).
+    """
+    for record in history:
+        if not np.isfinite(record["loss"]):
+            return f"the training loss became {record['loss']} in epoch {record['epoch']}"
+    if not collapse or len(given) < 20:  # too few rows to call a concentrated prediction a collapse
+        return None
+    top_predicted = np.bincount(predicted).max() / len(predicted)
+    top_given = np.bincount(given).max() / len(given)
+    if top_predicted >= COLLAPSE_SHARE and top_given <= COLLAPSE_GIVEN_MAX:
+        return (
+            f"the trained model predicts one class for {top_predicted:.1%} of the images, although no given "
+            f"label covers more than {top_given:.1%} of them (the image features collapsed)"
+        )
+    return None
+
+
 def noise_rank(p_clean: np.ndarray, margin: np.ndarray) -> np.ndarray:
     """A total order, 1 = most likely mislabelled: ``p_clean`` ascending, ties by ``margin`` ascending.
 

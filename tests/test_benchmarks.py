@@ -296,8 +296,8 @@ def test_a_failing_method_becomes_an_error_row(monkeypatch: pytest.MonkeyPatch) 
 
 
 RECORD_FIELDS = set(
-    "dataset subset n noise noise_rate method status backbone seed precision recall f1 auroc auprc n_flagged "
-    "n_noisy wall_s feature_s images_per_s peak_gpu_mb gpu host options versions created".split()
+    "dataset subset n noise noise_rate method variant status backbone seed precision recall f1 auroc auprc "
+    "n_flagged n_noisy wall_s feature_s images_per_s peak_gpu_mb gpu host options versions created".split()
 )
 
 
@@ -332,6 +332,12 @@ def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
         assert record["wall_s"] > 0 and record["images_per_s"] > 0
         assert record["versions"]["cleanlab"] and record["versions"]["torch"]
     assert records["small-loss"]["n_flagged"] == 80  # the oracle rate
+    # trained methods record the options they ran with, and the file name tells variants apart
+    assert records["deft"]["variant"].startswith("epochs=1,") and records["cleanlab"]["variant"] == ""
+    names = sorted(p.name for p in (tmp_path / "res").glob("*_deft_*.json"))
+    assert names == [
+        "cifar10-200_sym-0.4_deft_epochs_1_warmup_epochs_0_batch_size_32_num_workers_1_test-tiny_s0.json"
+    ]
 
 
 def test_zero_shot_runs_on_an_aligned_backbone(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from deft_clean.config import BackboneConfig, DetectConfig
 from deft_clean.data import load_manifest
 from deft_clean.deft_model import load_detector
 from deft_clean.detect import Batches, check_config, default_out, detect, score_detector
-from deft_clean.errors import ConfigError
+from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.images import build_image_cache
 from deft_clean.results import COLUMNS, read_results
 
@@ -234,3 +234,12 @@ def test_cli_detect_reports_bad_options(tmp_path):
         app, ["detect", str(root), str(labels), "--model", "test-tiny", "--epochs", "0"]
     )
     assert result.exit_code == 1 and "--epochs 0 is invalid" in result.output
+
+
+def test_diverged_training_fails_loudly_and_writes_nothing(tmp_path):
+    root, labels, _ = make_dataset(tmp_path / "d", per_class=4)
+    out = tmp_path / "r.parquet"
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*No results were written.") as caught:
+        detect(root, labels, out=out, **{**QUICK, "lr": 1e30})
+    assert "Lower --lr (this run: 1e+30)" in caught.value.hint
+    assert not out.exists()

@@ -16,6 +16,7 @@ from deft_clean.scoring import (
     noise_rank,
     select_clean,
     suggest_labels,
+    training_failure,
 )
 
 S_POS = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
@@ -155,3 +156,26 @@ def test_flag_metrics():
     )
     empty = flag_metrics(np.zeros(3, bool), np.zeros(3, bool))
     assert (empty["precision"], empty["recall"], empty["f1"]) == (0.0, 0.0, 0.0)
+
+
+def _history(*losses: float) -> list[dict[str, float]]:
+    return [{"epoch": i + 1, "loss": loss} for i, loss in enumerate(losses)]
+
+
+def test_training_failure_names_a_non_finite_loss():
+    given = np.arange(100) % 10
+    assert "nan in epoch 2" in training_failure(_history(1.0, float("nan")), given, given)
+
+
+def test_training_failure_names_collapsed_predictions_on_spread_labels():
+    given = np.arange(100) % 10  # 10% per class
+    reason = training_failure(_history(1.0), np.zeros(100, np.int64), given)
+    assert "one class for 100.0% of the images" in reason and "10.0%" in reason
+    assert training_failure(_history(1.0), np.zeros(100, np.int64), given, collapse=False) is None
+
+
+def test_training_failure_accepts_healthy_and_dominant_class_runs():
+    given = np.arange(100) % 10
+    assert training_failure(_history(2.0, 1.0), given, given) is None
+    mostly_zero = np.where(np.arange(100) < 97, 0, 1)  # a real 97% class: predicting it is not a collapse
+    assert training_failure(_history(1.0), np.zeros(100, np.int64), mostly_zero) is None
