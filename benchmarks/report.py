@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-ORDER = ("deft", "cleanlab", "knn", "small-loss", "ce-gmm", "ce-mismatch", "zero-shot")
+ORDER = ("deft", "deft-mismatch", "cleanlab", "knn", "small-loss", "ce-gmm", "ce-mismatch", "zero-shot")
 COLUMNS = (
     ("method", "method"),
     ("f1", "F1"),

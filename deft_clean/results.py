@@ -42,8 +42,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "is_noisy": (
         "boolean",
         "True when the given label is judged wrong: p_clean <= --threshold (with --strict, also when "
-        "another class has a higher p_clean; with --flag-rule either, also when predicted_label differs). "
-        "NA for unreadable rows.",
+        "another class has a higher p_clean) or, with the default --flag-rule either, predicted_label "
+        "differs from it (--flag-rule dual: the p_clean rule alone). NA for unreadable rows.",
     ),
     "p_clean": (
         "float32",
