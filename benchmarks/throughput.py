@@ -147,13 +147,19 @@ def main() -> None:
             )
             print(f"ceiling {args.model} {args.peft} {key}: {ceilings[key]} img/s", flush=True)
     record["ceiling_img_s"] = ceilings
+    write_record(record, args.json)  # now and again after the long part: a time limit loses only that
     if args.n > 0:
         e2e = end_to_end(args, args.batch_size)
         e2e["over_ceiling"] = round(max(e2e["epoch_img_s"]) / ceilings[f"b{args.batch_size}"], 3)
         record["end_to_end"] = e2e
-    print(json.dumps(record))
-    if args.json is not None:
-        args.json.write_text(json.dumps(record, indent=1))
+        write_record(record, args.json)
+
+
+def write_record(record: dict, path: Path | None) -> None:
+    """Print the record as one JSON line and, with ``--json``, (over)write it to ``path``."""
+    print(json.dumps(record), flush=True)
+    if path is not None:
+        path.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

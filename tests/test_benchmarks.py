@@ -356,3 +356,23 @@ def test_zero_shot_runs_on_an_aligned_backbone(tmp_path: Path) -> None:
     assert row.status == "ok" and row.detection.flags.shape == (40,)
     assert np.all((row.detection.scores >= 0) & (row.detection.scores <= 1))
     assert list(ds.root.glob("features-test-tiny-*-embed.npy"))  # the projected embeddings were cached
+
+
+def test_throughput_record_compares_end_to_end_with_the_ceiling(tmp_path: Path, monkeypatch) -> None:
+    """The script's arithmetic on a tiny CPU run: ceilings before/after autotune, e2e over ceiling."""
+    from benchmarks import throughput
+
+    out = tmp_path / "t.json"
+    argv = ["throughput", "--model", "test-tiny", "--device", "cpu", "--n", "60", "--epochs", "1",
+            "--batch-size", "8", "--ceiling-batches", "16", "--steps", "2", "--num-workers", "1",
+            "--workdir", str(tmp_path / "w"), "--json", str(out)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    throughput.main()
+    record = json.loads(out.read_text())
+    assert set(record["ceiling_img_s"]) == {"b8_no_autotune", "b8", "b16"}
+    assert all(v > 0 for v in record["ceiling_img_s"].values())
+    e2e = record["end_to_end"]
+    assert e2e["n"] == 60 and len(e2e["epoch_img_s"]) == 1
+    assert e2e["over_ceiling"] == pytest.approx(
+        e2e["epoch_img_s"][0] / record["ceiling_img_s"]["b8"], abs=2e-3
+    )
