@@ -53,17 +53,26 @@ def feature_tower(backbone: Any) -> nn.Module:
     return tower if isinstance(tower, nn.Module) else backbone.model.visual
 
 
-def prepare_tower(backbone: Any, config: FinetuneConfig) -> nn.Module:
+def prepare_tower(
+    backbone: Any, config: FinetuneConfig, lora_targets: Sequence[str] | None = None
+) -> nn.Module:
     """The feature tower with requires_grad set for ``config.tune`` (LoRA via ``adapters.apply_peft``).
 
     ``config.tune`` is one of :data:`TUNE_MODES` (checked by ``finetune``). 'full' trains every tower
-    parameter, 'lora' adds peft LoRA on ``backbone.lora_targets`` (plus the backbone's ``always_train``
-    parameters), 'linear' freezes the tower. The text tower never trains.
+    parameter, 'lora' adds peft LoRA on ``lora_targets`` (default: ``backbone.lora_targets``; a saved
+    classifier passes the ones it was trained with) plus the backbone's ``always_train`` parameters,
+    'linear' freezes the tower. The text tower never trains.
     """
     from deft_clean.adapters import apply_peft
 
     peft = "lora" if config.tune == "lora" else "none"
-    apply_peft(backbone, DetectConfig(peft=peft, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha))
+    targets = ",".join(lora_targets) if lora_targets else None
+    apply_peft(
+        backbone,
+        DetectConfig(
+            peft=peft, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_targets=targets
+        ),
+    )
     tower = feature_tower(backbone)
     if config.tune != "lora":
         tower.requires_grad_(config.tune == "full")
@@ -183,6 +192,7 @@ def build_info(backbone: Any, bcfg: BackboneConfig, fcfg: FinetuneConfig, manife
         "image_size": int(backbone.image_size),
         "mean": [float(v) for v in backbone.mean],
         "std": [float(v) for v in backbone.std],
+        "lora_targets": list(backbone.lora_targets) if fcfg.tune == "lora" else None,
     }
 
 
@@ -211,7 +221,7 @@ def load_classifier(model_dir: str | Path, *, device: str | None = None) -> Clas
     bvalues = dict(info["backbone"], **({"device": device} if device else {}))
     bcfg, fcfg = from_dict(BackboneConfig, bvalues), from_dict(FinetuneConfig, info["finetune"])
     backbone = build_backbone(bcfg, seed=fcfg.seed)
-    tower = prepare_tower(backbone, fcfg)
+    tower = prepare_tower(backbone, fcfg, lora_targets=info.get("lora_targets"))
     tower_state = load_file(str(folder / _TOWER_FILE))
     missing = set(tower_state) - set(tower.state_dict())
     if missing:

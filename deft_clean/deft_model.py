@@ -19,6 +19,7 @@ source; random ``test-tiny`` weights are re-drawn from the saved seed) and loads
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -113,6 +114,10 @@ def save_detector(
     """Write the learned prompts and adapters with the configs (layout in the module docstring)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if net.tuning.peft_model is not None and not detect_config.lora_targets:
+        # record the targets this run used, so a later change of the backbone's defaults cannot break loading
+        targets = sorted(net.tuning.peft_model.peft_config["default"].target_modules)
+        detect_config = dataclasses.replace(detect_config, lora_targets=",".join(targets))
     torch.save({k: v.detach().cpu() for k, v in net.prompts.state_dict().items()}, directory / "prompts.pt")
     files = ["prompts.pt", *save_tuning(net.tuning, net.model, directory)]
     from deft_clean import __version__

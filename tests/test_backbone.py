@@ -100,7 +100,7 @@ def test_list_backbones_rows():
     rows = {row["name"]: row for row in list_backbones()}
     assert {"offline", "test-tiny", "ViT-B-32"} <= rows.keys()
     assert rows["offline"]["aligned"] is False and "NOT aligned" in rows["offline"]["notes"]
-    assert rows["offline"]["lora_targets"] == "conv_pw, conv_pwl, conv_head"
+    assert rows["offline"]["lora_targets"] == "conv_pw/conv_pwl of the last 3 stages, conv_head"
     assert rows["ViT-B-32"]["image_size"] == 224 and "laion2b_s34b_b79k" in rows["ViT-B-32"]["notes"]
 
 
@@ -136,8 +136,12 @@ def test_lora_on_test_tiny_forward_and_only_lora_trains():
 def test_lora_on_offline_conv_tower(offline_backbone):
     backbone = load_backbone(BackboneConfig(model="offline"))
     wrapped, lora_layers, trainable = _lora_wrap(backbone)
-    assert len(lora_layers) > 20 and all("lora_" in n for n in trainable)
-    assert any(n.endswith("conv_head") for n in lora_layers)
+    assert all("lora_" in n for n in trainable)
+    # the 1x1 convs of stages 4-6 of 7 (4 + 5 + 1 blocks, two convs each) and conv_head; none earlier
+    wrapped_names = [n for n in lora_layers if "lora_" not in n]
+    stages = [n.split("blocks.")[1].split(".")[0] for n in wrapped_names if "blocks." in n]
+    assert sorted(set(stages)) == ["4", "5", "6"] and len(stages) == 20
+    assert sum(n.endswith("trunk.conv_head") for n in wrapped_names) == 1
     assert wrapped(torch.rand(1, 3, 224, 224)).shape == (1, 384)
 
 

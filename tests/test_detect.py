@@ -147,6 +147,8 @@ def test_lora_detector_saves_and_reloads(tmp_path):
     assert {p.name for p in (tmp_path / "det").iterdir()} == {"detector.json", "prompts.pt", "lora"}
     net, meta = load_detector(tmp_path / "det")
     assert meta["class_ids"] == sorted(COLOURS) and meta["configs"]["detect"]["peft"] == "lora"
+    saved_targets = meta["configs"]["detect"]["lora_targets"].split(",")  # the defaults, written out
+    assert sorted(saved_targets) == sorted(load_backbone(BackboneConfig(model="test-tiny")).lora_targets)
     lora = [p for n, p in net.model.named_parameters() if "lora_B" in n]
     assert lora and any(p.abs().sum() > 0 for p in lora)  # trained (B starts at zero) and reloaded
     manifest = load_manifest(root, labels)

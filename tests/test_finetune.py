@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,8 @@ def test_lora_saves_only_adapters(colours: dict[str, Path], tmp_path: Path) -> N
     assert keys and all("lora_" in k for k in keys)
     batch = torch.rand(2, 3, 20, 20)  # resized to the backbone's 32 px
     assert torch.allclose(result.classifier(batch), load_classifier(tmp_path, device="cpu")(batch), atol=1e-6)
+    saved = json.loads((tmp_path / "classifier.json").read_text())["lora_targets"]
+    assert saved == ["attn", "c_fc", "c_proj"]  # reloading uses these, whatever later defaults say
 
 
 def _refused_clean_only(colours: dict[str, Path], flags: Path, tmp_path: Path, *extra: str) -> str:
