@@ -103,8 +103,8 @@ def detect(
     if failure is not None:
         raise TrainingError(
             f"DeFT training failed: {failure}. No results were written.",
-            hint=f"Lower --lr (this run: {config.lr}) or use more --warmup-epochs; "
-            "with a larger --batch-size, raise --lr less than in proportion.",
+            hint=f"Lower --lr (this run: {config.lr}) or --epochs, or use --peft none (a frozen image "
+            "tower cannot collapse); with a larger --batch-size, raise --lr less than in proportion.",
         )
 
     frame = result_frame(manifest, rows, scores)
