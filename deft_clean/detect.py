@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deft_clean.backbone import autocast, cuda_autotune, is_conv
+from deft_clean.backbone import autocast, cuda_autotune
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, split_options
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.errors import ConfigError, TrainingError
@@ -90,7 +90,7 @@ def detect(
     net = DeftModel(
         backbone, manifest.prompt_names(), config, generator=torch.Generator().manual_seed(config.seed)
     )
-    with cuda_autotune(device, enabled=is_conv(backbone.model.visual)):
+    with cuda_autotune(device, backbone.model.visual):
         trunk = trunk_cache(net, data, 2 * config.batch_size) if net.caches_features else None
         clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
         history = train_detector(net, data, config, trunk=trunk, reporter=reporter)

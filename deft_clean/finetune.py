@@ -92,7 +92,7 @@ def finetune(
         _feature_dim(tower, backbone.image_size, device), len(manifest.class_ids), texts, fcfg.tau
     )
     cache = _load_images(manifest, backbone.image_size, fcfg, reporter)[torch.from_numpy(rows)]
-    with cuda_autotune(device, enabled=is_conv(tower)):
+    with cuda_autotune(device, tower):
         _train(tower, head.to(device), cache, torch.from_numpy(labels), backbone, fcfg, reporter)
     info = build_info(backbone, bcfg, fcfg, manifest)
     info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}

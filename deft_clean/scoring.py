@@ -99,9 +99,10 @@ def training_failure(
 ) -> str | None:
     """Why the trained detector cannot be trusted, or None: a non-finite loss, or collapsed predictions.
 
-    A too-high learning rate can send the tuned tower to a constant feature: every image then gets the
-    same predicted class and its flags only echo the class sizes (seen on the GPU with LoRA at
-    lr 0.12). Such a run must fail loudly rather than write confident-looking nonsense.
+    A tuned tower can collapse: once the clean selection holds a single class, CE on the selected rows
+    rewards predicting that class everywhere, and every image ends up there (seen with LoRA at 50k and
+    lr 0.12 on the GPU, and at the defaults on 2,000 CPU images). Its flags would only echo the class
+    sizes, so such a run must fail loudly rather than write confident-looking nonsense.
     ``predicted`` and ``given`` are (N,) class indices of the scored rows. ``collapse=False`` skips
     the prediction check (random-weight backbones have near-constant features from the start).
     """
