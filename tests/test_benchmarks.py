@@ -335,8 +335,9 @@ def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
     # trained methods record the options they ran with, and the file name tells variants apart
     assert records["deft"]["variant"].startswith("epochs=1,") and records["cleanlab"]["variant"] == ""
     names = sorted(p.name for p in (tmp_path / "res").glob("*_deft_*.json"))
+    dataset = records["deft"]["dataset"]  # cifar10 with ../shared beside the checkout, else synthetic
     assert names == [
-        "cifar10-200_sym-0.4_deft_epochs_1_warmup_epochs_0_batch_size_32_num_workers_1_test-tiny_s0.json"
+        f"{dataset}-200_sym-0.4_deft_epochs_1_warmup_epochs_0_batch_size_32_num_workers_1_test-tiny_s0.json"
     ]
 
 
