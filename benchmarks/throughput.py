@@ -69,7 +69,7 @@ def ceiling(
         cache, np.arange(batch), np.arange(batch) % classes, backbone.mean, backbone.std, size, device
     )
     net = DeftModel(backbone, [f"class {k}" for k in range(classes)], config)
-    optimizer = torch.optim.SGD(net.trainable_parameters(), lr=config.lr, momentum=config.momentum)
+    optimizer = torch.optim.SGD(net.param_groups(config), lr=config.lr, momentum=config.momentum)
     generator = torch.Generator(device=device).manual_seed(0)
     index = torch.arange(batch)
     net.train()

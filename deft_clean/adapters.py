@@ -89,6 +89,14 @@ class ImageTuning:
             params.append(self.visual_prompts.prompts)
         return params
 
+    def adapter_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The image tower's own tuning (LoRA weights, visual prompts), without the always-trained heads."""
+        heads = set(self.head_names)
+        params = [p for n, p in model.named_parameters() if p.requires_grad and n not in heads]
+        if self.visual_prompts is not None:
+            params.append(self.visual_prompts.prompts)
+        return params
+
 
 def apply_peft(backbone: Any, config: DetectConfig) -> ImageTuning:
     """Freeze ``backbone.model`` and make the image-tower tuning of ``config.peft`` trainable.

@@ -69,11 +69,19 @@ class DetectConfig:
     warmup_epochs: int = _opt(1, "Epochs that train on all samples before clean selection starts.")
     batch_size: int = _opt(64, "Batch size.")
     lr: float = _opt(0.03, "SGD learning rate (cosine schedule).")
+    adapter_lr: float | None = _opt(
+        None, "Peak lr of the image-tower adapters (default: --lr; --lr / 10 for convolutional towers)."
+    )
     lr_schedule: str = _opt("epoch", "Cosine decay stepped per 'epoch' (as the authors) or per 'step'.")
     momentum: float = _opt(0.9, "SGD momentum.")
     weight_decay: float = _opt(5e-4, "SGD weight decay.")
     strict: bool = _opt(False, "Also require the given label to be the argmax of p_clean (real-world noise).")
     threshold: float = _opt(0.5, "A sample is clean when p_clean of its given label exceeds this.")
+    class_balance: bool = _opt(
+        True,
+        "After warm-up, weigh the CE on selected samples per class and keep each class's most confident "
+        "sample, so the selection cannot shrink to one class (it did with LoRA; see docs/benchmarks.md).",
+    )
     flag_rule: str = _opt(
         "either",
         "Final flags: 'either' (the dual-prompt rule above, or the positive prompts predict another class) "

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deft_clean.adapters import ImageTuning, apply_peft, feature_split, load_tuning, save_tuning
+from deft_clean.backbone import is_conv
 from deft_clean.config import BackboneConfig, DetectConfig, from_dict, to_dict
 from deft_clean.errors import ConfigError
 from deft_clean.prompts import DualPromptLearner
@@ -37,6 +38,19 @@ from deft_clean.prompts import DualPromptLearner
 DETECTOR_FORMAT = "deft-clean-detector"
 DETECTOR_VERSION = 1
 DEFAULT_SCALE = 1 / 0.07
+
+
+CONV_ADAPTER_LR_FACTOR = 0.1  # LoRA in a conv tower at the prompts' lr killed its features (benchmarks.md)
+
+
+def adapter_lr(config: DetectConfig, conv: bool) -> float:
+    """Peak lr of the image-tower adapters: ``--adapter-lr`` when given, else ``--lr``, a tenth of it
+    for a convolutional tower. With frozen BatchNorm statistics a conv tower has nothing to renormalise
+    its activations, and LoRA at the authors' lr (set for CLIP ViTs) drove the offline tower's features
+    to a constant (CE stuck at ln K) on 2,000 CIFAR-10 images."""
+    if config.adapter_lr is not None:
+        return config.adapter_lr
+    return config.lr * CONV_ADAPTER_LR_FACTOR if conv else config.lr
 
 
 class DeftModel(nn.Module):
@@ -77,6 +91,16 @@ class DeftModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Prompts, image-tower adapters and always-trained heads: what the optimizer updates."""
         return list(self.prompts.parameters()) + self.tuning.parameters(self.model)
+
+    def param_groups(self, config: DetectConfig) -> list[dict[str, Any]]:
+        """Optimizer groups, each with its ``peak_lr`` for the schedule: the image-tower adapters at
+        :func:`adapter_lr`, everything else (prompts, always-trained heads) at ``config.lr``."""
+        adapters = self.tuning.adapter_parameters(self.model)
+        tower = {id(p) for p in adapters}
+        rest = [p for p in self.trainable_parameters() if id(p) not in tower]
+        peak = adapter_lr(config, is_conv(self.model.visual))
+        groups = [{"params": rest, "lr": config.lr, "peak_lr": config.lr}]
+        return groups + ([{"params": adapters, "lr": peak, "peak_lr": peak}] if adapters else [])
 
     @property
     def caches_features(self) -> bool:

@@ -103,8 +103,9 @@ def detect(
     if failure is not None:
         raise TrainingError(
             f"DeFT training failed: {failure}. No results were written.",
-            hint=f"Lower --lr (this run: {config.lr}) or --epochs, or use --peft none (a frozen image "
-            "tower cannot collapse); with a larger --batch-size, raise --lr less than in proportion.",
+            hint=f"Lower --adapter-lr and --lr (this run: {config.lr}) or --epochs, or use --peft none (a "
+            "frozen image tower cannot collapse); with a larger --batch-size, raise --lr less than in "
+            "proportion.",
         )
 
     frame = result_frame(manifest, rows, scores)
@@ -146,6 +147,7 @@ def check_config(config: DetectConfig) -> None:
         (config.n_ctx >= 1, "--n-ctx", config.n_ctx, "at least 1"),
         (0.0 < config.threshold < 1.0, "--threshold", config.threshold, "strictly between 0 and 1"),
         (config.lr > 0, "--lr", config.lr, "positive"),
+        (config.adapter_lr is None or config.adapter_lr >= 0, "--adapter-lr", config.adapter_lr, "≥ 0"),
         (config.lr_schedule in ("epoch", "step"), "--lr-schedule", config.lr_schedule, "'epoch' or 'step'"),
         (config.peft in ("lora", "vpt", "none"), "--peft", config.peft, "'lora', 'vpt' or 'none'"),
         (config.flag_rule in ("dual", "either"), "--flag-rule", config.flag_rule, "'dual' or 'either'"),
@@ -261,7 +263,7 @@ def train_detector(
     cpu_gen = torch.Generator().manual_seed(config.seed)
     dev_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
     optimizer = torch.optim.SGD(
-        net.trainable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        net.param_groups(config), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     if trunk is None and net.caches_features:
         trunk = trunk_cache(net, data, 2 * config.batch_size)
@@ -278,7 +280,7 @@ def train_detector(
                 if config.lr_schedule == "step":
                     progress = (epoch * steps + step) / (config.epochs * steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(config.lr, progress)
+                    group["lr"] = cosine_lr(group["peak_lr"], progress)
                 index = order[step * config.batch_size : (step + 1) * config.batch_size]
                 warm = epoch < config.warmup_epochs
                 totals += _train_step(
@@ -324,7 +326,7 @@ def _train_step(
         p_clean = clean_probability(s_pos.detach(), s_neg.detach())
         selected = select_clean(p_clean, labels, threshold=config.threshold, strict=config.strict)
     complementary = complementary_labels(labels, net.prompts.n_cls, generator)
-    loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected)
+    loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected, balance=config.class_balance)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -60,20 +60,47 @@ def complementary_labels(
     return draw + (draw >= labels).to(labels.dtype)
 
 
+def class_balanced_weights(
+    selected: torch.Tensor, labels: torch.Tensor, p_given: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Per-sample CE weights ``(N,)`` (summing to 1) that give every given class its share of the batch.
+
+    Plain selection averages CE over the selected samples, so a class the model is unsure of loses
+    its weight as its samples drop out of the selection; with a tuned image tower that feeds back
+    until one class holds the whole selection and the tower maps every image there (the LoRA
+    collapse in docs/benchmarks.md). Here class ``c``, holding ``n_c`` of the ``N`` samples, keeps
+    weight ``n_c / N`` spread over its selected samples, and a class with none selected keeps its
+    sample of highest ``p_given`` (the p_clean of its given label). When every class has the same
+    selected share this equals the plain average. Sync-free: no data-dependent shapes.
+    """
+    onehot = F.one_hot(labels, num_classes).to(p_given.dtype)  # (N, K)
+    selected = selected.to(p_given.dtype)
+    emptied = (onehot.sum(dim=0) > 0) & (onehot.T @ selected == 0)  # (K,) present, nothing selected
+    best = torch.where(onehot.bool(), p_given[:, None], -1.0).argmax(dim=0)  # (K,) top sample per class
+    floor = torch.zeros_like(p_given).scatter_reduce(0, best, emptied.to(p_given.dtype), reduce="amax")
+    chosen = torch.maximum(selected, floor)  # (N,) 0/1
+    per_class = onehot.T @ chosen  # (K,) chosen samples per class (≥ 1 where present)
+    share = onehot.sum(dim=0) / labels.shape[0]  # (K,)
+    return chosen * (share / per_class.clamp(min=1.0))[labels]
+
+
 def deft_loss(
     s_pos: torch.Tensor,
     s_neg: torch.Tensor,
     labels: torch.Tensor,
     complementary: torch.Tensor,
     selected: torch.Tensor | None,
+    *,
+    balance: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeFT training loss: ``CE(s⁺, y)`` + negative-prompt loss; returns ``(total, ce, neg)`` scalars.
 
     ``selected`` is None during warm-up (CE on every sample, "yes" target = the given label). After
     warm-up it is the ``(N,)`` clean mask: CE averages over the selected samples only (0, not NaN,
     when none is selected) and unselected samples take the pseudo-label ``argmax s⁺`` as "yes"
-    target. The negative-prompt loss is ``NLL(no | complementary) + NLL(yes | target)`` on the
-    two-way softmax of ``[s⁺.detach(), s⁻]``, so it trains the negative prompts only.
+    target. ``balance`` weighs that CE per class instead (:func:`class_balanced_weights`). The
+    negative-prompt loss is ``NLL(no | complementary) + NLL(yes | target)`` on the two-way softmax
+    of ``[s⁺.detach(), s⁻]``, so it trains the negative prompts only.
     """
     p_yes = clean_probability(s_pos.detach(), s_neg)  # (N, K)
     log_yes = torch.log(p_yes.clamp(min=LOG_CLAMP, max=1.0))
@@ -83,8 +110,12 @@ def deft_loss(
         ce = ce_each.mean()
         yes_target = labels
     else:
-        weight = selected.to(ce_each.dtype)
-        ce = (ce_each * weight).sum() / weight.sum().clamp(min=1.0)
+        if balance:
+            rows = torch.arange(labels.shape[0], device=labels.device)
+            weight = class_balanced_weights(selected, labels, p_yes.detach()[rows, labels], s_pos.shape[1])
+        else:
+            weight = selected.to(ce_each.dtype) / selected.sum().clamp(min=1).to(ce_each.dtype)
+        ce = (ce_each * weight).sum()
         yes_target = torch.where(selected, labels, s_pos.detach().argmax(dim=1))
     neg = F.nll_loss(log_no, complementary) + F.nll_loss(log_yes, yes_target)
     return ce + neg, ce, neg

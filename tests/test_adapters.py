@@ -63,6 +63,15 @@ def test_lora_trains_only_lora_weights():
     assert not torch.allclose(model.encode_image(x), out_before)
 
 
+def test_adapter_parameters_are_the_tower_tuning_without_the_always_trained_heads():
+    backbone = tiny(always_train=["visual.proj"])
+    tuning = apply_peft(backbone, DetectConfig(peft="lora", lora_rank=2))
+    names = {id(p): n for n, p in backbone.model.named_parameters()}
+    adapters = [names[id(p)] for p in tuning.adapter_parameters(backbone.model)]
+    assert adapters and all("lora_" in n for n in adapters)
+    assert len(tuning.parameters(backbone.model)) == len(adapters) + 1  # + visual.proj
+
+
 def test_lora_save_and_load_round_trip(tmp_path):
     backbone = tiny()
     tuning = apply_peft(backbone, DetectConfig(peft="lora", lora_rank=2))

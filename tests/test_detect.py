@@ -20,7 +20,7 @@ from PIL import Image
 from deft_clean.backbone import load_backbone
 from deft_clean.config import BackboneConfig, DetectConfig
 from deft_clean.data import load_manifest
-from deft_clean.deft_model import load_detector
+from deft_clean.deft_model import DeftModel, adapter_lr, load_detector
 from deft_clean.detect import Batches, check_config, default_out, detect, score_detector
 from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.images import build_image_cache
@@ -215,15 +215,33 @@ def test_cli_detect_writes_results_and_summary(tmp_path, wide_console):
         "cpu",
     ]
     args += ["--peft", "none", "--epochs", "1", "--batch-size", "8", "--n-ctx", "4", "--seed", "3"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, [*args, "--no-class-balance"])
     assert result.exit_code == 0, result.output
     written = read_results(tmp_path / "d" / "labels.deft.parquet")
     assert len(written) == 16 and written.attrs["configs"]["detect"]["seed"] == 3
+    assert written.attrs["configs"]["detect"]["class_balance"] is False  # a default-on switch turns off
     assert (
         "flagged:" in result.output
         and "precision" in result.output
         and "labels.deft.parquet" in result.output
     )
+
+
+def test_adapters_get_their_own_learning_rate():
+    assert adapter_lr(DetectConfig(lr=0.03), conv=False) == pytest.approx(0.03)  # ViT towers: the authors'
+    assert adapter_lr(DetectConfig(lr=0.03), conv=True) == pytest.approx(0.003)  # conv towers: a tenth
+    assert adapter_lr(DetectConfig(lr=0.03, adapter_lr=0.01), conv=True) == pytest.approx(0.01)
+    backbone = load_backbone(BackboneConfig(model="test-tiny"))
+    config = DetectConfig(peft="lora", lr=0.05, adapter_lr=0.002)
+    groups = DeftModel(backbone, ["a", "b"], config).param_groups(config)
+    assert [g["peak_lr"] for g in groups] == [0.05, 0.002]
+    assert all(
+        "lora_" in n for n, p in backbone.model.named_parameters() if any(p is q for q in groups[1]["params"])
+    )
+    prompts_only = DeftModel(
+        load_backbone(BackboneConfig(model="test-tiny")), ["a", "b"], DetectConfig(peft="none")
+    )
+    assert [g["peak_lr"] for g in prompts_only.param_groups(DetectConfig(peft="none"))] == [0.03]
 
 
 def test_cli_detect_reports_bad_options(tmp_path):
@@ -243,5 +261,5 @@ def test_diverged_training_fails_loudly_and_writes_nothing(tmp_path):
     out = tmp_path / "r.parquet"
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*No results were written.") as caught:
         detect(root, labels, out=out, **{**QUICK, "lr": 1e30})
-    assert "Lower --lr (this run: 1e+30)" in caught.value.hint
+    assert "--lr (this run: 1e+30)" in caught.value.hint
     assert not out.exists()

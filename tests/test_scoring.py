@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deft_clean.scoring import (
+    class_balanced_weights,
     clean_probability,
     complementary_labels,
     deft_loss,
@@ -98,6 +99,37 @@ def test_after_warmup_ce_uses_only_selected_samples():
     ce.backward()
     assert s_pos.grad[0].abs().sum() > 0
     assert torch.equal(s_pos.grad[1], torch.zeros(2))  # the unselected sample gets no CE gradient
+
+
+def test_class_balanced_weights_by_hand():
+    # class 0: 3 of 6 samples, all selected -> 0.5 / 3 each; class 1: 2 samples, none selected -> its
+    # sample of higher p_clean (index 4) carries 2/6; class 2: 1 sample, unselected -> kept with 1/6
+    selected = torch.tensor([True, True, True, False, False, False])
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    p_given = torch.tensor([0.9, 0.8, 0.7, 0.3, 0.4, 0.1])
+    weight = class_balanced_weights(selected, labels, p_given, num_classes=4)  # class 3 absent
+    assert weight.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 0.0, 1 / 3, 1 / 6])
+    assert weight.sum().item() == pytest.approx(1.0)
+
+
+def test_class_balanced_ce_equals_plain_ce_when_every_class_has_the_same_selected_share():
+    s_pos, s_neg = torch.randn(8, 2, generator=torch.Generator().manual_seed(1)), torch.zeros(8, 2)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    selected = torch.tensor([True, True, False, False, True, False, True, False])  # half of each class
+    comp = 1 - labels
+    _, plain, _ = deft_loss(s_pos, s_neg, labels, comp, selected)
+    _, balanced, _ = deft_loss(s_pos, s_neg, labels, comp, selected, balance=True)
+    assert balanced.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_class_balanced_ce_keeps_a_class_that_dropped_out_of_the_selection():
+    s_pos = torch.tensor([[3.0, 0.0], [3.0, 0.0], [3.0, 0.0], [0.0, 0.5]], requires_grad=True)
+    labels, comp = torch.tensor([0, 0, 0, 1]), torch.tensor([1, 1, 1, 0])
+    selected = torch.tensor([True, True, True, False])  # class 1's only sample is not selected
+    _, ce, _ = deft_loss(s_pos, torch.zeros(4, 2), labels, comp, selected, balance=True)
+    ce.backward()
+    assert s_pos.grad[3, 1].item() < 0  # still pulled towards its given class, with weight 1/4
+    assert s_pos.grad[3, 1].item() == pytest.approx(-(1 - torch.softmax(s_pos[3], 0)[1].item()) / 4)
 
 
 def test_negative_loss_trains_only_negative_prompts():
