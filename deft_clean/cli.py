@@ -71,12 +71,6 @@ def _flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def _declaration(name: str, default: Any) -> str:
-    """The option's flag; a switch that defaults to on also gets its ``--no-`` form to turn it off."""
-    flag = _flag(name)
-    return f"{flag}/--no-{flag[2:]}" if default is True else flag
-
-
 def config_options(*config_classes: type, only: set[str] | None = None, **overrides: Any) -> Callable[[F], F]:
     """Give a command one option per field of ``config_classes`` and pass their values as ``options``.
 
@@ -96,7 +90,7 @@ def config_options(*config_classes: type, only: set[str] | None = None, **overri
                 if only is not None and spec.name not in only:
                     continue
                 default = overrides.get(spec.name) or typer.Option(
-                    spec.default, _declaration(spec.name, spec.default), help=spec.metadata.get("help")
+                    spec.default, _flag(spec.name), help=spec.metadata.get("help")
                 )
                 kind = inspect.Parameter.KEYWORD_ONLY
                 params.append(

@@ -77,10 +77,11 @@ class DetectConfig:
     weight_decay: float = _opt(5e-4, "SGD weight decay.")
     strict: bool = _opt(False, "Also require the given label to be the argmax of p_clean (real-world noise).")
     threshold: float = _opt(0.5, "A sample is clean when p_clean of its given label exceeds this.")
-    class_balance: bool = _opt(
-        True,
-        "After warm-up, weigh the CE on selected samples per class and keep each class's most confident "
-        "sample, so the selection cannot shrink to one class (it did with LoRA; see docs/benchmarks.md).",
+    class_balance: str = _opt(
+        "auto",
+        "'on': after warm-up, weigh the CE on selected samples per class and keep each class's most "
+        "confident sample, so the selection cannot shrink to one class; 'off': the paper's plain average; "
+        "'auto': on when the image tower is tuned (LoRA, VPT), off for --peft none (docs/benchmarks.md).",
     )
     flag_rule: str = _opt(
         "either",

@@ -130,12 +130,22 @@ def detect(
     return frame
 
 
+def balances(config: DetectConfig) -> bool:
+    """Whether the post-warm-up CE is class-balanced (:func:`deft_loss`): ``--class-balance``, where
+    'auto' means a tuned image tower. Measured on 2,000 CIFAR-10 images: a tuned tower needs it (its
+    selection shrank to one class without it), a frozen one loses 3 F1 points with it."""
+    return config.class_balance == "on" or (config.class_balance == "auto" and config.peft != "none")
+
+
 def default_out(labels_csv: str | Path | None) -> Path:
     """``<labels stem>.deft.parquet`` beside the CSV, or ``deft_results.parquet`` in the working directory."""
     if labels_csv is None:
         return Path(DEFAULT_OUT)
     labels_csv = Path(labels_csv)
     return labels_csv.with_name(f"{labels_csv.stem}.deft.parquet")
+
+
+BALANCE_MODES = ("auto", "on", "off")
 
 
 def check_config(config: DetectConfig) -> None:
@@ -151,6 +161,12 @@ def check_config(config: DetectConfig) -> None:
         (config.lr_schedule in ("epoch", "step"), "--lr-schedule", config.lr_schedule, "'epoch' or 'step'"),
         (config.peft in ("lora", "vpt", "none"), "--peft", config.peft, "'lora', 'vpt' or 'none'"),
         (config.flag_rule in ("dual", "either"), "--flag-rule", config.flag_rule, "'dual' or 'either'"),
+        (
+            config.class_balance in BALANCE_MODES,
+            "--class-balance",
+            config.class_balance,
+            "'auto', 'on' or 'off'",
+        ),
         (config.lora_rank >= 1, "--lora-rank", config.lora_rank, "at least 1"),
     ]
     for ok, option, value, expected in rules:
@@ -326,7 +342,7 @@ def _train_step(
         p_clean = clean_probability(s_pos.detach(), s_neg.detach())
         selected = select_clean(p_clean, labels, threshold=config.threshold, strict=config.strict)
     complementary = complementary_labels(labels, net.prompts.n_cls, generator)
-    loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected, balance=config.class_balance)
+    loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected, balance=balances(config))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

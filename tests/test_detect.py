@@ -21,7 +21,7 @@ from deft_clean.backbone import load_backbone
 from deft_clean.config import BackboneConfig, DetectConfig
 from deft_clean.data import load_manifest
 from deft_clean.deft_model import DeftModel, adapter_lr, load_detector
-from deft_clean.detect import Batches, check_config, default_out, detect, score_detector
+from deft_clean.detect import Batches, balances, check_config, default_out, detect, score_detector
 from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.images import build_image_cache
 from deft_clean.results import COLUMNS, read_results
@@ -185,7 +185,7 @@ def test_truth_for_some_rows_only(tmp_path):
     ("change", "option"),
     [({"warmup_epochs": 3, "epochs": 2}, "--warmup-epochs"), ({"threshold": 1.0}, "--threshold"),
      ({"lr_schedule": "linear"}, "--lr-schedule"), ({"peft": "full"}, "--peft"),
-     ({"flag_rule": "any"}, "--flag-rule")],
+     ({"flag_rule": "any"}, "--flag-rule"), ({"class_balance": "yes"}, "--class-balance")],
 )  # fmt: skip
 def test_invalid_options_are_refused(change, option):
     with pytest.raises(ConfigError, match=option):
@@ -215,16 +215,22 @@ def test_cli_detect_writes_results_and_summary(tmp_path, wide_console):
         "cpu",
     ]
     args += ["--peft", "none", "--epochs", "1", "--batch-size", "8", "--n-ctx", "4", "--seed", "3"]
-    result = CliRunner().invoke(app, [*args, "--no-class-balance"])
+    result = CliRunner().invoke(app, [*args, "--class-balance", "on"])
     assert result.exit_code == 0, result.output
     written = read_results(tmp_path / "d" / "labels.deft.parquet")
     assert len(written) == 16 and written.attrs["configs"]["detect"]["seed"] == 3
-    assert written.attrs["configs"]["detect"]["class_balance"] is False  # a default-on switch turns off
+    assert written.attrs["configs"]["detect"]["class_balance"] == "on"
     assert (
         "flagged:" in result.output
         and "precision" in result.output
         and "labels.deft.parquet" in result.output
     )
+
+
+def test_class_balance_auto_means_a_tuned_tower():
+    assert [balances(DetectConfig(peft=p)) for p in ("lora", "vpt", "none")] == [True, True, False]
+    assert balances(DetectConfig(peft="none", class_balance="on"))
+    assert not balances(DetectConfig(peft="lora", class_balance="off"))
 
 
 def test_adapters_get_their_own_learning_rate():
