@@ -98,7 +98,11 @@ def detect(
         scores = score_detector(net, data, config, trunk=trunk, reporter=reporter)
         clock["scored"] = time.perf_counter()
     failure = training_failure(
-        history, scores.predicted, data.labels_np, collapse=not backbone.random_weights
+        history,
+        scores.predicted,
+        data.labels_np,
+        num_classes=net.prompts.n_cls,
+        collapse=not backbone.random_weights,
     )
     if failure is not None:
         raise TrainingError(

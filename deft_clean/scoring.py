@@ -13,6 +13,7 @@ The last functions turn the final model's per-row :class:`Scores` into the resul
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -123,25 +124,38 @@ def deft_loss(
 
 COLLAPSE_SHARE = 0.98  # the final model's top predicted class covering this share of the rows ...
 COLLAPSE_GIVEN_MAX = 0.5  # ... while no given label covers more than this share: a collapsed model
+DEAD_CE_SHARE = 0.98  # a last-epoch CE at this share of ln K: uniform class scores, nothing learnt
 
 
 def training_failure(
-    history: list[dict[str, float]], predicted: np.ndarray, given: np.ndarray, *, collapse: bool = True
+    history: list[dict[str, float]],
+    predicted: np.ndarray,
+    given: np.ndarray,
+    *,
+    num_classes: int,
+    collapse: bool = True,
 ) -> str | None:
-    """Why the trained detector cannot be trusted, or None: a non-finite loss, or collapsed predictions.
+    """Why the trained detector cannot be trusted, or None: a non-finite loss, a dead or collapsed model.
 
-    A tuned tower can collapse: once the clean selection holds a single class, CE on the selected rows
-    rewards predicting that class everywhere, and every image ends up there (seen with LoRA at 50k and
-    lr 0.12 on the GPU, and at the defaults on 2,000 CPU images). Its flags would only echo the class
-    sizes, so such a run must fail loudly rather than write confident-looking nonsense.
-    ``predicted`` and ``given`` are (N,) class indices of the scored rows. ``collapse=False`` skips
-    the prediction check (random-weight backbones have near-constant features from the start).
+    A tuned tower can fail two ways (both seen with LoRA on the offline backbone, docs/benchmarks.md):
+    once the clean selection holds a single class, CE on the selected rows rewards predicting that class
+    everywhere, and every image ends up there; or the adapters drive the image features to a constant,
+    and the CE stays at chance (ln K) while the predictions still look spread. Either way the flags
+    would be nonsense that looks confident, so the run must fail loudly instead. ``predicted`` and
+    ``given`` are (N,) class indices of the scored rows. ``collapse=False`` skips both model checks
+    (random-weight backbones have near-constant features from the start).
     """
     for record in history:
         if not np.isfinite(record["loss"]):
             return f"the training loss became {record['loss']} in epoch {record['epoch']}"
     if not collapse or len(given) < 20:  # too few rows to call a concentrated prediction a collapse
         return None
+    chance = math.log(num_classes) if num_classes > 1 else math.inf
+    if len(history) >= 2 and history[-1]["ce"] >= DEAD_CE_SHARE * chance:
+        return (
+            f"the classification loss ended at {history[-1]['ce']:.3f}, chance level for {num_classes} "
+            f"classes (ln {num_classes} = {chance:.3f}): the image features became constant"
+        )
     top_predicted = np.bincount(predicted).max() / len(predicted)
     top_given = np.bincount(given).max() / len(given)
     if top_predicted >= COLLAPSE_SHARE and top_given <= COLLAPSE_GIVEN_MAX:

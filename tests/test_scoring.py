@@ -190,24 +190,36 @@ def test_flag_metrics():
     assert (empty["precision"], empty["recall"], empty["f1"]) == (0.0, 0.0, 0.0)
 
 
-def _history(*losses: float) -> list[dict[str, float]]:
-    return [{"epoch": i + 1, "loss": loss} for i, loss in enumerate(losses)]
+def _history(*losses: float, ce: float = 1.0) -> list[dict[str, float]]:
+    return [{"epoch": i + 1, "loss": loss, "ce": ce} for i, loss in enumerate(losses)]
 
 
 def test_training_failure_names_a_non_finite_loss():
     given = np.arange(100) % 10
-    assert "nan in epoch 2" in training_failure(_history(1.0, float("nan")), given, given)
+    assert "nan in epoch 2" in training_failure(_history(1.0, float("nan")), given, given, num_classes=10)
 
 
 def test_training_failure_names_collapsed_predictions_on_spread_labels():
     given = np.arange(100) % 10  # 10% per class
-    reason = training_failure(_history(1.0), np.zeros(100, np.int64), given)
+    reason = training_failure(_history(1.0), np.zeros(100, np.int64), given, num_classes=10)
     assert "one class for 100.0% of the images" in reason and "10.0%" in reason
-    assert training_failure(_history(1.0), np.zeros(100, np.int64), given, collapse=False) is None
+    assert (
+        training_failure(_history(1.0), np.zeros(100, np.int64), given, num_classes=10, collapse=False)
+        is None
+    )
 
 
 def test_training_failure_accepts_healthy_and_dominant_class_runs():
     given = np.arange(100) % 10
-    assert training_failure(_history(2.0, 1.0), given, given) is None
+    assert training_failure(_history(2.0, 1.0), given, given, num_classes=10) is None
     mostly_zero = np.where(np.arange(100) < 97, 0, 1)  # a real 97% class: predicting it is not a collapse
-    assert training_failure(_history(1.0), np.zeros(100, np.int64), mostly_zero) is None
+    assert training_failure(_history(1.0), np.zeros(100, np.int64), mostly_zero, num_classes=10) is None
+
+
+def test_training_failure_names_a_dead_tower_at_chance_level_loss():
+    given = np.arange(100) % 10
+    dead = _history(3.4, 3.6, ce=2.301)  # CE at ln 10 = 2.303 after warm-up: constant features
+    reason = training_failure(dead, given, given, num_classes=10)
+    assert "ended at 2.301, chance level for 10 classes (ln 10 = 2.303)" in reason
+    assert training_failure(_history(3.4, ce=2.301), given, given, num_classes=10) is None  # warm-up only
+    assert training_failure(dead, given, given, num_classes=10, collapse=False) is None
