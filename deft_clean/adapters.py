@@ -83,11 +83,13 @@ class ImageTuning:
     head_names: list[str] = field(default_factory=list)  # always-trained parameter names of the model
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """Every trainable parameter of the tuned model (adapters, prompts, always-trained heads)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        if self.visual_prompts is not None:
-            params.append(self.visual_prompts.prompts)
-        return params
+        """Every trainable parameter of the tuned model (always-trained heads, adapters, visual prompts)."""
+        return self.head_parameters(model) + self.adapter_parameters(model)
+
+    def head_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The always-trained parameters (e.g. the offline backbone's fresh projection heads)."""
+        named = dict(model.named_parameters())
+        return [named[name] for name in self.head_names]
 
     def adapter_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The image tower's own tuning (LoRA weights, visual prompts), without the always-trained heads."""

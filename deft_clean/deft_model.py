@@ -88,16 +88,11 @@ class DeftModel(nn.Module):
                 module.train(mode)
         return self
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Prompts, image-tower adapters and always-trained heads: what the optimizer updates."""
-        return list(self.prompts.parameters()) + self.tuning.parameters(self.model)
-
     def param_groups(self, config: DetectConfig) -> list[dict[str, Any]]:
-        """Optimizer groups, each with its ``peak_lr`` for the schedule: the image-tower adapters at
-        :func:`adapter_lr`, everything else (prompts, always-trained heads) at ``config.lr``."""
+        """What the optimizer updates, in groups with their ``peak_lr`` for the schedule: the prompts and
+        always-trained heads at ``config.lr``, the image-tower adapters at :func:`adapter_lr`."""
+        rest = list(self.prompts.parameters()) + self.tuning.head_parameters(self.model)
         adapters = self.tuning.adapter_parameters(self.model)
-        tower = {id(p) for p in adapters}
-        rest = [p for p in self.trainable_parameters() if id(p) not in tower]
         peak = adapter_lr(config, is_conv(self.model.visual))
         groups = [{"params": rest, "lr": config.lr, "peak_lr": config.lr}]
         return groups + ([{"params": adapters, "lr": peak, "peak_lr": peak}] if adapters else [])
