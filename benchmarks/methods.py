@@ -15,9 +15,11 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from benchmarks import baselines
@@ -44,12 +46,13 @@ class Context:
     backbone_config: BackboneConfig
     seed: int = 0
     folds: int = 5
-    knn_k: int = 10
+    knn_k: int | None = None  # None: chosen per run by baselines.choose_k
     batch_size: int = 256
     deft_options: dict[str, Any] = field(default_factory=dict)
     finetune_options: dict[str, Any] = field(default_factory=dict)
     _backbone: Any = None
     _manifest: Any = None
+    _out_of_sample: dict[str, baselines.OutOfSample] = field(default_factory=dict)
 
     def data_config(self) -> DataConfig:
         return DataConfig(classes_file=str(self.dataset.classes_file))
@@ -89,6 +92,16 @@ class Context:
         meta.write_text(json.dumps(summary))
         return features, summary
 
+    def out_of_sample(self, noisy: NoisySet) -> baselines.OutOfSample:
+        """Cross-validated probe probabilities on the noisy labels, fitted once per noise setting and
+        shared by cleanlab and small-loss (their time is recorded by whichever runs first)."""
+        if noisy.noise not in self._out_of_sample:
+            features, _ = self.features()
+            self._out_of_sample[noisy.noise] = baselines.cross_val_probs(
+                features, noisy.given, n_classes=len(self.dataset.class_ids), folds=self.folds, seed=self.seed
+            )
+        return self._out_of_sample[noisy.noise]
+
 
 def slug(text: str | None) -> str:
     """A file-name-safe form of ``text``."""
@@ -119,34 +132,27 @@ def measure() -> _measure:
     return _measure()
 
 
-def _n_classes(ctx: Context) -> int:
-    return len(ctx.dataset.class_ids)
-
-
 def run_cleanlab(ctx: Context, noisy: NoisySet) -> list[Row]:
-    features, cost = ctx.features()
-    probs = baselines.cross_val_probs(
-        features, noisy.given, n_classes=_n_classes(ctx), folds=ctx.folds, seed=ctx.seed
-    )
-    return [
-        Row("cleanlab", baselines.cleanlab_baseline(probs, noisy.given), extra=dict(cost, folds=ctx.folds))
-    ]
+    _, cost = ctx.features()
+    oos = ctx.out_of_sample(noisy)
+    extra = dict(cost, folds=ctx.folds, chosen_c=oos.chosen_c)
+    return [Row("cleanlab", baselines.cleanlab_baseline(oos.probs, noisy.given), extra=extra)]
 
 
 def run_knn(ctx: Context, noisy: NoisySet) -> list[Row]:
     features, cost = ctx.features()
-    return [
-        Row("knn", baselines.knn_baseline(features, noisy.given, k=ctx.knn_k), extra=dict(cost, k=ctx.knn_k))
-    ]
+    detection, k = baselines.knn_baseline(features, noisy.given, k=ctx.knn_k)
+    return [Row("knn", detection, extra=dict(cost, k=k, k_chosen=ctx.knn_k is None))]
 
 
 def run_small_loss(ctx: Context, noisy: NoisySet) -> list[Row]:
-    features, cost = ctx.features()
+    _, cost = ctx.features()
+    oos = ctx.out_of_sample(noisy)
     rate = float(noisy.truth.mean())
-    det = baselines.small_loss_baseline(
-        features, noisy.given, n_classes=_n_classes(ctx), rate=rate, seed=ctx.seed
-    )
-    return [Row("small-loss", det, extra=dict(cost, oracle_rate=rate))]
+    det = baselines.small_loss_baseline(oos.probs, noisy.given, rate=rate)
+    return [
+        Row("small-loss", det, extra=dict(cost, oracle_rate=rate, folds=ctx.folds, chosen_c=oos.chosen_c))
+    ]
 
 
 def run_zero_shot(ctx: Context, noisy: NoisySet) -> list[Row]:
@@ -189,19 +195,15 @@ def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
     ]
 
 
-def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
-    """``deft_clean.detect`` with the harness's backbone and ``--deft-opts``; reads is_noisy and p_clean."""
+def call_detect(ctx: Context, labels_csv: Path, out: Path, options: dict[str, Any]) -> pd.DataFrame:
+    """The harness's one call into ``deft_clean.detect``: the shared backbone, the dataset's classes and
+    the ``--deft-opts`` dict (``seed`` included) become detect()'s arguments."""
     from deft_clean.detect import detect
 
     bcfg = ctx.backbone_config
-    options = {"seed": ctx.seed, **ctx.deft_options}
-    # Kept beside the materialised dataset (the cache, not the results): other rules and thresholds
-    # can be read from the same run later, and finetune_compare can reuse it (--flags).
-    tag = slug(",".join(f"{k}={v}" for k, v in sorted(ctx.deft_options.items())) or "defaults")
-    out = ctx.dataset.root / "deft-flags" / f"{noisy.labels_csv.stem}_{slug(bcfg.model)}_{tag}.parquet"
-    frame = detect(
+    return detect(
         ctx.dataset.root,
-        noisy.labels_csv,
+        labels_csv,
         out=out,
         model=bcfg.model,
         pretrained=bcfg.pretrained,
@@ -209,6 +211,17 @@ def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
         classes_file=str(ctx.dataset.classes_file),
         **options,
     )
+
+
+def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
+    """``deft_clean.detect`` with the harness's backbone and ``--deft-opts``; reads is_noisy and p_clean."""
+    options = {"seed": ctx.seed, **ctx.deft_options}
+    # Kept beside the materialised dataset (the cache, not the results): other rules and thresholds
+    # can be read from the same run later, and finetune_compare can reuse it (--flags).
+    tag = slug(",".join(f"{k}={v}" for k, v in sorted(ctx.deft_options.items())) or "defaults")
+    model = slug(ctx.backbone_config.model)
+    out = ctx.dataset.root / "deft-flags" / f"{noisy.labels_csv.stem}_{model}_{tag}.parquet"
+    frame = call_detect(ctx, noisy.labels_csv, out, options)
     if "path" in frame.columns:  # align on path in case the tool reorders rows
         frame = frame.set_index("path").loc[list(ctx.dataset.paths)].reset_index()
     flags = frame["is_noisy"].to_numpy(dtype=bool)

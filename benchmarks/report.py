@@ -1,5 +1,9 @@
 """Markdown tables from benchmark JSON records: one table per (dataset, size, noise, backbone) setting.
 
+Each row is one method (and variant) over every seed it ran: a cell is ``mean ± sd`` (sample sd) when
+there are several seeds, the value itself for one; ``seeds`` says how many. ``time s`` is the method's
+wall time plus the shared frozen-feature pass it used (so it is detect's wall time for deft).
+
     python -m benchmarks.report benchmarks/results/*.json                 # print
     python -m benchmarks.report benchmarks/results/*.json --out table.md  # also write to a file
 
@@ -17,29 +21,51 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ORDER = ("deft", "deft-mismatch", "cleanlab", "knn", "small-loss", "ce-gmm", "ce-mismatch", "zero-shot")
 COLUMNS = (
     ("method", "method"),
+    ("seeds", "seeds"),
     ("f1", "F1"),
     ("precision", "precision"),
     ("recall", "recall"),
     ("auroc", "AUROC"),
     ("auprc", "AUPRC"),
+    ("clean_precision", "kept P"),
+    ("clean_recall", "kept R"),
     ("n_flagged", "flagged"),
-    ("wall_s", "time s"),
-    ("images_per_s", "img/s"),
+    ("time_s", "time s"),
     ("peak_gpu_mb", "peak GPU MB"),
 )
+FRACTIONS = ("f1", "precision", "recall", "auroc", "auprc", "clean_precision", "clean_recall")
 
 
-def _cell(key: str, value: Any) -> str:
-    if value is None:
+def summarise(values: list[float | None]) -> tuple[float, float | None] | None:
+    """(mean, sample sd) of the values present; sd is None for a single value; None when none are."""
+    present = np.array([v for v in values if v is not None], dtype=np.float64)
+    if present.size == 0:
+        return None
+    return float(present.mean()), float(present.std(ddof=1)) if present.size > 1 else None
+
+
+def _cell(key: str, values: list[Any]) -> str:
+    summary = summarise(values)
+    if summary is None:
         return "–"
-    if key in ("f1", "precision", "recall", "auroc", "auprc"):
-        return f"{value:.3f}"
-    if key in ("wall_s", "images_per_s", "peak_gpu_mb"):
-        return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
-    return str(value)
+    mean, sd = summary
+    if key in FRACTIONS:
+        text, spread = f"{mean:.3f}", f"{sd:.3f}" if sd is not None else ""
+    else:
+        text = f"{mean:,.1f}" if mean < 100 else f"{mean:,.0f}"
+        spread = "" if sd is None else (f"{sd:,.1f}" if sd < 100 else f"{sd:,.0f}")
+    return f"{text} ± {spread}" if spread else text
+
+
+def _time(record: dict[str, Any]) -> float | None:
+    if record.get("wall_s") is None:
+        return None
+    return record["wall_s"] + (record.get("feature_s") or 0.0)
 
 
 def _setting(record: dict[str, Any]) -> tuple[str, ...]:
@@ -61,10 +87,6 @@ def variant(record: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items())
 
 
-def _label(record: dict[str, Any]) -> str:
-    return record["method"] + (f" [{variant(record)}]" if variant(record) else "")
-
-
 def _latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per (setting, method, variant, seed): the newest."""
     best: dict[tuple, dict[str, Any]] = {}
@@ -73,33 +95,41 @@ def _latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(best.values())
 
 
+def _row(label: str, runs: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
+    """One table line: ``label`` then each column summarised over the seeds in ``runs``."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return (
+            "| " + " | ".join([label, str(len(runs)), runs[-1]["status"]] + [""] * (len(columns) - 3)) + " |"
+        )
+    cells = [label, str(len(ok))]
+    for key, _ in columns[2:]:
+        cells.append(_cell(key, [_time(r) if key == "time_s" else r.get(key) for r in ok]))
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown_tables(records: Iterable[dict[str, Any]]) -> str:
-    """Markdown: a heading and a table per setting, methods in ``ORDER`` (unknown ones last)."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    """Markdown: a heading and a table per setting, one row per method and variant (in ``ORDER``,
+    unknown methods last) aggregated over seeds; failed seeds are left out of the figures."""
+    groups: dict[tuple[str, ...], dict[tuple[int, str, str], list[dict[str, Any]]]] = {}
     for record in _latest(records):
-        groups.setdefault(_setting(record), []).append(record)
+        method = record["method"]
+        rank = ORDER.index(method) if method in ORDER else len(ORDER)
+        groups.setdefault(_setting(record), {}).setdefault((rank, method, variant(record)), []).append(record)
     parts = []
     for (dataset, n, noise, backbone), rows in sorted(groups.items()):
-        rows.sort(
-            key=lambda r: (
-                ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER),
-                variant(r),
-                r["seed"],
-            )
-        )
-        rate = rows[0]["noise_rate"]
+        runs = [r for group in rows.values() for r in group]
+        columns = COLUMNS if any(r.get("peak_gpu_mb") is not None for r in runs) else COLUMNS[:-1]
+        rate = float(np.mean([r["noise_rate"] for r in runs]))
         lines = [
             f"### {dataset}, n = {n}, noise {noise} (measured rate {rate:.3f}), backbone {backbone}",
             "",
-            "| " + " | ".join(title for _, title in COLUMNS) + " |",
-            "|" + "|".join("---" for _ in COLUMNS) + "|",
+            "| " + " | ".join(title for _, title in columns) + " |",
+            "|" + "|".join("---" for _ in columns) + "|",
         ]
-        for r in rows:
-            if r["status"] != "ok":
-                cells = [_label(r), r["status"]] + [""] * (len(COLUMNS) - 2)
-            else:
-                cells = [_label(r)] + [_cell(key, r.get(key)) for key, _ in COLUMNS[1:]]
-            lines.append("| " + " | ".join(cells) + " |")
+        for key in sorted(rows):
+            label = key[1] + (f" [{key[2]}]" if key[2] else "")
+            lines.append(_row(label, sorted(rows[key], key=lambda r: r["seed"]), columns))
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

