@@ -264,8 +264,9 @@ def instance_noise(labels: np.ndarray, probs: np.ndarray, rate: float) -> np.nda
     """Given labels: the ``round(rate * N)`` rows whose most likely *other* class is most probable flip to it.
 
     ``probs`` (N, K) are out-of-sample class probabilities from a probe trained on the true labels (the
-    harness uses 5-fold logistic regression on frozen backbone features), so the flips go to the class a
-    pretrained model finds most similar for that very image: hard, feature-dependent noise.
+    harness fits its tuned 5-fold probe on a second backbone's features, see ``benchmarks.noise``), so the
+    flips go to the class a pretrained model finds most similar for that very image: hard,
+    feature-dependent noise.
     """
     others = probs.astype(np.float64).copy()
     others[np.arange(len(labels)), labels] = -np.inf

@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.datasets import materialise, symmetric_noise, write_noisy_labels
+from benchmarks.methods import call_detect
 from benchmarks.run import parse_options
-from deft_clean.detect import detect
+from deft_clean.config import BackboneConfig
 from deft_clean.finetune import finetune
 
 
@@ -66,8 +67,9 @@ def main() -> None:
     parser.add_argument(
         "--finetune-opts", default="epochs=10,lr=0.5", help="finetune() options, key=value,..."
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=None, help="Record folder (default <cache-dir>/results).")
     args = parser.parse_args()
+    args.out = args.out or args.cache_dir / "results"
 
     data = materialise("cifar10", data_root=args.data_root, cache_dir=args.cache_dir, subset=args.subset)
     given = symmetric_noise(data.labels, args.noise, len(data.class_ids), args.seed)
@@ -79,7 +81,16 @@ def main() -> None:
     started = time.perf_counter()
     flags = args.flags or work / "flags.parquet"
     if args.flags is None:
-        detect(data.root, noisy.labels_csv, out=flags, **common, **parse_options(args.deft_opts))
+        options = {"seed": args.seed, **parse_options(args.deft_opts)}
+        config = BackboneConfig(**backbone)
+        call_detect(
+            data.root,
+            noisy.labels_csv,
+            out=flags,
+            backbone=config,
+            classes_file=data.classes_file,
+            options=options,
+        )
     detect_s = time.perf_counter() - started
 
     runs = {

@@ -195,20 +195,27 @@ def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
     ]
 
 
-def call_detect(ctx: Context, labels_csv: Path, out: Path, options: dict[str, Any]) -> pd.DataFrame:
-    """The harness's one call into ``deft_clean.detect``: the shared backbone, the dataset's classes and
-    the ``--deft-opts`` dict (``seed`` included) become detect()'s arguments."""
+def call_detect(
+    data_dir: Path,
+    labels_csv: Path,
+    *,
+    out: Path,
+    backbone: BackboneConfig,
+    classes_file: Path,
+    options: dict[str, Any],
+) -> pd.DataFrame:
+    """The harness's one call into ``deft_clean.detect`` (``run_deft`` and ``finetune_compare`` both use
+    it): the shared backbone, the dataset's classes and a ``--deft-opts`` dict become its arguments."""
     from deft_clean.detect import detect
 
-    bcfg = ctx.backbone_config
     return detect(
-        ctx.dataset.root,
+        data_dir,
         labels_csv,
         out=out,
-        model=bcfg.model,
-        pretrained=bcfg.pretrained,
-        device=bcfg.device,
-        classes_file=str(ctx.dataset.classes_file),
+        model=backbone.model,
+        pretrained=backbone.pretrained,
+        device=backbone.device,
+        classes_file=str(classes_file),
         **options,
     )
 
@@ -221,7 +228,14 @@ def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
     tag = slug(",".join(f"{k}={v}" for k, v in sorted(ctx.deft_options.items())) or "defaults")
     model = slug(ctx.backbone_config.model)
     out = ctx.dataset.root / "deft-flags" / f"{noisy.labels_csv.stem}_{model}_{tag}.parquet"
-    frame = call_detect(ctx, noisy.labels_csv, out, options)
+    frame = call_detect(
+        ctx.dataset.root,
+        noisy.labels_csv,
+        out=out,
+        backbone=ctx.backbone_config,
+        classes_file=ctx.dataset.classes_file,
+        options=options,
+    )
     if "path" in frame.columns:  # align on path in case the tool reorders rows
         frame = frame.set_index("path").loc[list(ctx.dataset.paths)].reset_index()
     flags = frame["is_noisy"].to_numpy(dtype=bool)
