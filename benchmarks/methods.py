@@ -56,10 +56,9 @@ class Context:
 
     def backbone(self) -> Any:
         if self._backbone is None:
-            from deft_clean.backbone import load_backbone, resolve_device
+            from deft_clean.backbone import load_backbone_on
 
-            self._backbone = load_backbone(self.backbone_config)  # built on the CPU
-            self._backbone.model.to(resolve_device(self.backbone_config.device))
+            self._backbone, _ = load_backbone_on(self.backbone_config)
         return self._backbone
 
     def manifest(self) -> Any:
@@ -164,8 +163,8 @@ def run_zero_shot(ctx: Context, noisy: NoisySet) -> list[Row]:
 def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
     """Fine-tune the image tower with plain CE on the noisy labels (``deft_clean.finetune``), then split the
     un-augmented per-sample losses with a two-component GMM; also report "prediction ≠ label"."""
+    from deft_clean.config import FinetuneConfig
     from deft_clean.finetune import finetune
-    from deft_clean.images import build_image_cache
 
     options = {"method": "ce", "tune": "full", "epochs": 4, "lr": 0.05, "batch_size": 256, "seed": ctx.seed}
     options.update(ctx.finetune_options)
@@ -173,13 +172,11 @@ def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
     result = finetune(
         ctx.dataset.root,
         noisy.labels_csv,
-        model=bcfg.model,
-        pretrained=bcfg.pretrained,
-        device=bcfg.device,
-        classes_file=str(ctx.dataset.classes_file),
-        **options,
+        data=ctx.data_config(),
+        backbone=bcfg,
+        finetune=FinetuneConfig(**options),
     )
-    images = build_image_cache(ctx.manifest(), result.classifier.image_size)
+    images = ctx.manifest().decode(result.classifier.image_size)
     probs_np = result.classifier.predict_images(images, batch_size=256).astype(np.float64)  # (N, K)
     losses = -np.log(np.clip(probs_np[np.arange(len(noisy.given)), noisy.given], 1e-12, None))
     extra = {"finetune_options": options}
@@ -191,6 +188,7 @@ def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
 
 def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
     """``deft_clean.detect`` with the harness's backbone and ``--deft-opts``; reads is_noisy and p_clean."""
+    from deft_clean.config import DetectConfig
     from deft_clean.detect import detect
 
     bcfg = ctx.backbone_config
@@ -203,12 +201,10 @@ def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
         ctx.dataset.root,
         noisy.labels_csv,
         out=out,
-        model=bcfg.model,
-        pretrained=bcfg.pretrained,
-        device=bcfg.device,
-        classes_file=str(ctx.dataset.classes_file),
-        **options,
-    )
+        data=ctx.data_config(),
+        backbone=bcfg,
+        detect=DetectConfig(**options),
+    ).frame
     if "path" in frame.columns:  # align on path in case the tool reorders rows
         frame = frame.set_index("path").loc[list(ctx.dataset.paths)].reset_index()
     flags = frame["is_noisy"].to_numpy(dtype=bool)

@@ -62,3 +62,26 @@ def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     from deft_clean import _render
 
     monkeypatch.setattr(_render.console, "width", 300)
+
+
+def stage_configs(stage: str, **options: object) -> dict[str, object]:
+    """Flat test options -> the config objects ``detect``/``finetune``/``embed`` (``stage``) take, by keyword.
+
+    Each key goes to the config of the stage that declares it (data, backbone, then the stage's own);
+    a config is passed only when one of its fields was given, so the function's defaults apply otherwise.
+    """
+    import dataclasses
+
+    from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig
+
+    own = {"detect": {"detect": DetectConfig}, "finetune": {"finetune": FinetuneConfig}, "embed": {}}[stage]
+    stages = {"data": DataConfig, "backbone": BackboneConfig, **own}
+    built: dict[str, object] = {}
+    for keyword, cls in stages.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in options.items() if k in names}
+        if values:
+            built[keyword] = cls(**values)
+    unknown = set(options) - {f.name for cls in stages.values() for f in dataclasses.fields(cls)}
+    assert not unknown, f"not a config field: {unknown}"
+    return built
