@@ -112,6 +112,29 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     return _build(_plan(config), config.pretrained)
 
 
+def input_size(config: BackboneConfig) -> int | None:
+    """The image size the backbone ``config`` names takes, read from its model config without building
+    or downloading anything; None when only building would tell (the caller then asks the Backbone)."""
+    config = resolve_backbone(config)
+    pretrained = config.pretrained or ""
+    if pretrained.startswith(LOCAL_DIR):
+        try:
+            description = json.loads(
+                (Path(pretrained[len(LOCAL_DIR) :]).expanduser() / CONFIG_FILE).read_text()
+            )
+            model_cfg = description["model_cfg"]
+        except (OSError, ValueError, KeyError):
+            return None  # load_backbone names the problem
+    elif config.model == TEST_TINY:
+        model_cfg = TEST_TINY_CFG
+    elif config.model == OFFLINE:
+        return offline.IMAGE_SIZE
+    else:
+        model_cfg = open_clip.get_model_config(config.model) or {}
+    size = model_cfg.get("vision_cfg", {}).get("image_size")
+    return int(size[0] if isinstance(size, (tuple, list)) else size) if size else None
+
+
 def load_backbone_on(config: BackboneConfig) -> tuple[Backbone, torch.device]:
     """:func:`load_backbone`, moved to the device ``config.device`` names; returns both."""
     device = resolve_device(config.device)
@@ -301,7 +324,7 @@ def _build(plan: _Plan, pretrained: str | None) -> Backbone:
         preprocess.update(offline.load_offline_towers(model))
     if plan.checkpoint:
         _load_checkpoint(model, plan.checkpoint, plan.name)
-    if is_conv(model.visual):  # NHWC weights: oneDNN and cuDNN run these convolutions about 2x faster
+    if is_conv(model.visual):  # NHWC weights: oneDNN and cuDNN run these convolutions faster
         model.visual.to(memory_format=torch.channels_last)
     cfg = merge_preprocess_dict(PreprocessCfg(), {**preprocess, "size": model.visual.image_size})
     open_clip.set_model_preprocess_cfg(model, cfg)

@@ -244,9 +244,12 @@ def _image_set(
     """
     data_config = dataclasses.replace(data_config, min_per_class=0)  # class sizes do not matter here
     if labels_csv is None and has_loose_images(data_dir):
-        manifest = load_unlabelled(data_dir, config=data_config, reporter=reporter)
+        manifest = load_unlabelled(
+            data_dir, config=data_config, image_size=classifier.image_size, reporter=reporter
+        )
         return manifest, np.full(len(manifest), -1, dtype=np.int64)
-    manifest = load_manifest(data_dir, labels_csv, config=data_config, reporter=reporter)
+    size = classifier.image_size
+    manifest = load_manifest(data_dir, labels_csv, config=data_config, image_size=size, reporter=reporter)
     index = {cid: k for k, cid in enumerate(classifier.class_ids)}
     unknown = sorted(set(manifest.class_ids) - set(index))
     if unknown:

@@ -26,10 +26,10 @@ import torch
 
 from deft_clean.config import DataConfig
 from deft_clean.errors import DataError, Problem
-from deft_clean.images import build_image_cache
+from deft_clean.images import build_image_cache, decode_square, fits_in_ram
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.tables import fail, read_classes, read_table
-from deft_clean.validation import Row, find_problems
+from deft_clean.validation import Decoder, Row, find_problems
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -41,7 +41,8 @@ class Manifest:
 
     ``labels`` (N,) int64 index into ``class_ids``/``class_names``; ``readable`` (N,) bool, False only
     for rows skipped with ``on_bad_image='skip'`` (they keep their label and appear in the results with
-    status 'unreadable'). ``fingerprint`` identifies the input for the results metadata.
+    status 'unreadable'). ``fingerprint`` identifies the input for the results metadata. ``images``:
+    the pixels validation decoded at ``load_manifest(image_size=...)`` (uint8 (N, 3, S, S)), or None.
     """
 
     data_dir: Path
@@ -52,6 +53,7 @@ class Manifest:
     readable: np.ndarray
     fingerprint: dict
     max_image_pixels: int | None = DataConfig.max_image_pixels
+    images: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,7 +74,10 @@ class Manifest:
         cache_dir: Path | None = None,
         reporter: Reporter = SilentReporter(),
     ) -> torch.Tensor:
-        """Every row's image as uint8 (N, 3, size, size), unreadable rows zero (``build_image_cache``)."""
+        """Every row's image as uint8 (N, 3, size, size), unreadable rows zero: the pixels validation kept
+        when it decoded at this size, else decoded now (``build_image_cache``)."""
+        if self.images is not None and self.images.shape[-1] == size:
+            return self.images
         return build_image_cache(
             self.files(), size, readable=self.readable, max_image_pixels=self.max_image_pixels,
             cache_dir=cache_dir, num_workers=num_workers, reporter=reporter,
@@ -144,7 +149,13 @@ def _root(data_dir: str | Path) -> Path:
 
 
 def _readable(
-    rows: list[Row], root: Path, class_ids: list[str], config: DataConfig, reporter: Reporter, source: str
+    rows: list[Row],
+    root: Path,
+    class_ids: list[str],
+    config: DataConfig,
+    reporter: Reporter,
+    source: str,
+    decode: Decoder | None = None,
 ) -> np.ndarray:
     """Validate every row (``validation.find_problems``); the readable mask, or one DataError with all."""
     findings = find_problems(
@@ -154,6 +165,7 @@ def _readable(
         min_per_class=config.min_per_class,
         on_bad_image=config.on_bad_image,
         max_pixels=config.max_image_pixels,
+        decode=decode,
         reporter=reporter,
     )
     if findings.problems:
@@ -168,10 +180,14 @@ def load_manifest(
     labels_csv: str | Path | None = None,
     *,
     config: DataConfig = DataConfig(),
+    image_size: int | None = None,
     reporter: Reporter = SilentReporter(),
 ) -> Manifest:
-    """Read, validate (every image is opened and decoded, JPEGs at reduced scale) and return the set.
+    """Read, validate (every image is opened and fully decoded) and return the labelled image set.
 
+    ``image_size``: the size the images are wanted at (the backbone's input); validation then decodes
+    each image at that size and keeps the pixels (``Manifest.images``, when they fit in RAM), so each
+    image is decoded once per run. Without it, validation decodes cheaply (JPEGs at reduced scale).
     Raises ``DataError`` listing every problem (each naming the CSV row and file). Rows skipped with
     ``on_bad_image='skip'`` are kept with ``readable=False``.
     """
@@ -179,7 +195,8 @@ def load_manifest(
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
     rows, fingerprint, classes = _read_inputs(root, csv_path, config)
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
-    readable = _readable(rows, root, class_ids, config, reporter, str(csv_path or data_dir))
+    kept, decode = _keeper(len(rows), image_size)
+    readable = _readable(rows, root, class_ids, config, reporter, str(csv_path or data_dir), decode)
     index = {cid: k for k, cid in enumerate(class_ids)}
     fingerprint.update(n_rows=len(rows), n_files=int(readable.sum()))
     return Manifest(
@@ -191,7 +208,21 @@ def load_manifest(
         readable=readable,
         fingerprint=fingerprint,
         max_image_pixels=config.max_image_pixels,
+        images=None if kept is None else torch.from_numpy(kept),
     )
+
+
+def _keeper(n: int, size: int | None) -> tuple[np.ndarray | None, Decoder | None]:
+    """An (N, 3, size, size) uint8 array and a decoder filling it, or (None, None) when no size is
+    given or the array would not fit in RAM (the cache then decodes into its memmap file)."""
+    if size is None or not fits_in_ram((n, 3, size, size)):
+        return None, None
+    array = np.zeros((n, 3, size, size), dtype=np.uint8)
+
+    def keep(index: int, file: Path) -> None:
+        array[index] = decode_square(file, size).transpose(2, 0, 1)
+
+    return array, keep
 
 
 def has_loose_images(data_dir: str | Path) -> bool:
@@ -204,10 +235,15 @@ def has_loose_images(data_dir: str | Path) -> bool:
 
 
 def load_unlabelled(
-    data_dir: str | Path, *, config: DataConfig = DataConfig(), reporter: Reporter = SilentReporter()
+    data_dir: str | Path,
+    *,
+    config: DataConfig = DataConfig(),
+    image_size: int | None = None,
+    reporter: Reporter = SilentReporter(),
 ) -> Manifest:
     """Every image under a plain folder (sorted paths, subfolders included), validated like a labelled
-    set, as a Manifest without classes: ``labels`` are all -1, ``class_ids`` empty."""
+    set (``image_size`` as in :func:`load_manifest`), as a Manifest without classes: ``labels`` are all
+    -1, ``class_ids`` empty."""
     root = _root(data_dir)
     paths = sorted(
         f.relative_to(root).as_posix()
@@ -219,7 +255,9 @@ def load_unlabelled(
     if not paths:
         raise fail("empty_folder", "no images found", str(root), fix="Pass a folder holding image files.")
     rows = [Row(None, path, "?") for path in paths]  # one placeholder class: no label checks apply
-    readable = _readable(rows, root, ["?"], dataclasses.replace(config, min_per_class=0), reporter, str(root))
+    kept, decode = _keeper(len(rows), image_size)
+    unsized = dataclasses.replace(config, min_per_class=0)
+    readable = _readable(rows, root, ["?"], unsized, reporter, str(root), decode)
     listing = hashlib.sha256("\n".join(paths).encode()).hexdigest()
     return Manifest(
         data_dir=root,
@@ -230,6 +268,7 @@ def load_unlabelled(
         readable=readable,
         fingerprint={"source": "folder", "listing_sha256": listing, "n_rows": len(paths)},
         max_image_pixels=config.max_image_pixels,
+        images=None if kept is None else torch.from_numpy(kept),
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deft_clean.backbone import Backbone, load_backbone_on
+from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
@@ -63,7 +63,8 @@ def detect(
     """
     config, backbone = detect, resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
-    manifest = load_manifest(data_dir, labels_csv, config=data, reporter=reporter)
+    size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
+    manifest = load_manifest(data_dir, labels_csv, config=data, image_size=size, reporter=reporter)
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(config.seed)
     built, device = load_backbone_on(backbone)

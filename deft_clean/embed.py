@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deft_clean.backbone import Backbone, load_backbone_on
+from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.config import BackboneConfig, DataConfig
 from deft_clean.data import Manifest, load_manifest
 from deft_clean.files import atomic_file
@@ -78,7 +78,9 @@ def embed_images(
     Images are not augmented; on CUDA the tower runs under bf16 autocast. Unreadable rows
     (``manifest.readable == False``) get the features of a black image; callers drop them.
     """
-    manifest = data if isinstance(data, Manifest) else load_manifest(data, labels_csv)
+    if not isinstance(data, Manifest):
+        data = load_manifest(data, labels_csv, image_size=backbone.image_size, reporter=reporter)
+    manifest = data
     model = backbone.model
     device = next(model.parameters()).device
     images = stage(
@@ -110,7 +112,8 @@ def embed(
     ``out`` also saves the array as ``.npy`` (atomically); rows follow the input order of ``labels_csv``
     (or the ImageFolder listing).
     """
-    manifest = load_manifest(data_dir, labels_csv, config=data, reporter=reporter)
+    size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
+    manifest = load_manifest(data_dir, labels_csv, config=data, image_size=size, reporter=reporter)
     built, _ = load_backbone_on(backbone)
     features = embed_images(manifest, built, batch_size=batch_size, pooled=pooled, reporter=reporter)
     if out is not None:

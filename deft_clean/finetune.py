@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deft_clean.backbone import Backbone
+from deft_clean.backbone import Backbone, input_size
 from deft_clean.classifier import Classifier, build_tower, changed_tower_keys, classifier_info, evaluate
 from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone
 from deft_clean.data import Manifest, load_manifest
@@ -69,7 +69,9 @@ def finetune(
     flags_df = read_results(flags) if flags is not None else None
     recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
     bcfg = resolve_backbone(backbone, recorded)
-    manifest = load_manifest(data_dir, labels_csv, config=data)
+    manifest = load_manifest(
+        data_dir, labels_csv, config=data, image_size=input_size(bcfg), reporter=reporter
+    )
     rows, labels, n_dropped, n_relabelled = select_training_rows(
         manifest, flags_df, config, flags_name=f"'{flags}'"
     )

@@ -1,7 +1,9 @@
 """Robust image decoding and the decode-once uint8 cache.
 
-Every image is decoded exactly once per run (and per cache file): resized so its shorter side is
-``size`` (bicubic, antialiased), centre-cropped to ``size x size`` and stored as uint8 ``(N, 3, S, S)``.
+Every image becomes ``decode_square``: resized so its shorter side is ``size`` (bicubic,
+antialiased), centre-cropped to ``size x size``, stored as uint8 ``(N, 3, S, S)``. Validation does it
+when it knows the size (``data.load_manifest(image_size=...)`` keeps those pixels); otherwise
+:func:`build_image_cache` does, once per cache file.
 Training then reads batches from this tensor and augments them on the device (``augment.py``), so
 the GPU never waits for JPEG decoding. The cache lives in RAM when it is small (< 25% of the
 machine's memory) and otherwise in a numpy memmap file, written under a temporary name and
@@ -156,6 +158,11 @@ def _ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def fits_in_ram(shape: tuple[int, ...]) -> bool:
+    """Whether a uint8 array of ``shape`` stays under the share of physical memory a cache may take."""
+    return int(np.prod(shape)) < _RAM_FRACTION * _ram_bytes()
+
+
 def _cache_key(files: Sequence[Path], readable: np.ndarray, size: int) -> str:
     """Hash of everything the cache content depends on: files (path, size, mtime), mask, size."""
     digest = hashlib.sha256(json.dumps([size, len(files)]).encode())
@@ -214,7 +221,7 @@ def build_image_cache(
     readable = np.ones(len(files), dtype=bool) if readable is None else np.asarray(readable, dtype=bool)
     shape = (len(files), 3, size, size)
     fill = (files, readable, size, num_workers, max_image_pixels, reporter)
-    if in_memory if in_memory is not None else int(np.prod(shape)) < _RAM_FRACTION * _ram_bytes():
+    if in_memory if in_memory is not None else fits_in_ram(shape):
         array = np.zeros(shape, dtype=np.uint8)
         _fill(array, *fill)
         return torch.from_numpy(array)

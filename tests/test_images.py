@@ -160,3 +160,20 @@ def test_memmap_cache_matches_ram_is_atomic_and_reused(
     with pytest.raises(AssertionError):  # a new size must decode; the failed pass leaves no file behind
         build_image_cache(files, 4, readable=readable, in_memory=False, cache_dir=tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [file.name]
+
+
+def test_validation_keeps_what_it_decoded(striped_set: Path, monkeypatch) -> None:
+    """Decode once: with image_size, the pixels validation decoded are the cache (no second decode)."""
+    plain = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"))
+    expected = build_image_cache(plain.files(), 6, readable=plain.readable, in_memory=True)
+    manifest = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"), image_size=6)
+    assert manifest.images is not None and torch.equal(manifest.images, expected)
+    assert plain.images is None  # without a size, validation decodes cheaply and keeps nothing
+
+    def fail(path: Path, size: int) -> np.ndarray:
+        raise AssertionError("the kept pixels should be used, not decoded again")
+
+    monkeypatch.setattr(images, "decode_square", fail)
+    assert manifest.decode(6) is manifest.images
+    with pytest.raises(AssertionError):  # another size still decodes
+        manifest.decode(4)
