@@ -66,7 +66,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     ),
     "suggested_label": (
         "category",
-        "Label to use instead for a noisy row (the best other class); NA if clean.",
+        "For a flagged row, the class the positive prompts predict (= predicted_label; under --flag-rule "
+        "dual it can equal the given label); for a clean row, the given label. NA for unreadable rows.",
     ),
     "noise_rank": (
         "Int64",

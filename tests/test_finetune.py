@@ -62,7 +62,8 @@ def _flags(
     frame["p_clean"] = np.where(noisy, 0.1, 0.9).astype(np.float32)
     frame["predicted_label"] = truth
     frame["predicted_prob"] = np.float32(0.95)
-    frame["suggested_label"] = pd.Series(truth, dtype="string").where(noisy, pd.NA)
+    given = frame["given_label"].astype("string")
+    frame["suggested_label"] = pd.Series(truth, dtype="string").where(noisy, given)  # as detect writes it
     meta = run_metadata(manifest=manifest, configs={"backbone": BackboneConfig(model="test-tiny")})
     return write_results(frame, out, metadata=meta)
 
