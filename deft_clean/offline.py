@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from deft_clean.errors import BackboneError, MissingExtraError
 
@@ -103,8 +104,6 @@ def lite2_to_timm(lukemelas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def _load_minilm(transformer: torch.nn.Module) -> None:
     """MiniLM's weights into the HF BertModel of the text tower (its unused pooler layer is skipped)."""
-    from safetensors.torch import load_file
-
     weights = load_file(str(minilm_dir() / "model.safetensors"))
     expected = transformer.state_dict().keys()
     missing = sorted(expected - weights.keys())
