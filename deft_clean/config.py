@@ -150,7 +150,7 @@ class DetectConfig:
         "or 'dual' (the paper's rule alone: more precise, fewer caught; see docs/benchmarks.md).",
     )
     seed: int = _opt(0, "Random seed.")
-    num_workers: int = _opt(0, "Threads decoding images for the one-time cache (0: one per CPU core).")
+    num_workers: int = _opt(0, "Threads decoding the images, once per run (0: automatic).")
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", self.epochs, "of at least 1")
@@ -169,6 +169,7 @@ class DetectConfig:
         _require(balance in ("auto", "on", "off"), "class_balance", balance, "'auto', 'on' or 'off'")
         _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
         _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
 
     @property
     def balances(self) -> bool:
@@ -219,7 +220,7 @@ class FinetuneConfig:
     seed: int = _opt(0, "Random seed.")
     lora_rank: int = _opt(8, "LoRA rank for --tune lora.")
     lora_alpha: float = _opt(16.0, "LoRA alpha for --tune lora (scale = alpha / rank).")
-    num_workers: int = _opt(0, "Threads decoding images for the one-time cache (0: one per CPU core).")
+    num_workers: int = _opt(0, "Threads decoding the images, once per run (0: automatic).")
 
     def __post_init__(self) -> None:
         _require(self.method in ("tes", "ce"), "method", self.method, "'tes' or 'ce'")
@@ -230,6 +231,7 @@ class FinetuneConfig:
         _require(0 <= self.lambda_v <= 1, "lambda_v", self.lambda_v, "in [0, 1]")
         _require(0 <= self.relabel_threshold <= 1, "relabel_threshold", self.relabel_threshold, "in [0, 1]")
         _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
         patterns = self.template_list
         if not patterns or any("{}" not in t for t in patterns):
             raise ConfigError(

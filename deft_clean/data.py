@@ -156,6 +156,7 @@ def _readable(
     reporter: Reporter,
     source: str,
     decode: Decoder | None = None,
+    num_workers: int = 0,
 ) -> np.ndarray:
     """Validate every row (``validation.find_problems``); the readable mask, or one DataError with all."""
     findings = find_problems(
@@ -166,6 +167,7 @@ def _readable(
         on_bad_image=config.on_bad_image,
         max_pixels=config.max_image_pixels,
         decode=decode,
+        num_workers=num_workers or None,
         reporter=reporter,
     )
     if findings.problems:
@@ -181,6 +183,7 @@ def load_manifest(
     *,
     config: DataConfig = DataConfig(),
     image_size: int | None = None,
+    num_workers: int = 0,
     reporter: Reporter = SilentReporter(),
 ) -> Manifest:
     """Read, validate (every image is opened and fully decoded) and return the labelled image set.
@@ -188,6 +191,7 @@ def load_manifest(
     ``image_size``: the size the images are wanted at (the backbone's input); validation then decodes
     each image at that size and keeps the pixels (``Manifest.images``, when they fit in RAM), so each
     image is decoded once per run. Without it, validation decodes cheaply (JPEGs at reduced scale).
+    ``num_workers``: decoding threads (0: automatic).
     Raises ``DataError`` listing every problem (each naming the CSV row and file). Rows skipped with
     ``on_bad_image='skip'`` are kept with ``readable=False``.
     """
@@ -196,7 +200,8 @@ def load_manifest(
     rows, fingerprint, classes = _read_inputs(root, csv_path, config)
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
     kept, decode = _keeper(len(rows), image_size)
-    readable = _readable(rows, root, class_ids, config, reporter, str(csv_path or data_dir), decode)
+    source = str(csv_path or data_dir)
+    readable = _readable(rows, root, class_ids, config, reporter, source, decode, num_workers)
     index = {cid: k for k, cid in enumerate(class_ids)}
     fingerprint.update(n_rows=len(rows), n_files=int(readable.sum()))
     return Manifest(

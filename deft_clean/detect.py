@@ -64,7 +64,9 @@ def detect(
     config, backbone = detect, resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
     size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
-    manifest = load_manifest(data_dir, labels_csv, config=data, image_size=size, reporter=reporter)
+    manifest = load_manifest(
+        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
+    )
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(config.seed)
     built, device = load_backbone_on(backbone)

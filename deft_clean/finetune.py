@@ -69,8 +69,9 @@ def finetune(
     flags_df = read_results(flags) if flags is not None else None
     recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
     bcfg = resolve_backbone(backbone, recorded)
+    size = input_size(bcfg)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
-        data_dir, labels_csv, config=data, image_size=input_size(bcfg), reporter=reporter
+        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
     )
     rows, labels, n_dropped, n_relabelled = select_training_rows(
         manifest, flags_df, config, flags_name=f"'{flags}'"

@@ -208,7 +208,8 @@ def test_truth_for_some_rows_only(tmp_path):
     ("change", "option"),
     [({"warmup_epochs": 3, "epochs": 2}, "--warmup-epochs"), ({"threshold": 1.0}, "--threshold"),
      ({"lr_schedule": "linear"}, "--lr-schedule"), ({"peft": "full"}, "--peft"),
-     ({"flag_rule": "any"}, "--flag-rule"), ({"class_balance": "yes"}, "--class-balance")],
+     ({"flag_rule": "any"}, "--flag-rule"), ({"class_balance": "yes"}, "--class-balance"),
+     ({"num_workers": -1}, "--num-workers"), ({"vpt_len": 0}, "--vpt-len")],
 )  # fmt: skip
 def test_invalid_options_are_refused(change, option):
     with pytest.raises(ConfigError, match=option):
