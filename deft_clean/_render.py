@@ -198,3 +198,40 @@ def print_detect_summary(result: DetectResult, max_classes: int = 30) -> None:
             f"labels; precision {truth['precision']:.3f}, recall {truth['recall']:.3f}, F1 {truth['f1']:.3f}"
         )
     console.print(f"results: {escape(str(result.out))} (noise_rank 1 = most likely wrong)")
+
+
+def print_report(report: Any) -> None:
+    """``deft-clean report``: where the page is, its size, and how much of the flagged set it shows."""
+    hidden = report.n_flagged - report.n_shown
+    missing = f"; {report.n_missing_images} images not found" if report.n_missing_images else ""
+    console.print(
+        f"[bold green]report:[/bold green] {escape(str(report.path))} ({report.size_bytes / 1e6:.1f} MB, "
+        f"{report.seconds:.1f} s): {report.n_shown:,} of {report.n_flagged:,} flagged images shown"
+        + (f", {hidden:,} not shown (--max-tiles)" if hidden else "")
+        + f"{missing}. Open it in a browser; it needs no network."
+    )
+
+
+def print_export(summary: Any, config: Any) -> None:
+    """``deft-clean export``: the files written and what was accepted or left for review."""
+    files = ", ".join(escape(str(f)) for f in summary.files)
+    if config.to == "csv":
+        console.print(
+            f"[bold green]corrected:[/bold green] {summary.n_changed:,} of {summary.n_flagged:,} flagged "
+            f"rows relabelled (predicted_prob >= {config.accept_above}); {summary.n_for_review:,} left in "
+            f"review.csv; the other {summary.n_rows - summary.n_flagged:,} rows unchanged. Wrote {files}."
+        )
+    else:
+        console.print(
+            f"[bold green]label studio:[/bold green] {summary.n_for_review:,} tasks (the flagged rows, most "
+            f"likely wrong first). Wrote {files}: create a project with the config, import the tasks."
+        )
+
+
+def print_imported(summary: Any) -> None:
+    """``deft-clean import-review``: how many decisions were applied and how many labels they changed."""
+    console.print(
+        f"[bold green]applied:[/bold green] {summary.n_flagged:,} reviewed tasks, {summary.n_changed:,} "
+        f"labels changed; the other rows of the {summary.n_rows:,} unchanged. "
+        f"Wrote {escape(str(summary.files[0]))}."
+    )

@@ -37,6 +37,8 @@ from deft_clean.embed import embed
 from deft_clean.errors import DataError, DeftCleanError
 from deft_clean.finetune import finetune
 from deft_clean.version import __version__
+from deft_clean.export import ExportConfig
+from deft_clean.report import ReportConfig
 
 app = typer.Typer(
     name="deft-clean",
@@ -164,6 +166,9 @@ def detect_command(
     save_model: Annotated[
         Path | None, typer.Option("--save-model", help="Folder for the learned prompts and adapters.")
     ] = None,
+    report: Annotated[
+        bool, typer.Option("--report", help="Also write the HTML report beside the results (`report`).")
+    ] = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -175,6 +180,8 @@ def detect_command(
         truth_csv=truth, save_model=save_model, reporter=RichReporter(),
     )  # fmt: skip
     print_detect_summary(result)
+    if report:
+        _report(result.out, truth_csv=truth)
 
 
 @app.command("backbones")
@@ -288,3 +295,81 @@ def embed_command(
         batch_size=batch_size, reporter=RichReporter(),
     )  # fmt: skip
     typer.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out}")
+
+
+def _report(flags: Path, **kwargs: Any) -> None:
+    """Build the HTML report of ``flags`` with progress and say where it is (report, detect --report)."""
+    from deft_clean._render import print_report
+    from deft_clean.report import build_report
+
+    print_report(build_report(flags, reporter=RichReporter(), **kwargs))
+
+
+@app.command("report")
+@_user_errors
+@config_options(ReportConfig)
+def report_command(
+    flags: Annotated[
+        Path, typer.Argument(help="Results Parquet from `deft-clean detect`.", show_default=False)
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file (default: the results file with suffix .html).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Folder the image paths are under (default: detect's)."),
+    ] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth", help="CSV path,label of verified labels: precision/recall/F1, missed labels."
+        ),
+    ] = None,
+    *,
+    options: dict[str, Any],  # filled by @config_options
+) -> None:
+    """Write one self-contained HTML page: summary, per-class charts and a gallery of the flagged images."""
+    _report(flags, out=out, data_dir=data_dir, truth_csv=truth, config=ReportConfig(**options))
+
+
+@app.command("export")
+@_user_errors
+@config_options(ExportConfig)
+def export_command(
+    flags: Annotated[
+        Path, typer.Argument(help="Results Parquet from `deft-clean detect`.", show_default=False)
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the files (default: the results file's folder).")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="csv: the labels CSV to correct (default: detect's).")
+    ] = None,
+    *,
+    options: dict[str, Any],  # filled by @config_options
+) -> None:
+    """Export the flags: a corrected labels CSV + review.csv, or Label Studio tasks to review them."""
+    from deft_clean._render import print_export
+    from deft_clean.export import export_labels
+
+    config = ExportConfig(**options)
+    print_export(export_labels(flags, out, labels_csv=labels, config=config), config)
+
+
+@app.command("import-review")
+@_user_errors
+@config_options(DataConfig, only={"image_col", "label_col"})
+def import_review_command(
+    review: Annotated[
+        Path, typer.Argument(help="Label Studio export (JSON or JSON-MIN).", show_default=False)
+    ],
+    labels_csv: Annotated[Path, typer.Argument(help="The labels CSV to apply it to.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Corrected labels CSV to write.")],
+    *,
+    options: dict[str, Any],  # filled by @config_options
+) -> None:
+    """Apply a reviewer's Label Studio decisions to a labels CSV; rows never reviewed stay as they were."""
+    from deft_clean._render import print_imported
+    from deft_clean.export import import_review
+
+    print_imported(import_review(review, labels_csv, out, **options))
