@@ -149,7 +149,7 @@ class _View:
         ids = list(frame["given_label"].cat.categories)
         names = list(meta.get("class_names") or ids)
         given = frame["given_label"].cat.codes.to_numpy(np.int64)
-        truth = _truth(frame, ids, names, given, truth_csv) if truth_csv is not None else None
+        truth = truth_labels(frame, truth_csv) if truth_csv is not None else None
         return cls(
             title=title,
             meta=meta,
@@ -177,18 +177,18 @@ class _View:
         return rows[np.argsort(self.rank[rows], kind="stable")]
 
 
-def _truth(
-    frame: pd.DataFrame, ids: list[str], names: list[str], given: np.ndarray, truth_csv: str | Path
-) -> np.ndarray:
-    """(N,) class index of each row's verified label, -1 where the truth CSV has no row (data.load_labels)."""
+def truth_labels(frame: pd.DataFrame, truth_csv: str | Path) -> np.ndarray:
+    """(N,) class index (into the results' class ids) of each row's verified label, -1 where the truth CSV
+    has no row; labels may be class ids or names (read by :func:`deft_clean.data.load_labels`)."""
     from deft_clean.data import Manifest, load_labels
 
+    ids = list(frame["given_label"].cat.categories)
     manifest = Manifest(
         data_dir=Path("."),
         paths=list(frame["path"]),
-        labels=given,
+        labels=frame["given_label"].cat.codes.to_numpy(np.int64),
         class_ids=ids,
-        class_names=names,
+        class_names=list(frame.attrs.get("class_names") or ids),
         readable=np.ones(len(frame), bool),
         fingerprint={},
     )
