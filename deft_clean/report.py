@@ -228,9 +228,9 @@ def _summary_section(view: _View, n_shown: int, root: Path) -> str:
         f"({n_flagged / max(int(view.scored.sum()), 1):.1%} of scored)",
         "shown below": f"<span id='n-shown'>{n_shown:,}</span> lowest-ranked flagged images; "
         f"<span id='n-hidden'>{n_flagged - n_shown:,}</span> not shown (raise --max-tiles to see more)",
-        "backbone": html.escape(
-            f"{backbone.get('model')} ({backbone.get('pretrained') or 'default weights'})"
-        ),
+        "backbone": html.escape(f"{backbone['model']} ({backbone.get('pretrained') or 'its default'})")
+        if backbone
+        else "n/a",
         "detect time": f"{total:,.1f} s on {html.escape(str(detect.get('device')))}" if total else "n/a",
         "made": html.escape(f"{meta.get('created_at')} by deft-clean {meta.get('deft_clean_version')}"),
         "images from": html.escape(str(root)),
