@@ -239,9 +239,12 @@ def test_cli_detect_writes_results_and_summary(tmp_path, wide_console):
         "cpu",
     ]
     args += ["--peft", "none", "--epochs", "1", "--batch-size", "8", "--n-ctx", "4", "--seed", "3"]
-    result = CliRunner().invoke(app, [*args, "--class-balance", "on"])
+    result = CliRunner().invoke(app, [*args, "--class-balance", "on", "--report"])
     assert result.exit_code == 0, result.output
     written = read_results(tmp_path / "d" / "labels.deft.parquet")
+    page = (tmp_path / "d" / "labels.deft.html").read_text()  # --report: the page beside the results
+    assert f"<span id='n-flagged'>{int(written['is_noisy'].sum())}</span>" in page
+    assert "caught <b>" in page  # --truth reaches the report too
     assert len(written) == 16 and written.attrs["configs"]["detect"]["seed"] == 3
     assert written.attrs["configs"]["detect"]["class_balance"] == "on"
     assert (
