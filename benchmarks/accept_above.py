@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from deft_clean import read_results
-from deft_clean.export import accepted
 from deft_clean.report import truth_labels
+from deft_clean.results import confident_suggestions
 
 HEADER = "| accept-above | accepted | right | precision | right labels broken | wrong labels before → after |"
 RULE = "|---|---|---|---|---|---|"
@@ -37,7 +37,7 @@ def measure(flags: Path, truth_csv: Path) -> list[dict]:
     wrong = known & (truth != given)
     rows = []
     for threshold in THRESHOLDS:
-        take = accepted(frame, threshold) & known
+        take = confident_suggestions(frame, threshold) & known
         right = int((take & (suggested == truth)).sum())
         rows.append(
             {

@@ -22,10 +22,10 @@ import numpy as np
 
 from benchmarks.datasets import materialise, symmetric_noise
 from benchmarks.run import DEFAULT_DATA_ROOT, REPO
+from deft_clean.config import ReportConfig
 from deft_clean.data import Manifest
-from deft_clean.report import ReportConfig, build_report
-from deft_clean.results import run_metadata, write_results
-from deft_clean.scoring import Scores, result_frame
+from deft_clean.report import build_report
+from deft_clean.results import Scores, result_frame, run_metadata, write_results
 
 OUT_NAME = "report-scale_cifar10-50000.json"
 

@@ -22,23 +22,35 @@ from deft_clean._render import (
     print_backbones,
     print_detect_summary,
     print_error,
+    print_export,
     print_exported,
     print_finetune_summary,
+    print_imported,
     print_manifest_summary,
     print_predict_summary,
     print_problems,
+    print_report,
 )
 from deft_clean.backbone import export_backbone, list_backbones
 from deft_clean.classifier import predict
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig, flag, resolve_backbone
+from deft_clean.config import (
+    BackboneConfig,
+    DataConfig,
+    DetectConfig,
+    ExportConfig,
+    FinetuneConfig,
+    ReportConfig,
+    flag,
+    resolve_backbone,
+)
 from deft_clean.data import load_manifest
 from deft_clean.detect import detect
 from deft_clean.embed import embed
 from deft_clean.errors import DataError, DeftCleanError
+from deft_clean.export import export_labels, import_review
 from deft_clean.finetune import finetune
+from deft_clean.report import build_report
 from deft_clean.version import __version__
-from deft_clean.export import ExportConfig
-from deft_clean.report import ReportConfig
 
 app = typer.Typer(
     name="deft-clean",
@@ -88,6 +100,8 @@ _PARAMETER = {
     BackboneConfig: "backbone_config",
     DetectConfig: "detect_config",
     FinetuneConfig: "finetune_config",
+    ReportConfig: "report_config",
+    ExportConfig: "export_config",
 }
 
 
@@ -299,9 +313,6 @@ def embed_command(
 
 def _report(flags: Path, **kwargs: Any) -> None:
     """Build the HTML report of ``flags`` with progress and say where it is (report, detect --report)."""
-    from deft_clean._render import print_report
-    from deft_clean.report import build_report
-
     print_report(build_report(flags, reporter=RichReporter(), **kwargs))
 
 
@@ -326,10 +337,10 @@ def report_command(
         ),
     ] = None,
     *,
-    options: dict[str, Any],  # filled by @config_options
+    report_config: ReportConfig,
 ) -> None:
     """Write one self-contained HTML page: summary, per-class charts and a gallery of the flagged images."""
-    _report(flags, out=out, data_dir=data_dir, truth_csv=truth, config=ReportConfig(**options))
+    _report(flags, out=out, data_dir=data_dir, truth_csv=truth, config=report_config)
 
 
 @app.command("export")
@@ -346,14 +357,10 @@ def export_command(
         Path | None, typer.Option("--labels", help="csv: the labels CSV to correct (default: detect's).")
     ] = None,
     *,
-    options: dict[str, Any],  # filled by @config_options
+    export_config: ExportConfig,
 ) -> None:
     """Export the flags: a corrected labels CSV + review.csv, or Label Studio tasks to review them."""
-    from deft_clean._render import print_export
-    from deft_clean.export import export_labels
-
-    config = ExportConfig(**options)
-    print_export(export_labels(flags, out, labels_csv=labels, config=config), config)
+    print_export(export_labels(flags, out, labels_csv=labels, config=export_config), export_config)
 
 
 @app.command("import-review")
@@ -366,10 +373,11 @@ def import_review_command(
     labels_csv: Annotated[Path, typer.Argument(help="The labels CSV to apply it to.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Corrected labels CSV to write.")],
     *,
-    options: dict[str, Any],  # filled by @config_options
+    data_config: DataConfig,
 ) -> None:
     """Apply a reviewer's Label Studio decisions to a labels CSV; rows never reviewed stay as they were."""
-    from deft_clean._render import print_imported
-    from deft_clean.export import import_review
-
-    print_imported(import_review(review, labels_csv, out, **options))
+    print_imported(
+        import_review(
+            review, labels_csv, out, image_col=data_config.image_col, label_col=data_config.label_col
+        )
+    )

@@ -251,6 +251,43 @@ class FinetuneConfig:
         return TuningSpec(peft, self.lora_rank, self.lora_alpha, 0.0, lora_targets or None)
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the HTML report shows and how large it may grow (``deft-clean report``)."""
+
+    max_tiles: int = _opt(
+        1000, "Most flagged images shown (lowest noise_rank first); the page counts the rest."
+    )
+    thumb_px: int = _opt(96, "Longest side of an embedded thumbnail, in pixels.")
+
+    def __post_init__(self) -> None:
+        _require(self.max_tiles >= 0, "max_tiles", self.max_tiles, ">= 0")
+        _require(16 <= self.thumb_px <= 512, "thumb_px", self.thumb_px, "between 16 and 512")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``deft-clean export`` writes, which suggestions it accepts, how Label Studio finds images."""
+
+    to: Literal["csv", "label-studio"] = _opt(
+        "csv", "'csv': corrected CSV + review.csv; 'label-studio': tasks + labeling config."
+    )
+    accept_above: float = _opt(
+        0.9,
+        "Apply a suggestion in the corrected CSV when predicted_prob >= this; the other flagged rows go to "
+        "review.csv (0.9: measured in docs/benchmarks.md; 1 accepts nothing).",
+    )
+    image_url_prefix: str = _opt(
+        "/data/local-files/?d=",
+        "Label Studio: put before each image path to make its URL (default: Label Studio's local-files "
+        "storage; see docs/review.md).",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.to in ("csv", "label-studio"), "to", self.to, "'csv' or 'label-studio'")
+        _require(0.0 <= self.accept_above <= 1.0, "accept_above", self.accept_above, "in [0, 1]")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain dict of a config dataclass (JSON-safe: only str/int/float/bool/None values)."""
     return dataclasses.asdict(config)

@@ -18,7 +18,7 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,41 +27,16 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 import pandas as pd
 
-from deft_clean.errors import ConfigError, DataError, DeftCleanError, Problem
+from deft_clean.config import ExportConfig
+from deft_clean.errors import DataError, DeftCleanError, Problem
+from deft_clean.files import atomic_file, atomic_folder
+from deft_clean.results import confident_suggestions, read_results
+from deft_clean.tables import LABEL_COLUMNS, PATH_COLUMNS
+from deft_clean.version import __version__
 
 CORRECTED_CSV, REVIEW_CSV = "corrected.csv", "review.csv"
 TASKS_JSON, LABEL_CONFIG_XML = "label-studio-tasks.json", "label-studio-config.xml"
-EXPORT_FORMATS = ("csv", "label-studio")
 FROM_NAME, TO_NAME = "label", "image"  # the Choices and Image tag names of the labeling config
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """What to export, how suggestions are accepted and how Label Studio finds the images."""
-
-    to: str = field(
-        default="csv",
-        metadata={"help": "'csv': corrected CSV + review.csv; 'label-studio': tasks + labeling config."},
-    )
-    accept_above: float = field(
-        default=0.9,
-        metadata={"help": "Apply a suggestion in the corrected CSV when predicted_prob >= this; the rest "
-                  "of the flagged rows go to review.csv (0.9: see docs/benchmarks.md)."},
-    )  # fmt: skip
-    image_url_prefix: str = field(
-        default="/data/local-files/?d=",
-        metadata={"help": "Label Studio: put before each image path to make its URL (default: Label "
-                  "Studio's local-files storage; see docs/review.md)."},
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.to not in EXPORT_FORMATS:
-            raise ConfigError(f"--to must be 'csv' or 'label-studio', got '{self.to}'.")
-        if not 0.0 <= self.accept_above <= 1.0:
-            raise ConfigError(
-                f"--accept-above must be between 0 and 1, got {self.accept_above}.",
-                hint="Use 1.0 to accept nothing, 0 to accept every suggestion.",
-            )
 
 
 @dataclass(frozen=True)
@@ -95,17 +70,6 @@ def export_labels(
     return export_label_studio(results, out_dir, config=config)
 
 
-def accepted(frame: pd.DataFrame, accept_above: float) -> np.ndarray:
-    """(N,) bool: flagged rows whose suggestion differs from the given label with ``predicted_prob`` at
-    least ``accept_above`` (the suggestion is the predicted label, so its probability is that one)."""
-    suggested, given = frame["suggested_label"].astype(object), frame["given_label"].astype(object)
-    change = frame["is_noisy"].fillna(False).to_numpy(bool) & suggested.notna().to_numpy()
-    change &= (suggested != given).to_numpy() & (
-        suggested == frame["predicted_label"].astype(object)
-    ).to_numpy()
-    return change & (frame["predicted_prob"].to_numpy(np.float64, na_value=0.0) >= accept_above)
-
-
 def export_csv(
     results: str | Path | pd.DataFrame,
     out_dir: str | Path,
@@ -121,12 +85,14 @@ def export_csv(
     frame = _frame(results)
     table, path_col, label_col = _user_table(frame, labels_csv)
     rows = _rows_of(frame, table[path_col])
-    take = accepted(frame, config.accept_above)
+    take = confident_suggestions(frame, config.accept_above)
     table.loc[rows[take], label_col] = frame["suggested_label"].astype(object)[take].to_numpy()
     flagged = frame["is_noisy"].fillna(False).to_numpy(bool)
     review = frame.loc[flagged & ~take, _REVIEW_COLUMNS].sort_values("noise_rank")
-    out = Path(out_dir)
-    files = (_write_csv(table, out / CORRECTED_CSV), _write_csv(review, out / REVIEW_CSV))
+    with atomic_folder(out_dir) as folder:  # both files appear together, or neither
+        _write_csv(table, folder / CORRECTED_CSV)
+        _write_csv(review, folder / REVIEW_CSV)
+    files = (Path(out_dir) / CORRECTED_CSV, Path(out_dir) / REVIEW_CSV)
     return ExportSummary(files, len(frame), int(flagged.sum()), int(take.sum()), len(review))
 
 
@@ -141,8 +107,6 @@ def export_label_studio(
     Each task: ``data`` holds ``image`` (``image_url_prefix`` + path), ``path``, ``given_label`` and
     ``noise_rank``; ``predictions`` holds one prediction, our suggested label, scored by ``p_clean``.
     """
-    from deft_clean import __version__
-
     frame = _frame(results)
     ids = list(frame["given_label"].cat.categories)
     names = list(frame.attrs.get("class_names") or ids)
@@ -174,9 +138,10 @@ def export_label_studio(
                 ],
             }
         )
-    out = Path(out_dir)
-    tasks_path = write_text(out / TASKS_JSON, json.dumps(tasks, indent=1, ensure_ascii=False))
-    config_path = write_text(out / LABEL_CONFIG_XML, labeling_config(ids, names))
+    with atomic_folder(out_dir) as folder:
+        (folder / TASKS_JSON).write_text(json.dumps(tasks, indent=1, ensure_ascii=False), encoding="utf-8")
+        (folder / LABEL_CONFIG_XML).write_text(labeling_config(ids, names), encoding="utf-8")
+    tasks_path, config_path = Path(out_dir) / TASKS_JSON, Path(out_dir) / LABEL_CONFIG_XML
     return ExportSummary((tasks_path, config_path), len(frame), len(flagged), 0, len(tasks))
 
 
@@ -224,7 +189,9 @@ def import_review(
         table.at[row, label_col] = label
     if problems:
         raise DataError(problems, source=str(export_json))
-    written = _write_csv(table, Path(out))
+    with atomic_file(out) as partial:
+        _write_csv(table, partial)
+    written = Path(out)
     return ExportSummary((written,), len(table), len(decisions), changed, 0)
 
 
@@ -271,8 +238,6 @@ def _load_json(path: Path) -> Any:
 
 
 def _frame(results: str | Path | pd.DataFrame) -> pd.DataFrame:
-    from deft_clean.results import read_results
-
     return results if isinstance(results, pd.DataFrame) else read_results(results)
 
 
@@ -302,8 +267,6 @@ def _user_table(frame: pd.DataFrame, labels_csv: str | Path | None) -> tuple[pd.
 
 def _read_labels(path: Path, image_col: str | None, label_col: str | None) -> tuple[pd.DataFrame, str, str]:
     """A labels CSV as text columns (delimiter sniffed like data.read_table) and its path/label columns."""
-    from deft_clean.data import LABEL_COLUMNS, PATH_COLUMNS
-
     if not path.is_file():
         raise DeftCleanError(
             f"Labels CSV not found: '{path}'.",
@@ -339,17 +302,6 @@ def _rows_of(frame: pd.DataFrame, csv_paths: pd.Series) -> np.ndarray:
     return rows
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temp file + rename): no half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.{os.getpid()}.partial"
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> Path:
-    return write_text(path, table.to_csv(index=False, quoting=csv.QUOTE_MINIMAL, lineterminator="\n"))
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    """A plain comma-separated CSV with a header and no index (the format labels CSVs use)."""
+    table.to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")

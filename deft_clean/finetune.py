@@ -30,7 +30,7 @@ from deft_clean.data import Manifest, load_manifest
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
 from deft_clean.progress import Reporter, SilentReporter
-from deft_clean.results import read_results
+from deft_clean.results import confident_suggestions, read_results
 from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, is_conv
 from deft_clean.tes import tes_loss, text_logits
 
@@ -146,11 +146,7 @@ def select_training_rows(
     noisy = flags["is_noisy"].fillna(False).to_numpy(dtype=bool) & readable
     relabel = np.zeros(len(labels), dtype=bool)
     if config.relabel:
-        suggested = flags["suggested_label"]
-        agree = (suggested == flags["predicted_label"]) & (suggested.cat.codes != labels)
-        agree = agree.fillna(False).to_numpy(dtype=bool)
-        sure = flags["predicted_prob"].fillna(0.0).to_numpy(dtype=float) >= config.relabel_threshold
-        relabel = noisy & agree & sure
+        relabel = noisy & confident_suggestions(flags, config.relabel_threshold)
         labels[relabel] = flags["suggested_label"].cat.codes.to_numpy()[relabel]
     keep = (readable & ~noisy) | relabel
     if keep.sum() < 2:

@@ -18,7 +18,7 @@ import base64
 import html
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +26,16 @@ import numpy as np
 import pandas as pd
 
 from deft_clean import report_charts
-from deft_clean.errors import ConfigError, DeftCleanError
-from deft_clean.export import write_text
+from deft_clean.config import ReportConfig
+from deft_clean.data import Manifest, load_labels
+from deft_clean.errors import DeftCleanError
+from deft_clean.files import atomic_file
+from deft_clean.images import open_image
 from deft_clean.progress import Reporter, SilentReporter
+from deft_clean.results import read_results
+from deft_clean.scoring import flag_metrics
 
 MAX_CHART_CLASSES = 30  # charts beyond this many classes become unreadable; the noisiest are drawn
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """What the HTML report shows and how large it may grow."""
-
-    max_tiles: int = field(
-        default=1000,
-        metadata={"help": "Most flagged images shown (lowest noise_rank first); the page counts the rest."},
-    )
-    thumb_px: int = field(default=96, metadata={"help": "Longest side of an embedded thumbnail, in pixels."})
-
-    def __post_init__(self) -> None:
-        if self.max_tiles < 0:
-            raise ConfigError(f"--max-tiles must be >= 0, got {self.max_tiles}.")
-        if not 16 <= self.thumb_px <= 512:
-            raise ConfigError(f"--thumb-px must be between 16 and 512, got {self.thumb_px}.")
 
 
 @dataclass(frozen=True)
@@ -79,8 +67,6 @@ def build_report(
     from the metadata). ``truth_csv`` (path,label of verified labels) adds precision/recall/F1 and the
     missed wrong labels. Images that cannot be read are shown as a labelled placeholder and counted.
     """
-    from deft_clean.results import read_results
-
     start = time.perf_counter()
     if isinstance(results, pd.DataFrame):
         if out is None:
@@ -103,7 +89,9 @@ def build_report(
         _missed_section(view, root, config, reporter),
     ]
     page = _PAGE.format(title=html.escape(view.title), style=_STYLE, body="\n".join(body), script=_SCRIPT)
-    path = write_text(out_path, page)
+    with atomic_file(out_path) as partial:
+        partial.write_text(page, encoding="utf-8")
+    path = out_path
     return Report(
         path=path,
         size_bytes=path.stat().st_size,
@@ -180,8 +168,6 @@ class _View:
 def truth_labels(frame: pd.DataFrame, truth_csv: str | Path) -> np.ndarray:
     """(N,) class index (into the results' class ids) of each row's verified label, -1 where the truth CSV
     has no row; labels may be class ids or names (read by :func:`deft_clean.data.load_labels`)."""
-    from deft_clean.data import Manifest, load_labels
-
     ids = list(frame["given_label"].cat.categories)
     manifest = Manifest(
         data_dir=Path("."),
@@ -197,8 +183,6 @@ def truth_labels(frame: pd.DataFrame, truth_csv: str | Path) -> np.ndarray:
 
 def _thumbnails(paths: np.ndarray, root: Path, size: int, reporter: Reporter) -> list[str | None]:
     """A base64 JPEG per path (longest side ``size``), None where the image cannot be read."""
-    from deft_clean.images import open_image
-
     out: list[str | None] = []
     with reporter.task("Thumbnails", len(paths)):
         for path in paths:
@@ -320,8 +304,6 @@ def _charts_section(view: _View) -> str:
 def _truth_section(view: _View) -> str:
     if view.truth is None:
         return ""
-    from deft_clean.scoring import flag_metrics
-
     known = view.scored & (view.truth >= 0)
     m = flag_metrics(view.flagged[known], (view.truth != view.given)[known])
     return (

@@ -136,6 +136,21 @@ def result_frame(manifest: Manifest, rows: np.ndarray, scores: Scores) -> pd.Dat
     return frame
 
 
+def confident_suggestions(flags: pd.DataFrame, threshold: float) -> np.ndarray:
+    """(N,) bool: flagged rows whose ``suggested_label`` is the detector's prediction, differs from the given
+    label, and has ``predicted_prob >= threshold`` (so that probability is the suggestion's own).
+
+    The one rule for applying suggestions: ``export --accept-above`` and ``finetune --relabel``.
+    """
+    suggested = flags["suggested_label"].astype(object)
+    agree = (suggested == flags["predicted_label"].astype(object)) & (
+        suggested != flags["given_label"].astype(object)
+    )
+    flagged = flags["is_noisy"].fillna(False).to_numpy(bool) & suggested.notna().to_numpy()
+    sure = flags["predicted_prob"].to_numpy(np.float64, na_value=0.0) >= threshold
+    return flagged & agree.to_numpy(bool) & sure
+
+
 def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str | None]:
     """Installed versions of ``names`` (None when absent) and of Python: how a run was made."""
     versions: dict[str, str | None] = {"python": platform.python_version()}

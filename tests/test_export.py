@@ -13,11 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from deft_clean.cli import app
-from deft_clean.config import DataConfig
+from deft_clean.config import DataConfig, ExportConfig
 from deft_clean.data import load_manifest
 from deft_clean.errors import ConfigError, DataError, DeftCleanError
 from deft_clean.export import (
-    ExportConfig,
     export_csv,
     export_label_studio,
     export_labels,
@@ -65,9 +64,9 @@ def test_csv_refuses_a_labels_csv_changed_since_detect(flags_case, tmp_path) -> 
 
 
 def test_options_are_checked(flags_case) -> None:
-    with pytest.raises(ConfigError, match="--accept-above must be between 0 and 1, got 1.5"):
+    with pytest.raises(ConfigError, match=r"--accept-above 1.5 is invalid. Use a value in \[0, 1\]"):
         ExportConfig(accept_above=1.5)
-    with pytest.raises(ConfigError, match="--to must be 'csv' or 'label-studio', got 'xlsx'"):
+    with pytest.raises(ConfigError, match="--to 'xlsx' is invalid. Use a value 'csv' or 'label-studio'"):
         ExportConfig(to="xlsx")
 
 
@@ -178,7 +177,7 @@ def test_cli_export_and_import_review(flags_case, tmp_path) -> None:
     )
     assert result.exit_code == 0 and _csv(tmp_path / "o.csv")["label"][2] == "cat"
     result = runner.invoke(app, ["export", str(flags_case.flags), "--to", "xlsx"])
-    assert result.exit_code == 1 and "--to must be" in result.output
+    assert result.exit_code == 1 and "--to 'xlsx' is invalid" in result.output
 
 
 def test_imagefolder_results_export_a_path_label_csv(image_folder, tmp_path) -> None:

@@ -14,8 +14,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from deft_clean.cli import app
+from deft_clean.config import ReportConfig
 from deft_clean.errors import ConfigError, DeftCleanError
-from deft_clean.report import ReportConfig, build_report
+from deft_clean.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -70,9 +71,9 @@ def test_missing_images_become_placeholders_and_are_counted(flags_case) -> None:
 def test_report_refuses_a_missing_image_folder_and_bad_options(flags_case, tmp_path) -> None:
     with pytest.raises(DeftCleanError, match="Image folder not found.*--data-dir"):
         build_report(flags_case.flags, data_dir=tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match="--max-tiles must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match="--max-tiles -1 is invalid. Use a value >= 0"):
         ReportConfig(max_tiles=-1)
-    with pytest.raises(ConfigError, match="--thumb-px"):
+    with pytest.raises(ConfigError, match="--thumb-px 4 is invalid. Use a value between 16 and 512"):
         ReportConfig(thumb_px=4)
 
 
