@@ -6,6 +6,8 @@ Inputs (see docs/input-formats.md):
   ``path``/``image``/``filename``/``file`` or ``--image-col``) and a label column (``label``/``class`` or
   ``--label-col``); paths are relative to ``DATA_DIR``.
 - ``DATA_DIR`` alone: an ImageFolder, ``DATA_DIR/<class>/<image>``.
+- ``DATA_DIR`` a ``.parquet`` file, or a folder of them: images (encoded bytes or paths) and labels in
+  columns, rows identified by their index (:mod:`deft_clean.image_tables`).
 - ``--classes FILE`` (optional): ``id`` or ``id,name`` per line; fixes class order and readable names.
   Without it, class order is the sorted unique labels (numeric when every label is an integer).
 
@@ -26,6 +28,7 @@ import torch
 
 from deft_clean.config import DataConfig
 from deft_clean.errors import DataError, Problem
+from deft_clean.image_tables import ImageTable, find_image_table, read_image_table
 from deft_clean.images import build_image_cache, decode_square, fits_in_ram
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.tables import fail, read_classes, read_table
@@ -116,13 +119,19 @@ def class_order(labels: list[str]) -> list[str]:
 
 
 def _read_inputs(
-    root: Path, labels_csv: Path | None, config: DataConfig
+    root: Path, labels_csv: Path | None, config: DataConfig, table: ImageTable | None, reporter: Reporter
 ) -> tuple[list[Row], dict, tuple[list[str], list[str]] | None]:
-    """Rows, input fingerprint and (ids, names) from --classes (or None); all file-level problems at once."""
+    """Rows, input fingerprint and (ids, names) from --classes (or None); all file-level problems at once.
+
+    For a Parquet ``table`` the fingerprint also holds ``images``: the folder its images were unpacked to.
+    """
     problems: list[Problem] = []
     rows, fingerprint, classes = [], {}, None
     try:
-        if labels_csv is None:
+        if table is not None:
+            images, rows, fingerprint = read_image_table(table, config, reporter=reporter)
+            fingerprint["images"] = str(images)
+        elif labels_csv is None:
             rows, digest = read_image_folder(root)
             fingerprint = {"source": "imagefolder", "listing_sha256": digest}
         else:
@@ -195,9 +204,12 @@ def load_manifest(
     Raises ``DataError`` listing every problem (each naming the CSV row and file). Rows skipped with
     ``on_bad_image='skip'`` are kept with ``readable=False``.
     """
-    root = _root(data_dir)
+    table = find_image_table(data_dir) if labels_csv is None else None
+    root = _root(data_dir) if table is None else Path(data_dir)
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
-    rows, fingerprint, classes = _read_inputs(root, csv_path, config)
+    rows, fingerprint, classes = _read_inputs(root, csv_path, config, table, reporter)
+    if table is not None:
+        root = Path(fingerprint.pop("images"))  # the unpacked images; the row paths are table indices
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
     kept, decode = _keeper(len(rows), image_size)
     source = str(csv_path or data_dir)

@@ -164,7 +164,7 @@ def select_training_rows(
 def _check_flags_match(manifest: Manifest, flags: pd.DataFrame, flags_name: str) -> None:
     """Refuse a flags file made from another input (fingerprint, rows or classes differ)."""
     recorded = flags.attrs.get("input", {})
-    keys = ("source", "csv_sha256", "listing_sha256", "n_rows")
+    keys = ("source", "csv_sha256", "listing_sha256", "table_sha256", "n_rows")
     theirs = {k: recorded.get(k) for k in keys if k in recorded or k in manifest.fingerprint}
     ours = {k: manifest.fingerprint.get(k) for k in theirs}
     fix = "Run `deft-clean detect` on this data to make a matching flags file, or pass the one made from it."
