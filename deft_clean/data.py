@@ -28,7 +28,7 @@ import torch
 
 from deft_clean.config import DataConfig
 from deft_clean.errors import DataError, Problem
-from deft_clean.image_tables import ImageTable, find_image_table, read_image_table
+from deft_clean.image_tables import find_image_table, read_image_table
 from deft_clean.images import build_image_cache, decode_square, fits_in_ram
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.tables import fail, read_classes, read_table
@@ -119,18 +119,17 @@ def class_order(labels: list[str]) -> list[str]:
 
 
 def _read_inputs(
-    root: Path, labels_csv: Path | None, config: DataConfig, table: ImageTable | None, reporter: Reporter
-) -> tuple[list[Row], dict, tuple[list[str], list[str]] | None]:
-    """Rows, input fingerprint and (ids, names) from --classes (or None); all file-level problems at once.
-
-    For a Parquet ``table`` the fingerprint also holds ``images``: the folder its images were unpacked to.
-    """
+    data_dir: str | Path, labels_csv: Path | None, config: DataConfig, reporter: Reporter
+) -> tuple[Path, list[Row], dict, tuple[list[str], list[str]] | None]:
+    """(images folder, rows, input fingerprint, (ids, names) from --classes or None); every file-level
+    problem at once. A Parquet table's images folder is the cache its images were unpacked to."""
     problems: list[Problem] = []
+    table = find_image_table(data_dir) if labels_csv is None else None
+    root = _root(data_dir) if table is None else Path(data_dir)
     rows, fingerprint, classes = [], {}, None
     try:
         if table is not None:
-            images, rows, fingerprint = read_image_table(table, config, reporter=reporter)
-            fingerprint["images"] = str(images)
+            root, rows, fingerprint = read_image_table(table, config, reporter=reporter)
         elif labels_csv is None:
             rows, digest = read_image_folder(root)
             fingerprint = {"source": "imagefolder", "listing_sha256": digest}
@@ -144,8 +143,8 @@ def _read_inputs(
     except DataError as error:
         problems += error.problems
     if problems:
-        raise DataError(problems, source=str(labels_csv or root))
-    return rows, fingerprint, classes
+        raise DataError(problems, source=str(labels_csv or data_dir))
+    return root, rows, fingerprint, classes
 
 
 def _root(data_dir: str | Path) -> Path:
@@ -204,12 +203,8 @@ def load_manifest(
     Raises ``DataError`` listing every problem (each naming the CSV row and file). Rows skipped with
     ``on_bad_image='skip'`` are kept with ``readable=False``.
     """
-    table = find_image_table(data_dir) if labels_csv is None else None
-    root = _root(data_dir) if table is None else Path(data_dir)
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
-    rows, fingerprint, classes = _read_inputs(root, csv_path, config, table, reporter)
-    if table is not None:
-        root = Path(fingerprint.pop("images"))  # the unpacked images; the row paths are table indices
+    root, rows, fingerprint, classes = _read_inputs(data_dir, csv_path, config, reporter)
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
     kept, decode = _keeper(len(rows), image_size)
     source = str(csv_path or data_dir)
