@@ -121,7 +121,8 @@ def class_order(labels: list[str]) -> list[str]:
 def _read_inputs(
     data_dir: str | Path, labels_csv: Path | None, config: DataConfig, reporter: Reporter
 ) -> tuple[Path, list[Row], dict, tuple[list[str], list[str]] | None]:
-    """(images folder, rows, input fingerprint, (ids, names) from --classes or None); every file-level
+    """(images folder, rows, input fingerprint, (ids, names) from --classes, else those a table declares,
+    else None); every file-level
     problem at once. A Parquet table's images folder is the cache its images were unpacked to."""
     problems: list[Problem] = []
     table = find_image_table(data_dir) if labels_csv is None else None
@@ -129,7 +130,8 @@ def _read_inputs(
     rows, fingerprint, classes = [], {}, None
     try:
         if table is not None:
-            root, rows, fingerprint = read_image_table(table, config, reporter=reporter)
+            found = read_image_table(table, config, reporter=reporter)
+            root, rows, fingerprint, classes = found.images, found.rows, found.fingerprint, found.classes
         elif labels_csv is None:
             rows, digest = read_image_folder(root)
             fingerprint = {"source": "imagefolder", "listing_sha256": digest}
@@ -139,7 +141,7 @@ def _read_inputs(
     except DataError as error:
         problems += error.problems
     try:
-        classes = read_classes(Path(config.classes_file)) if config.classes_file else None
+        classes = read_classes(Path(config.classes_file)) if config.classes_file else classes
     except DataError as error:
         problems += error.problems
     if problems:

@@ -14,6 +14,7 @@ results file and every command work exactly as for a labels CSV.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +54,21 @@ def find_image_table(data_dir: str | Path) -> ImageTable | None:
     return None
 
 
+@dataclass(frozen=True)
+class TableInput:
+    """What :func:`read_image_table` found: where the images are, the rows, the input's fingerprint, and
+    the classes the table declares (a Hugging Face ``ClassLabel``: ids '0', '1', ... and their names)."""
+
+    images: Path
+    rows: list[Row]
+    fingerprint: dict
+    classes: tuple[list[str], list[str]] | None
+
+
 def read_image_table(
     table: ImageTable, config: DataConfig, *, reporter: Reporter = SilentReporter()
-) -> tuple[Path, list[Row], dict]:
-    """(images folder, rows, input fingerprint) of ``table``: the images written once to the cache.
+) -> TableInput:
+    """The rows of ``table``, its images written once to the cache, and the classes it declares.
 
     Raises DataError naming the file and the columns it has when the image or label column is missing.
     """
@@ -81,7 +93,21 @@ def read_image_table(
         "image_col": image_col,
         "label_col": label_col,
     }
-    return folder, rows, fingerprint
+    return TableInput(folder, rows, fingerprint, _declared_classes(schema, label_col))
+
+
+def _declared_classes(schema: pa.Schema, column: str) -> tuple[list[str], list[str]] | None:
+    """(ids, names) of a Hugging Face ClassLabel column, from the ``huggingface`` schema metadata: the
+    names the prompts need (integer labels alone would make prompts like 'a photo of a 3')."""
+    blob = (schema.metadata or {}).get(b"huggingface")
+    try:
+        feature = json.loads(blob)["info"]["features"][column] if blob else {}
+    except (ValueError, KeyError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    if feature.get("_type") != "ClassLabel" or not isinstance(names, list):
+        return None
+    return [str(k) for k in range(len(names))], [str(n) for n in names]
 
 
 def _cache_root() -> Path:

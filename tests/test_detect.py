@@ -244,7 +244,7 @@ def test_cli_detect_writes_results_and_summary(tmp_path, wide_console):
     written = read_results(tmp_path / "d" / "labels.deft.parquet")
     page = (tmp_path / "d" / "labels.deft.html").read_text()  # --report: the page beside the results
     assert f"<span id='n-flagged'>{int(written['is_noisy'].sum())}</span>" in page
-    assert "caught <b>" in page  # --truth reaches the report too
+    assert "caught <b>" in page and " s on cpu" in page  # --truth and detect's time reach the report
     assert len(written) == 16 and written.attrs["configs"]["detect"]["seed"] == 3
     assert written.attrs["configs"]["detect"]["class_balance"] == "on"
     assert (

@@ -87,6 +87,20 @@ def test_a_folder_of_tables_is_one_table_and_hf_image_structs_work(tmp_path) -> 
     assert hf.class_ids == ["blue", "red"] and hf.readable.all()
 
 
+def test_hugging_face_class_names_become_the_class_names(tmp_path) -> None:
+    """``datasets`` stores a ClassLabel's names in the schema metadata; the prompts need them."""
+    import json
+
+    cells = [{"bytes": _jpeg(rgb, k), "path": None} for k, rgb in enumerate(COLOURS.values())] * 2
+    table = pa.table({"image": cells, "label": pa.array([0, 1, 2] * 2, pa.int64())})
+    features = {"image": {"_type": "Image"}, "label": {"names": list(COLOURS), "_type": "ClassLabel"}}
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "hf.parquet")
+    manifest = load_manifest(tmp_path / "hf.parquet")
+    assert manifest.class_ids == ["0", "1", "2"] and manifest.class_names == ["red", "green", "blue"]
+    assert manifest.labels.tolist() == [0, 1, 2, 0, 1, 2]
+
+
 def test_table_problems_are_reported_like_csv_problems(tmp_path) -> None:
     _cifar_like(tmp_path / "t.parquet", broken=3)
     with pytest.raises(DataError) as caught:
