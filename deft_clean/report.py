@@ -158,8 +158,9 @@ class _View:
         return rows[np.argsort(self.rank[rows], kind="stable")]
 
     def missed_order(self) -> np.ndarray:
-        """Truly wrong rows (per the truth CSV) that were not flagged, lowest p_clean first."""
-        assert self.truth is not None  # internal: only called when a truth CSV was given
+        """Truly wrong rows (per the truth CSV) that were not flagged, lowest p_clean first (none without)."""
+        if self.truth is None:
+            return np.zeros(0, np.int64)
         wrong = self.scored & (self.truth >= 0) & (self.truth != self.given) & ~self.flagged
         rows = np.flatnonzero(wrong)
         return rows[np.argsort(self.rank[rows], kind="stable")]
