@@ -79,8 +79,9 @@ def export_csv(
 ) -> ExportSummary:
     """Write ``corrected.csv`` (the labels CSV with confident suggestions applied) and ``review.csv``.
 
-    ``labels_csv`` defaults to the CSV detect read (from the metadata); an ImageFolder run gets a
-    ``path,label`` CSV. ``corrected.csv`` is an ordinary labels CSV: pass it to ``finetune``.
+    ``labels_csv`` defaults to the CSV detect read (from the metadata); an ImageFolder or Parquet run
+    gets a ``path,label`` CSV of its rows (a table's paths are its row indices). ``corrected.csv`` is an
+    ordinary labels CSV: pass it to ``finetune``.
     """
     frame = _frame(results)
     table, path_col, label_col = _user_table(frame, labels_csv)
@@ -244,7 +245,7 @@ def _frame(results: str | Path | pd.DataFrame) -> pd.DataFrame:
 def _user_table(frame: pd.DataFrame, labels_csv: str | Path | None) -> tuple[pd.DataFrame, str, str]:
     """The labels CSV detect read (all its columns, as text) and its path/label columns.
 
-    An ImageFolder run has no CSV: its table is built from the results (``path,label``).
+    An ImageFolder or Parquet run has no CSV: its table is built from the results (``path,label``).
     """
     source = frame.attrs.get("input", {})
     data = frame.attrs.get("configs", {}).get("data", {})
