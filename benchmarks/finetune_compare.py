@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from benchmarks.datasets import materialise, symmetric_noise, write_noisy_labels
 from benchmarks.methods import call_detect
 from benchmarks.run import parse_options
-from deft_clean.config import BackboneConfig
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig
 from deft_clean.finetune import finetune
 
 
@@ -76,35 +76,35 @@ def main() -> None:
     noisy = write_noisy_labels(data, given, f"sym:{args.noise}", args.seed)
     test_csv = write_test_split(args.data_root, args.cache_dir, args.test, data.class_ids)
     backbone = {"model": args.model, "pretrained": args.pretrained, "device": args.device}
-    common = {"classes_file": str(data.classes_file), "seed": args.seed, **backbone}
+    common = {"data": DataConfig(classes_file=str(data.classes_file)), "backbone": BackboneConfig(**backbone)}
     work = args.cache_dir / f"finetune-compare-{data.root.name}"
     started = time.perf_counter()
     flags = args.flags or work / "flags.parquet"
     if args.flags is None:
         options = {"seed": args.seed, **parse_options(args.deft_opts)}
-        config = BackboneConfig(**backbone)
         call_detect(
             data.root,
             noisy.labels_csv,
             out=flags,
-            backbone=config,
+            backbone=common["backbone"],
             classes_file=data.classes_file,
             options=options,
         )
     detect_s = time.perf_counter() - started
 
     runs = {
-        "a: CE, all noisy labels": (noisy.labels_csv, {"method": "ce"}),
-        "b: CE, DeFT-clean rows": (noisy.labels_csv, {"method": "ce", "flags": flags, "clean_only": True}),
-        "c: TeS, DeFT-clean rows": (noisy.labels_csv, {"method": "tes", "flags": flags, "clean_only": True}),
-        "d: CE, true labels": (data.root / "truth.csv", {"method": "ce"}),
+        "a: CE, all noisy labels": (noisy.labels_csv, None, {"method": "ce"}),
+        "b: CE, DeFT-clean rows": (noisy.labels_csv, flags, {"method": "ce", "clean_only": True}),
+        "c: TeS, DeFT-clean rows": (noisy.labels_csv, flags, {"method": "tes", "clean_only": True}),
+        "d: CE, true labels": (data.root / "truth.csv", None, {"method": "ce"}),
     }
     rows = []
-    for name, (labels_csv, extra) in runs.items():
+    for name, (labels_csv, flags_file, extra) in runs.items():
         started = time.perf_counter()
+        config = FinetuneConfig(tune=args.tune, seed=args.seed, **extra, **parse_options(args.finetune_opts))
         result = finetune(
-            data.root, labels_csv, out=work / name[0], test_dir=test_csv.parent, test_csv=test_csv,
-            tune=args.tune, **common, **extra, **parse_options(args.finetune_opts),
+            data.root, labels_csv, flags=flags_file, out=work / name[0], test_dir=test_csv.parent,
+            test_csv=test_csv, finetune=config, **common,
         )  # fmt: skip
         seconds = time.perf_counter() - started
         rows.append(

@@ -59,10 +59,9 @@ class Context:
 
     def backbone(self) -> Any:
         if self._backbone is None:
-            from deft_clean.backbone import load_backbone, resolve_device
+            from deft_clean.backbone import load_backbone_on
 
-            self._backbone = load_backbone(self.backbone_config)  # built on the CPU
-            self._backbone.model.to(resolve_device(self.backbone_config.device))
+            self._backbone, _ = load_backbone_on(self.backbone_config)
         return self._backbone
 
     def manifest(self) -> Any:
@@ -170,8 +169,8 @@ def run_zero_shot(ctx: Context, noisy: NoisySet) -> list[Row]:
 def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
     """Fine-tune the image tower with plain CE on the noisy labels (``deft_clean.finetune``), then split the
     un-augmented per-sample losses with a two-component GMM; also report "prediction ≠ label"."""
+    from deft_clean.config import FinetuneConfig
     from deft_clean.finetune import finetune
-    from deft_clean.images import build_image_cache
 
     options = {"method": "ce", "tune": "full", "epochs": 4, "lr": 0.05, "batch_size": 256, "seed": ctx.seed}
     options.update(ctx.finetune_options)
@@ -179,13 +178,11 @@ def run_gmm(ctx: Context, noisy: NoisySet) -> list[Row]:
     result = finetune(
         ctx.dataset.root,
         noisy.labels_csv,
-        model=bcfg.model,
-        pretrained=bcfg.pretrained,
-        device=bcfg.device,
-        classes_file=str(ctx.dataset.classes_file),
-        **options,
+        data=ctx.data_config(),
+        backbone=bcfg,
+        finetune=FinetuneConfig(**options),
     )
-    images = build_image_cache(ctx.manifest(), result.classifier.image_size)
+    images = ctx.manifest().decode(result.classifier.image_size)
     probs_np = result.classifier.predict_images(images, batch_size=256).astype(np.float64)  # (N, K)
     losses = -np.log(np.clip(probs_np[np.arange(len(noisy.given)), noisy.given], 1e-12, None))
     extra = {"finetune_options": options}
@@ -206,18 +203,13 @@ def call_detect(
 ) -> pd.DataFrame:
     """The harness's one call into ``deft_clean.detect`` (``run_deft`` and ``finetune_compare`` both use
     it): the shared backbone, the dataset's classes and a ``--deft-opts`` dict become its arguments."""
+    from deft_clean.config import DataConfig, DetectConfig
     from deft_clean.detect import detect
 
+    data = DataConfig(classes_file=str(classes_file))
     return detect(
-        data_dir,
-        labels_csv,
-        out=out,
-        model=backbone.model,
-        pretrained=backbone.pretrained,
-        device=backbone.device,
-        classes_file=str(classes_file),
-        **options,
-    )
+        data_dir, labels_csv, out=out, data=data, backbone=backbone, detect=DetectConfig(**options)
+    ).frame
 
 
 def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:

@@ -30,7 +30,7 @@ from benchmarks.methods import METHODS, Context, Row, measure, slug
 from benchmarks.metrics import CLEAN_SET_METRICS, METRIC_NAMES, detection_metrics
 from benchmarks.noise import plant_noise
 from benchmarks.report import markdown_tables
-from deft_clean.config import BackboneConfig
+from deft_clean.config import DEFAULT_MODEL, BackboneConfig
 from deft_clean.results import package_versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Materialised datasets + features.",
     )
     add("--results-dir", type=Path, default=None, help="Where JSON records go (default <cache-dir>/results).")
-    add("--model", default=BackboneConfig.model, help="Backbone for every method (deft-clean --model).")
+    add("--model", default=DEFAULT_MODEL, help="Backbone for every method (deft-clean --model).")
     add("--pretrained", default=BackboneConfig.pretrained, help="Weights tag / checkpoint (--pretrained).")
     add("--device", default=BackboneConfig.device, help="'auto', 'cpu' or 'cuda[:N]'.")
     add("--deft-opts", default="", help="detect() options, e.g. peft=none,epochs=10.")

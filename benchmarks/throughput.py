@@ -5,20 +5,25 @@
 (b) end to end: ``deft_clean.detect`` on N JPEG files, from decoding to the written Parquet file; the
     training epochs' images/s come from the run's own metadata.
 
-The goal is (b) ≥ 70% of (a). Images are synthetic (speed does not depend on pixel values, nor on
-weight values, so random-weight architectures are fine)::
+The goal is (b) ≥ 70% of (a). Both use only deft-clean's public functions (``detect``, and for the
+ceiling ``detect.train_detector`` on images staged by ``runtime.StagedImages``). Images are synthetic
+(speed does not depend on pixel values, nor on weight values, so random-weight architectures are
+fine); everything is written under ``--workdir`` (default: the system temp folder), the record also
+to ``--json`` when given::
 
     python -m benchmarks.throughput --model ViT-B-16 --n 50000 --epochs 2 --device cuda
 
 ``--ceiling-batches 256`` adds ceilings at other batch sizes; the default batch is timed with cuDNN
-autotuning off and on (before/after of ``backbone.cuda_autotune``).
+autotuning off and on (before/after of ``runtime.cuda_autotune``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,10 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deft_clean.backbone import load_backbone, resolve_device
-from deft_clean.config import BackboneConfig, DetectConfig
+from deft_clean.backbone import load_backbone_on
+from deft_clean.config import BackboneConfig, DataConfig, DetectConfig
 from deft_clean.deft_model import DeftModel
-from deft_clean.detect import Batches, _train_step, detect
+from deft_clean.detect import LabelledImages, detect, train_detector
+from deft_clean.runtime import StagedImages
 
 
 def write_images(root: Path, n: int, *, classes: int = 10, size: int = 32, seed: int = 0) -> Path:
@@ -55,40 +61,24 @@ def write_images(root: Path, n: int, *, classes: int = 10, size: int = 32, seed:
 def ceiling(
     backbone_config: BackboneConfig, config: DetectConfig, *, classes: int, steps: int, autotune: bool = True
 ) -> float:
-    """Images/s of training steps on a batch resident on the device (augmentation included).
+    """Images/s of training steps on one batch resident on the device (augmentation included): the
+    last epoch of ``train_detector`` over ``steps`` batches that all read the same staged images.
 
     ``autotune``: cuDNN kernel autotuning on (what ``detect`` uses) or off (the figure before it).
     """
-    device = resolve_device(backbone_config.device)
     torch.manual_seed(0)
-    backbone = load_backbone(backbone_config)
-    backbone.model.to(device)
+    backbone, device = load_backbone_on(backbone_config)
     size, batch = backbone.image_size, config.batch_size
     cache = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    data = Batches(
-        cache, np.arange(batch), np.arange(batch) % classes, backbone.mean, backbone.std, size, device
-    )
+    rows = np.arange(batch * steps) % batch  # every step reads the same resident batch
+    images = StagedImages(cache, rows, mean=backbone.mean, std=backbone.std, size=size, device=device)
+    samples = LabelledImages(images, rows % classes)
     net = DeftModel(backbone, [f"class {k}" for k in range(classes)], config)
-    optimizer = torch.optim.SGD(net.param_groups(config), lr=config.lr, momentum=config.momentum)
-    generator = torch.Generator(device=device).manual_seed(0)
-    index = torch.arange(batch)
-    net.train()
-
-    def run(count: int) -> None:
-        for _ in range(count):
-            _train_step(net, data, index, None, optimizer, config, warm=False, generator=generator)
-
+    timed = dataclasses.replace(config, epochs=2, warmup_epochs=1)  # epoch 1 warms kernels and allocator
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = autotune
     try:
-        run(5)  # warm-up: kernels, autotuning, allocator
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        run(steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return steps * batch / (time.perf_counter() - started)
+        return train_detector(net, samples, timed)[-1]["img_s"]
     finally:
         torch.backends.cudnn.benchmark = previous
 
@@ -97,17 +87,19 @@ def end_to_end(args: argparse.Namespace, batch_size: int) -> dict:
     """``detect`` on ``args.n`` synthetic JPEGs: per-epoch images/s, wall time and its phases."""
     csv = write_images(args.workdir / f"n{args.n}", args.n)
     started = time.perf_counter()
-    frame = detect(
-        csv.parent, csv, out=args.workdir / "flags.parquet", model=args.model, pretrained=args.pretrained,
-        device=args.device, peft=args.peft, batch_size=batch_size, epochs=args.epochs,
-        warmup_epochs=1, num_workers=args.num_workers,
+    result = detect(
+        csv.parent, csv, out=args.workdir / "flags.parquet",
+        backbone=BackboneConfig(model=args.model, pretrained=args.pretrained, device=args.device),
+        detect=DetectConfig(peft=args.peft, batch_size=batch_size, epochs=args.epochs, warmup_epochs=1,
+                            num_workers=args.num_workers),
+        data=DataConfig(),
     )  # fmt: skip
-    epochs = frame.attrs["detect"]["epochs"]
+    summary = result.summary
     return {
         "n": args.n,
-        "epoch_img_s": [round(e["img_s"], 1) for e in epochs],
+        "epoch_img_s": [round(e["img_s"], 1) for e in summary.epochs],
         "wall_s": round(time.perf_counter() - started, 1),
-        "timings": frame.attrs["detect"].get("timings"),
+        "timings": dataclasses.asdict(summary.timings),
     }
 
 
@@ -127,7 +119,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="Timed steps for the ceiling.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=0, help="Decode threads (0: one per core).")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/deft-throughput"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "deft-throughput")
     parser.add_argument("--json", type=Path, default=None, help="Write the record here too.")
     args = parser.parse_args()
 

@@ -5,11 +5,12 @@ from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, Finetune
 from deft_clean.data import load_manifest
 from deft_clean.deft_model import load_detector
 from deft_clean.detect import detect
+from deft_clean.embed import embed
 from deft_clean.errors import BackboneError, ConfigError, DataError, DeftCleanError, Problem
 from deft_clean.finetune import finetune
 from deft_clean.results import read_results
-
-__version__ = "0.1.0"
+from deft_clean.summary import DetectResult, DetectSummary
+from deft_clean.version import __version__
 
 __all__ = [
     "BackboneConfig",
@@ -20,10 +21,13 @@ __all__ = [
     "DataError",
     "DeftCleanError",
     "DetectConfig",
+    "DetectResult",
+    "DetectSummary",
     "FinetuneConfig",
     "Problem",
     "__version__",
     "detect",
+    "embed",
     "finetune",
     "load_classifier",
     "load_detector",

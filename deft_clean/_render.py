@@ -22,7 +22,13 @@ from rich.table import Table
 from deft_clean.errors import DataError, DeftCleanError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pandas as pd
+
     from deft_clean.data import Manifest
+    from deft_clean.finetune import FinetuneResult
+    from deft_clean.summary import DetectResult
 
 console = Console(stderr=True)
 
@@ -107,7 +113,7 @@ def print_backbones(rows: list[dict[str, Any]]) -> None:
     Console(width=max(Console().width, 160)).print(table)
 
 
-def print_exported(path: Any, model: str) -> None:
+def print_exported(path: Path, model: str | None) -> None:
     """``deft-clean export-backbone`` closing line: the folder, its size, how to load it back."""
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
     console.print(f"[bold green]exported:[/bold green] {path} ({size:.0f} MB)")
@@ -137,7 +143,7 @@ def print_manifest_summary(manifest: Manifest, max_classes: int = 40) -> None:
     )
 
 
-def print_finetune_summary(result: Any) -> None:
+def print_finetune_summary(result: FinetuneResult) -> None:
     """``deft-clean finetune`` closing lines: rows used, test accuracy (worst classes), where it was saved."""
     console.print(
         f"[bold green]trained:[/bold green] {result.n_train} rows "
@@ -154,40 +160,78 @@ def print_finetune_summary(result: Any) -> None:
         console.print(f"saved to {result.out_dir} (load with deft_clean.load_classifier)")
 
 
-def print_predict_summary(frame: Any, out: Any) -> None:
-    """``deft-clean predict`` closing line: rows, agreement with the given labels, the output file."""
+def print_predict_summary(frame: pd.DataFrame, out: Path) -> None:
+    """``deft-clean predict`` closing line: rows, agreement with any given labels, the output file."""
     ok = frame["status"] == "ok"
-    agree = (frame["predicted_label"] == frame["given_label"])[ok].mean() if ok.any() else float("nan")
-    console.print(
-        f"[bold green]predicted:[/bold green] {int(ok.sum())} images; "
-        f"{agree:.1%} agree with the given labels; written to {out}"
-    )
+    labelled = ok & frame["given_label"].notna()
+    agree = ""
+    if labelled.any():
+        share = (frame["predicted_label"] == frame["given_label"])[labelled].mean()
+        agree = f"{share:.1%} agree with the given labels; "
+    console.print(f"[bold green]predicted:[/bold green] {int(ok.sum())} images; {agree}written to {out}")
 
 
-def print_detect_summary(frame: Any, max_classes: int = 30) -> None:
+def print_detect_summary(result: DetectResult, max_classes: int = 30) -> None:
     """``deft-clean detect`` closing summary: flagged share per class, time, throughput, truth metrics."""
-    summary, out = frame.attrs["detect"], frame.attrs.get("out", "")
-    classes = sorted(summary["classes"], key=lambda c: -c["noise_rate"])
+    summary = result.summary
+    classes = sorted(summary.classes, key=lambda c: -c.noise_rate)
     shown = classes[:max_classes]
     caption = f"the {len(shown)} noisiest of {len(classes)} classes" if len(shown) < len(classes) else None
     table = Table(title="Flagged labels per class (given label)", caption=caption)
     for column, justify in (("class", "left"), ("images", "right"), ("flagged", "right"), ("rate", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for c in shown:
-        table.add_row(escape(str(c["name"])), str(c["n"]), str(c["flagged"]), f"{c['noise_rate']:.1%}")
+        table.add_row(escape(str(c.name)), str(c.n), str(c.flagged), f"{c.noise_rate:.1%}")
     console.print(table)
-    timings = summary["timings"]
+    timings = summary.timings
     console.print(
-        f"[bold green]flagged:[/bold green] {summary['n_flagged']} of {summary['n_scored']} images "
-        f"({summary['flagged_fraction']:.1%}); {summary['n_unreadable']} unreadable. "
-        f"Time {timings['total_s']:.1f}s (decode {timings['prepare_s']:.1f}s, frozen features "
-        f"{timings['features_s']:.1f}s, training {timings['train_s']:.1f}s at "
-        f"{summary['images_per_s']:,.0f} img/s on {summary['device']})."
+        f"[bold green]flagged:[/bold green] {summary.n_flagged} of {summary.n_scored} images "
+        f"({summary.flagged_fraction:.1%}); {summary.n_unreadable} unreadable. "
+        f"Time {timings.total_s:.1f}s (data and backbone {timings.prepare_s:.1f}s, frozen features "
+        f"{timings.features_s:.1f}s, training {timings.train_s:.1f}s at "
+        f"{summary.images_per_s:,.0f} img/s on {summary.device})."
     )
-    truth = summary.get("truth")
+    truth = summary.truth
     if truth is not None:
         console.print(
             f"vs --truth ({truth['n']} rows): caught {truth['n_caught']} of the {truth['n_wrong']} wrong "
             f"labels; precision {truth['precision']:.3f}, recall {truth['recall']:.3f}, F1 {truth['f1']:.3f}"
         )
-    console.print(f"results: {escape(str(out))} (noise_rank 1 = most likely wrong)")
+    console.print(f"results: {escape(str(result.out))} (noise_rank 1 = most likely wrong)")
+
+
+def print_report(report: Any) -> None:
+    """``deft-clean report``: where the page is, its size, and how much of the flagged set it shows."""
+    hidden = report.n_flagged - report.n_shown
+    missing = f"; {report.n_missing_images} images not found" if report.n_missing_images else ""
+    console.print(
+        f"[bold green]report:[/bold green] {escape(str(report.path))} ({report.size_bytes / 1e6:.1f} MB, "
+        f"{report.seconds:.1f} s): {report.n_shown:,} of {report.n_flagged:,} flagged images shown"
+        + (f", {hidden:,} not shown (--max-tiles)" if hidden else "")
+        + f"{missing}. Open it in a browser; it needs no network."
+    )
+
+
+def print_export(summary: Any, config: Any) -> None:
+    """``deft-clean export``: the files written and what was accepted or left for review."""
+    files = ", ".join(escape(str(f)) for f in summary.files)
+    if config.to == "csv":
+        console.print(
+            f"[bold green]corrected:[/bold green] {summary.n_changed:,} of {summary.n_flagged:,} flagged "
+            f"rows relabelled (predicted_prob >= {config.accept_above}); {summary.n_for_review:,} left in "
+            f"review.csv; the other {summary.n_rows - summary.n_flagged:,} rows unchanged. Wrote {files}."
+        )
+    else:
+        console.print(
+            f"[bold green]label studio:[/bold green] {summary.n_for_review:,} tasks (the flagged rows, most "
+            f"likely wrong first). Wrote {files}: create a project with the config, import the tasks."
+        )
+
+
+def print_imported(summary: Any) -> None:
+    """``deft-clean import-review``: how many decisions were applied and how many labels they changed."""
+    console.print(
+        f"[bold green]applied:[/bold green] {summary.n_flagged:,} reviewed tasks, {summary.n_changed:,} "
+        f"labels changed; the other rows of the {summary.n_rows:,} unchanged. "
+        f"Wrote {escape(str(summary.files[0]))}."
+    )

@@ -23,10 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from deft_clean.config import DetectConfig
+from deft_clean.backbone import Backbone
+from deft_clean.config import TuningSpec
 from deft_clean.errors import ConfigError
-
-PEFT_KINDS = ("lora", "vpt", "none")
 
 
 class VisualPrompts(nn.Module):
@@ -100,40 +99,29 @@ class ImageTuning:
         return params
 
 
-def apply_peft(backbone: Any, config: DetectConfig) -> ImageTuning:
-    """Freeze ``backbone.model`` and make the image-tower tuning of ``config.peft`` trainable.
+def apply_peft(backbone: Backbone, spec: TuningSpec) -> ImageTuning:
+    """Freeze ``backbone.model`` and make the image-tower tuning ``spec`` asks for trainable.
 
-    ``backbone`` is a :class:`deft_clean.backbone.Backbone` (``model``, ``lora_targets``,
-    ``always_train``, ``name``). The model is modified in place; the returned
-    :class:`ImageTuning` says what is trainable.
+    The model is modified in place; the returned :class:`ImageTuning` says what is trainable.
+    LoRA targets default to the backbone's ``lora_targets``.
     """
     model = backbone.model
     model.requires_grad_(False)
-    if config.peft not in PEFT_KINDS:
-        raise ConfigError(f"Unknown --peft {config.peft!r}.", hint=f"Use one of: {', '.join(PEFT_KINDS)}.")
-    tuning = ImageTuning(kind=config.peft)
-    if config.peft == "lora":
-        tuning.peft_model = _add_lora(model.visual, _lora_targets(backbone, config), config)
-    elif config.peft == "vpt":
-        tuning.visual_prompts = _add_vpt(model.visual, backbone.name, config.vpt_len)
+    tuning = ImageTuning(kind=spec.peft)
+    if spec.peft == "lora":
+        targets = list(spec.lora_targets or backbone.lora_targets)
+        tuning.peft_model = _add_lora(model.visual, targets, spec)
+    elif spec.peft == "vpt":
+        tuning.visual_prompts = _add_vpt(model.visual, backbone.name, spec.vpt_len)
     tuning.head_names = _unfreeze(model, list(backbone.always_train or []))
     return tuning
 
 
-def _lora_targets(backbone: Any, config: DetectConfig) -> list[str]:
-    if config.lora_targets:
-        return [name.strip() for name in config.lora_targets.split(",") if name.strip()]
-    return list(backbone.lora_targets)
-
-
-def _add_lora(visual: nn.Module, targets: list[str], config: DetectConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
+def _add_lora(visual: nn.Module, targets: list[str], spec: TuningSpec) -> Any:
+    from peft import LoraConfig, get_peft_model  # lazy: peft imports transformers (seconds), LoRA runs only
 
     lora = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
+        r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, target_modules=targets
     )
     try:
         return get_peft_model(visual, lora)
@@ -153,8 +141,6 @@ def _add_vpt(visual: nn.Module, name: str, length: int) -> VisualPrompts:
             f"{type(visual).__name__}.",
             hint="Use --peft lora or --peft none with this backbone.",
         )
-    if length < 1:
-        raise ConfigError(f"--vpt-len must be at least 1, got {length}.")
     return VisualPrompts(visual, length)
 
 
@@ -206,7 +192,7 @@ def save_tuning(tuning: ImageTuning, model: nn.Module, directory: Path) -> list[
 def load_tuning(tuning: ImageTuning, model: nn.Module, directory: Path) -> None:
     """Load what :func:`save_tuning` wrote into a freshly :func:`apply_peft`-ed model (same config)."""
     if tuning.peft_model is not None:
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # lazy, as in _add_lora
         from peft.utils import load_peft_weights
 
         set_peft_model_state_dict(tuning.peft_model, load_peft_weights(str(directory / "lora")))

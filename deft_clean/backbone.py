@@ -15,12 +15,10 @@ the three weight sources share one loader and one set of error messages.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,21 +27,20 @@ import open_clip
 import torch
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from safetensors.torch import save_file
 
-from deft_clean import offline
-from deft_clean.config import BackboneConfig
-from deft_clean.errors import BackboneError, ConfigError
+from deft_clean import hub, offline
+from deft_clean.config import BackboneConfig, resolve_backbone
+from deft_clean.errors import BackboneError
+from deft_clean.files import atomic_folder, write_description
+from deft_clean.lora_targets import default_lora_targets
+from deft_clean.runtime import is_conv, resolve_device
 
 OFFLINE, TEST_TINY = "offline", "test-tiny"
 LOCAL_DIR = "local-dir:"
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
-VIT_LORA_TARGETS = ("attn", "c_fc", "c_proj")  # nn.MultiheadAttention (Q/K/V + out) and the MLP Linears
-RESNET_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "c_proj")  # ModifiedResNet's attention pool
-CONV_LORA_TARGETS = ("conv_pw", "conv_pwl", "conv_head")  # EfficientNet/MobileNet 1x1 convs ...
-CONV_LORA_STAGES = 3  # ... in the last 3 stages of ``blocks`` only (conv_head always); see _late_stages
-_STAGE = re.compile(r"(?:^|\.)blocks\.(\d+)\.\d+\.")  # timm: blocks.<stage>.<block>.<layer>
-TIMM_VIT_LORA_TARGETS = ("qkv", "fc1", "fc2")
 LISTED_ARCHS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50")
+EXPORT_FORMAT, EXPORT_VERSION = "deft-clean-backbone", 1
 
 TEST_TINY_CFG: dict[str, Any] = {
     "embed_dim": 32,
@@ -111,45 +108,73 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     Raises BackboneError (unknown name, missing or mismatched weights, tag not downloadable) or
     MissingExtraError (``--model offline`` without the 'offline' extra).
     """
+    config = resolve_backbone(config)
     return _build(_plan(config), config.pretrained)
+
+
+def input_size(config: BackboneConfig) -> int | None:
+    """The image size the backbone ``config`` names takes, read from its model config without building
+    or downloading anything; None when only building would tell (the caller then asks the Backbone)."""
+    config = resolve_backbone(config)
+    pretrained = config.pretrained or ""
+    if pretrained.startswith(LOCAL_DIR):
+        try:
+            description = json.loads(
+                (Path(pretrained[len(LOCAL_DIR) :]).expanduser() / CONFIG_FILE).read_text()
+            )
+            model_cfg = description["model_cfg"]
+        except (OSError, ValueError, KeyError):
+            return None  # load_backbone names the problem
+    elif config.model == TEST_TINY:
+        model_cfg = TEST_TINY_CFG
+    elif config.model == OFFLINE:
+        return offline.IMAGE_SIZE
+    else:
+        model_cfg = open_clip.get_model_config(config.model) or {}
+    size = model_cfg.get("vision_cfg", {}).get("image_size")
+    return int(size[0] if isinstance(size, (tuple, list)) else size) if size else None
+
+
+def load_backbone_on(config: BackboneConfig) -> tuple[Backbone, torch.device]:
+    """:func:`load_backbone`, moved to the device ``config.device`` names; returns both."""
+    device = resolve_device(config.device)
+    backbone = load_backbone(config)
+    backbone.model.to(device)
+    return backbone, device
 
 
 def export_backbone(config: BackboneConfig, out_dir: Path, *, half: bool = False) -> Path:
     """Write the backbone as an open_clip ``local-dir:`` folder, loadable with ``--pretrained local-dir:DIR``.
 
     ``out_dir`` gets ``open_clip_config.json`` (model and preprocess config, plus what deft-clean needs to
-    restore the Backbone fields) and ``open_clip_model.safetensors`` (fp16 when ``half``). An HF text tower's
-    config and tokenizer files are saved into ``out_dir`` too and referred to by the relative path ".", so
-    the folder is self-contained (the target machine needs transformers, not the offline PyPI packages).
-    Returns ``out_dir``.
+    restore the Backbone fields, under the shared saved-folder header of ``files.write_description``) and
+    ``open_clip_model.safetensors`` (fp16 when ``half``). An HF text tower's config and tokenizer files
+    are saved into ``out_dir`` too and referred to by the relative path ".", so the folder is
+    self-contained (the target machine needs transformers, not the offline PyPI packages). The folder
+    is written atomically. Returns ``out_dir``.
     """
-    from deft_clean import __version__  # deferred: the package __init__ imports modules that import this one
-
+    config = resolve_backbone(config)
     plan = _plan(config)
     backbone = _build(plan, config.pretrained)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = copy.deepcopy(plan.model_cfg)
-    if plan.text_dir is not None:
-        model_cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".", hf_model_pretrained=False)
-        backbone.model.text.config.save_pretrained(out_dir)
-        backbone.tokenizer.save_pretrained(out_dir)
-    description = {
-        "model_cfg": model_cfg,
-        "preprocess_cfg": open_clip.get_model_preprocess_cfg(backbone.model),
-        "deft_clean": {"model": plan.name, "aligned": plan.aligned, "notes": list(plan.notes)},
-        "exported_by": f"deft-clean {__version__}",
-    }
-    (out_dir / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     dtype = torch.float16 if half else torch.float32
     tensors = {
         k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
         for k, v in backbone.model.state_dict().items()
     }
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    return out_dir
+    with atomic_folder(out_dir) as folder:
+        if plan.text_dir is not None:
+            model_cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".", hf_model_pretrained=False)
+            backbone.model.text.config.save_pretrained(folder)
+            backbone.tokenizer.save_pretrained(folder)
+        body = {
+            "model_cfg": model_cfg,
+            "preprocess_cfg": open_clip.get_model_preprocess_cfg(backbone.model),
+            "deft_clean": {"model": plan.name, "aligned": plan.aligned, "notes": list(plan.notes)},
+        }
+        write_description(folder, CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, body)
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return Path(out_dir)
 
 
 def list_backbones() -> list[dict[str, Any]]:
@@ -173,7 +198,7 @@ def list_backbones() -> list[dict[str, Any]]:
 
 def _row(name: str, kind: str, model_cfg: dict[str, Any], aligned: bool, notes: str) -> dict[str, Any]:
     size = model_cfg["vision_cfg"].get("image_size", 224)
-    targets = ", ".join(_lora_targets(model_cfg["vision_cfg"], None))
+    targets = ", ".join(default_lora_targets(model_cfg["vision_cfg"], None))
     return {
         "name": name,
         "kind": kind,
@@ -182,47 +207,6 @@ def _row(name: str, kind: str, model_cfg: dict[str, Any], aligned: bool, notes: 
         "lora_targets": targets,
         "notes": notes,
     }
-
-
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; a disabled (fp32) context elsewhere. The one mixed-precision rule."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-@contextlib.contextmanager
-def cuda_autotune(device: torch.device, tower: torch.nn.Module) -> Iterator[None]:
-    """Let cuDNN time its kernels once per input shape and keep the fastest (restored after).
-
-    Only on CUDA and only for convolutional ``tower``s (:func:`is_conv`): training and scoring see a
-    handful of fixed batch shapes over thousands of steps, so the one-off timing pays for itself there
-    (EfficientNet-Lite2 + LoRA on an H100: 866 → 934 img/s), while a ViT-B-16 measured 754 → 681 img/s.
-    """
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = previous or (device.type == "cuda" and is_conv(tower))
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → ``cuda`` when available, else ``cpu``; otherwise the named device, checked to exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(
-            f"Unknown device '{name}'.", hint="Use 'auto', 'cpu', 'cuda' or 'cuda:N'."
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device '{name}' requested but CUDA is not available.", hint="Use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"Device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s) visible.",
-            hint="Use --device cuda:0 or --device auto.",
-        )
-    return device
 
 
 # --- planning: name + pretrained → _Plan ------------------------------------------------------------
@@ -279,7 +263,7 @@ def _plan_tag(arch: str, model_cfg: dict[str, Any], tag: str, cache_dir: str | N
             f"'{tag}' is neither a pretrained tag of {arch} nor an existing file.",
             hint=f"Tags of {arch}: {', '.join(tags) or 'none'}; or pass a checkpoint file or local-dir:DIR.",
         )
-    path = offline.tag_weights_file(arch, tag, tag_cfg, cache_dir)
+    path = hub.tag_weights_file(arch, tag, tag_cfg, cache_dir)
     keys = ("mean", "std", "interpolation", "resize_mode")
     preprocess = tuple((k, tag_cfg[k]) for k in keys if k in tag_cfg)
     return _Plan(arch, model_cfg, path, preprocess, aligned=True)
@@ -340,7 +324,7 @@ def _build(plan: _Plan, pretrained: str | None) -> Backbone:
         preprocess.update(offline.load_offline_towers(model))
     if plan.checkpoint:
         _load_checkpoint(model, plan.checkpoint, plan.name)
-    if is_conv(model.visual):  # NHWC weights: oneDNN and cuDNN run these convolutions about 2x faster
+    if is_conv(model.visual):  # NHWC weights: oneDNN and cuDNN run these convolutions faster
         model.visual.to(memory_format=torch.channels_last)
     cfg = merge_preprocess_dict(PreprocessCfg(), {**preprocess, "size": model.visual.image_size})
     open_clip.set_model_preprocess_cfg(model, cfg)
@@ -354,16 +338,11 @@ def _build(plan: _Plan, pretrained: str | None) -> Backbone:
         name=plan.name,
         pretrained=pretrained,
         aligned=plan.aligned,
-        lora_targets=_lora_targets(plan.model_cfg["vision_cfg"], model.visual),
+        lora_targets=default_lora_targets(plan.model_cfg["vision_cfg"], model.visual),
         always_train=offline.OFFLINE_ALWAYS_TRAIN if plan.name == OFFLINE else (),
         notes=plan.notes,
         embed_dim=int(plan.model_cfg["embed_dim"]),
     )
-
-
-def is_conv(module: torch.nn.Module) -> bool:
-    """Whether ``module`` has real convolutions (kernel != stride; a ViT's patch embedding does not count)."""
-    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride for m in module.modules())
 
 
 def _instantiate(plan: _Plan) -> torch.nn.Module:
@@ -411,48 +390,3 @@ def _tokenizer(plan: _Plan) -> Callable[[list[str]], torch.Tensor]:
     if plan.name in open_clip.list_models():
         return open_clip.get_tokenizer(plan.name, context_length=context_length)
     return open_clip.SimpleTokenizer(context_length=context_length)
-
-
-def _late_stages(visual: torch.nn.Module | None) -> tuple[str, ...]:
-    """LoRA targets of a conv tower: ``blocks.S.I.conv_pw``/``conv_pwl`` of the last stages, ``conv_head``.
-
-    Leaving the high-resolution early stages without adapters means the backward pass stops before
-    them. On the ``offline`` tower (CIFAR-10, 1,000 images, 40% noise, 5 epochs, CPU) this trained 3.1x
-    faster than LoRA in every stage (20 vs 6.5 img/s) with the same detection (F1 0.827 vs 0.814,
-    AUROC 0.906 vs 0.911); the last three of seven stages hold 94% of the adapter parameters.
-    ``visual`` None (the registry listing): a readable description instead of module names. A tower
-    without numbered ``blocks`` stages gets every matching convolution.
-    """
-    if visual is None:
-        return (f"conv_pw/conv_pwl of the last {CONV_LORA_STAGES} stages", "conv_head")
-    names = [name for name, _ in visual.named_modules() if name.rsplit(".", 1)[-1] in CONV_LORA_TARGETS]
-    stage_of = {name: int(match.group(1)) for name in names if (match := _STAGE.search(name))}
-    late = set(sorted(set(stage_of.values()))[-CONV_LORA_STAGES:])
-    if not late:
-        return tuple(names)
-    return tuple(name for name in names if name.endswith("conv_head") or stage_of.get(name) in late)
-
-
-def _lora_targets(vision_cfg: dict[str, Any], visual: torch.nn.Module | None) -> tuple[str, ...]:
-    """Default LoRA target suffixes for an image tower, by its kind; only those present when built.
-
-    ViT: Q/K/V and output of each ``nn.MultiheadAttention`` (peft wraps the whole module) and the MLP.
-    Conv towers (EfficientNet, MobileNet, MixNet): the 1x1 convolutions of the last stages only.
-    Timm towers other than known kinds, with no match, fall back to the names of their Linear layers.
-    """
-    timm_name = vision_cfg.get("timm_model_name") or ""
-    if any(kind in timm_name for kind in ("efficientnet", "mobilenet", "mixnet")):
-        return _late_stages(visual)
-    if timm_name:
-        targets = TIMM_VIT_LORA_TARGETS
-    elif isinstance(vision_cfg.get("layers"), (list, tuple)):
-        targets = RESNET_LORA_TARGETS
-    else:
-        targets = VIT_LORA_TARGETS
-    if visual is None:
-        return targets
-    leaves = {name.rsplit(".", 1)[-1]: module for name, module in visual.named_modules() if name}
-    present = tuple(t for t in targets if t in leaves)
-    if present:
-        return present
-    return tuple(sorted(n for n, m in leaves.items() if isinstance(m, torch.nn.Linear)))

@@ -13,11 +13,14 @@ a projection (the ``offline`` backbone). A saved classifier is a small directory
   ``--tune full``; LoRA's, plus any ``always_train`` ones in the tower, for ``lora``; none for
   ``linear``) and buffers (BatchNorm statistics). Everything else is rebuilt by ``load_backbone``
   under the run's seed, so randomly initialised parts (``test-tiny``, fresh heads) come back identical.
+
+The folder is written atomically, with the shared saved-folder header (``files.write_description``).
+``predict`` also classifies a plain folder of unlabelled images (no CSV, no class folders).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,54 +32,49 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deft_clean.backbone import autocast, is_conv
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig, from_dict, to_dict
+from deft_clean.adapters import apply_peft
+from deft_clean.backbone import Backbone, load_backbone_on
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, from_dict, to_dict
+from deft_clean.data import Manifest, has_loose_images, load_manifest, load_unlabelled
+from deft_clean.embed import image_tower
 from deft_clean.errors import ConfigError
+from deft_clean.files import atomic_folder, read_description, write_description
+from deft_clean.images import decode_square, square, to_rgb
 from deft_clean.progress import Reporter, SilentReporter
+from deft_clean.results import base_frame, run_metadata, write_results
+from deft_clean.runtime import StagedImages, feature_pass, is_conv, seeded
+from deft_clean.version import __version__
 
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = "deft-clean-classifier", 1
 _CONFIG_FILE, _HEAD_FILE, _TOWER_FILE = "classifier.json", "head.safetensors", "tower.safetensors"
-TUNE_MODES = ("full", "lora", "linear")
-_PREDICT_DATA = DataConfig(min_per_class=0)  # class sizes do not matter when only predicting
 
 
-def feature_tower(backbone: Any) -> nn.Module:
+def feature_tower(backbone: Backbone) -> nn.Module:
     """The module mapping a normalised batch (B, 3, S, S) to features (B, E).
 
     ``embed.image_tower(pooled=True)`` decides: a timm trunk's pooled output when the tower's head only
     projects (the offline backbone's fresh projection would lose information), else ``model.visual``
     (= ``encode_image`` without normalisation).
     """
-    from deft_clean.embed import image_tower
-
     tower = image_tower(backbone.model, pooled=True)
     return tower if isinstance(tower, nn.Module) else backbone.model.visual
 
 
-def prepare_tower(
-    backbone: Any, config: FinetuneConfig, lora_targets: Sequence[str] | None = None
-) -> nn.Module:
-    """The feature tower with requires_grad set for ``config.tune`` (LoRA via ``adapters.apply_peft``).
-
-    ``config.tune`` is one of :data:`TUNE_MODES` (checked by ``finetune``). 'full' trains every tower
-    parameter, 'lora' adds peft LoRA on ``lora_targets`` (default: ``backbone.lora_targets``; a saved
-    classifier passes the ones it was trained with) plus the backbone's ``always_train`` parameters,
-    'linear' freezes the tower. The text tower never trains.
-    """
-    from deft_clean.adapters import apply_peft
-
-    peft = "lora" if config.tune == "lora" else "none"
-    targets = ",".join(lora_targets) if lora_targets else None
-    apply_peft(
-        backbone,
-        DetectConfig(
-            peft=peft, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_targets=targets
-        ),
-    )
+def build_tower(
+    config: BackboneConfig, finetune: FinetuneConfig, lora_targets: Sequence[str] | None = None
+) -> tuple[Backbone, nn.Module]:
+    """The backbone (seeded by ``finetune.seed``, on its device) and its feature tower, trainable as
+    ``finetune.tune`` says: 'full' every tower parameter, 'lora' peft LoRA on ``lora_targets``
+    (default: the backbone's; a saved classifier passes the ones it was trained with) plus the
+    backbone's ``always_train`` parameters, 'linear' none. The text tower never trains. ``finetune``
+    and :func:`load_classifier` build it the same way, so random parts come back identical."""
+    with seeded(finetune.seed):
+        backbone, _ = load_backbone_on(config)
+    apply_peft(backbone, finetune.tuning(tuple(lora_targets) if lora_targets else None))
     tower = feature_tower(backbone)
-    if config.tune != "lora":
-        tower.requires_grad_(config.tune == "full")
-    return tower
+    if finetune.tune != "lora":
+        tower.requires_grad_(finetune.tune == "full")
+    return backbone, tower
 
 
 class Classifier:
@@ -102,36 +100,37 @@ class Classifier:
     def predict_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8, or float in [0, 1] -> probabilities (B, K) float32 on the model's device.
 
-        Preprocessing is ``augment.gpu_augment(train=False)``: resize to ``image_size``, normalise,
-        exactly as in training's feature pass and in ``detect``.
+        Preprocessing is the one feature pass's (resize to ``image_size``, normalise), as in training.
         """
-        x = batch.to(self.device, non_blocking=True)
-        x = x if x.dtype == torch.uint8 else x.float() * 255.0  # gpu_augment scales by 1/255
-        features = eval_features(self.tower, x, self.info["mean"], self.info["std"], self.image_size)
-        return torch.softmax(self.fc(features), dim=1)  # (B, K)
+        x = batch if batch.dtype == torch.uint8 else batch.float() * 255.0  # staging scales by 1/255
+        return self._probabilities(x.cpu(), np.arange(len(x)), batch_size=max(len(x), 1))
 
     def predict_images(
-        self,
-        images: torch.Tensor,
-        *,
-        batch_size: int = 256,
-        reporter: Reporter = SilentReporter(),
+        self, images: torch.Tensor, *, batch_size: int = 256, reporter: Reporter = SilentReporter()
     ) -> np.ndarray:
         """Probabilities (N, K) float32 for a uint8 image cache (N, 3, S, S); one host copy at the end."""
-        chunks = []
-        with reporter.task("Predicting", total=len(images)):
-            for start in range(0, len(images), batch_size):
-                chunks.append(self.predict_batch(images[start : start + batch_size]))
-                reporter.advance(min(batch_size, len(images) - start))
-        if not chunks:
+        if len(images) == 0:
             return np.zeros((0, len(self.class_ids)), dtype=np.float32)
-        return torch.cat(chunks).cpu().numpy()
+        rows = np.arange(len(images))
+        return self._probabilities(images, rows, batch_size=batch_size, reporter=reporter).cpu().numpy()
+
+    def _probabilities(
+        self, cache: torch.Tensor, rows: np.ndarray, *, batch_size: int, reporter: Reporter = SilentReporter()
+    ) -> torch.Tensor:
+        """(N, K) on the model's device: the one feature pass over ``cache[rows]``, then the head."""
+        staged = StagedImages(
+            cache, rows, mean=self.info["mean"], std=self.info["std"], size=self.image_size,
+            device=self.device, channels_last=is_conv(self.tower),
+        )  # fmt: skip
+        features = feature_pass(
+            self.tower, staged, batch_size=batch_size, reporter=reporter, description="Predicting"
+        )
+        with torch.no_grad():
+            return torch.softmax(self.fc(features), dim=1)
 
     def _as_tensor(self, images: torch.Tensor | Sequence[Image.Image | str | Path]) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
             return images.unsqueeze(0) if images.dim() == 3 else images
-        from deft_clean.images import decode_square, square, to_rgb
-
         arrays = [
             square(to_rgb(item), self.image_size)
             if isinstance(item, Image.Image)
@@ -140,34 +139,21 @@ class Classifier:
         ]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``classifier.json``, the head and the changed tower tensors to ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def save(self, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+        """Write ``classifier.json``, the head and the changed tower tensors to ``out_dir`` (atomically);
+        ``extra_files`` (name -> text) are written into the same folder."""
         state = self.tower.state_dict()
         tower_state = {k: state[k].detach().contiguous().cpu() for k in self.tower_keys}
-        save_file(tower_state, str(out / _TOWER_FILE))
-        save_file({k: v.contiguous().cpu() for k, v in self.fc.state_dict().items()}, str(out / _HEAD_FILE))
-        (out / _CONFIG_FILE).write_text(json.dumps(self.info, indent=2, sort_keys=True) + "\n")
-        return out
-
-
-@torch.no_grad()
-def eval_features(
-    tower: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], size: int
-) -> torch.Tensor:
-    """Un-augmented features (B, E) float32 of a (B, 3, S, S) batch (uint8 scale) on the tower's device.
-
-    Preprocessing is ``augment.gpu_augment(train=False)`` (resize to ``size``, normalise), as in ``detect``;
-    bf16 autocast on CUDA, channels_last for convolutional towers there.
-    """
-    from deft_clean.augment import gpu_augment
-
-    x = gpu_augment(images, mean=mean, std=std, out_size=size, train=False)
-    if x.device.type == "cuda" and is_conv(tower):
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(x.device):
-        return tower(x).float()
+        with atomic_folder(out_dir) as folder:
+            save_file(tower_state, str(folder / _TOWER_FILE))
+            save_file(
+                {k: v.contiguous().cpu() for k, v in self.fc.state_dict().items()}, str(folder / _HEAD_FILE)
+            )
+            body = {k: v for k, v in self.info.items() if k not in ("format", "format_version")}
+            write_description(folder, _CONFIG_FILE, FORMAT, FORMAT_VERSION, body)
+            for name, text in (extra_files or {}).items():
+                (folder / name).write_text(text, encoding="utf-8")
+        return Path(out_dir)
 
 
 def changed_tower_keys(tower: nn.Module) -> list[str]:
@@ -177,11 +163,12 @@ def changed_tower_keys(tower: nn.Module) -> list[str]:
     return [k for k in tower.state_dict() if k in trainable or k in buffers]
 
 
-def build_info(backbone: Any, bcfg: BackboneConfig, fcfg: FinetuneConfig, manifest: Any) -> dict[str, Any]:
+def classifier_info(
+    backbone: Backbone, bcfg: BackboneConfig, fcfg: FinetuneConfig, manifest: Manifest
+) -> dict[str, Any]:
     """The ``classifier.json`` content that ``load_classifier`` needs (plus provenance)."""
-    from deft_clean import __version__
-
     return {
+        "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "deft_clean_version": __version__,
         "torch_version": torch.__version__,
@@ -196,32 +183,14 @@ def build_info(backbone: Any, bcfg: BackboneConfig, fcfg: FinetuneConfig, manife
     }
 
 
-def build_backbone(config: BackboneConfig, *, seed: int) -> Any:
-    """``load_backbone`` under ``seed`` (so random parts come back identical on reload), on its device."""
-    from deft_clean.backbone import load_backbone, resolve_device
-
-    device = resolve_device(config.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        backbone = load_backbone(config)
-    backbone.model.to(device)
-    return backbone
-
-
 def load_classifier(model_dir: str | Path, *, device: str | None = None) -> Classifier:
     """Rebuild a classifier saved by ``finetune(..., out=DIR)``; ``device`` overrides the saved one."""
     folder = Path(model_dir)
-    config_file = folder / _CONFIG_FILE
-    if not config_file.is_file():
-        raise ConfigError(
-            f"{folder} is not a saved classifier: {_CONFIG_FILE} is missing.",
-            hint="Pass the --out directory of `deft-clean finetune`.",
-        )
-    info = json.loads(config_file.read_text())
+    hint = "Pass the --out directory of `deft-clean finetune`."
+    info = read_description(folder, _CONFIG_FILE, FORMAT, FORMAT_VERSION, hint=hint)
     bvalues = dict(info["backbone"], **({"device": device} if device else {}))
     bcfg, fcfg = from_dict(BackboneConfig, bvalues), from_dict(FinetuneConfig, info["finetune"])
-    backbone = build_backbone(bcfg, seed=fcfg.seed)
-    tower = prepare_tower(backbone, fcfg, lora_targets=info.get("lora_targets"))
+    _, tower = build_tower(bcfg, fcfg, lora_targets=info.get("lora_targets"))
     tower_state = load_file(str(folder / _TOWER_FILE))
     missing = set(tower_state) - set(tower.state_dict())
     if missing:
@@ -261,13 +230,26 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_ids: Seq
     }
 
 
-def _labelled_set(
-    classifier: Classifier, data_dir: str | Path, labels_csv: str | Path | None, data_config: DataConfig
-):
-    """(manifest, labels (N,) as indices into the classifier's classes); unknown classes refused."""
-    from deft_clean.data import load_manifest
+def _image_set(
+    classifier: Classifier,
+    data_dir: str | Path,
+    labels_csv: str | Path | None,
+    data_config: DataConfig,
+    reporter: Reporter,
+) -> tuple[Manifest, np.ndarray]:
+    """(manifest, labels (N,) as indices into the classifier's classes, -1 when unlabelled).
 
-    manifest = load_manifest(data_dir, labels_csv, config=data_config)
+    A labels CSV or an ImageFolder gives labels (classes the classifier does not know are refused);
+    a folder holding images itself (not only in class folders) is read as unlabelled images.
+    """
+    data_config = dataclasses.replace(data_config, min_per_class=0)  # class sizes do not matter here
+    if labels_csv is None and has_loose_images(data_dir):
+        manifest = load_unlabelled(
+            data_dir, config=data_config, image_size=classifier.image_size, reporter=reporter
+        )
+        return manifest, np.full(len(manifest), -1, dtype=np.int64)
+    size = classifier.image_size
+    manifest = load_manifest(data_dir, labels_csv, config=data_config, image_size=size, reporter=reporter)
     index = {cid: k for k, cid in enumerate(classifier.class_ids)}
     unknown = sorted(set(manifest.class_ids) - set(index))
     if unknown:
@@ -279,23 +261,37 @@ def _labelled_set(
     return manifest, np.array([index[manifest.class_ids[k]] for k in manifest.labels], dtype=np.int64)
 
 
+def _probabilities_of(
+    classifier: Classifier, manifest: Manifest, batch_size: int, reporter: Reporter
+) -> np.ndarray:
+    """(N, K) probabilities of every row, NaN for unreadable rows."""
+    cache = manifest.decode(classifier.image_size, reporter=reporter)
+    rows = np.flatnonzero(manifest.readable)
+    probs = np.full((len(manifest), len(classifier.class_ids)), np.nan, dtype=np.float32)
+    if len(rows):
+        found = classifier._probabilities(cache, rows, batch_size=batch_size, reporter=reporter)
+        probs[rows] = found.cpu().numpy()
+    return probs
+
+
 def evaluate(
     classifier: Classifier,
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
     *,
-    data_config: DataConfig = _PREDICT_DATA,
+    data_config: DataConfig = DataConfig(),
     batch_size: int = 256,
     reporter: Reporter = SilentReporter(),
 ) -> dict[str, Any]:
     """:func:`classification_metrics` of ``classifier`` on a labelled split (readable rows only)."""
-    from deft_clean.images import build_image_cache
-
-    manifest, labels = _labelled_set(classifier, data_dir, labels_csv, data_config)
-    images = build_image_cache(manifest, classifier.image_size, reporter=reporter)
-    readable = torch.from_numpy(np.flatnonzero(manifest.readable))
-    probs = classifier.predict_images(images[readable], batch_size=batch_size, reporter=reporter)
-    return classification_metrics(probs, labels[manifest.readable], classifier.class_ids)
+    manifest, labels = _image_set(classifier, data_dir, labels_csv, data_config, reporter)
+    if (labels < 0).all():
+        raise ConfigError(
+            f"{data_dir} has no labels to evaluate against.", hint="Pass a labels CSV or an ImageFolder."
+        )
+    probs = _probabilities_of(classifier, manifest, batch_size, reporter)
+    readable = manifest.readable
+    return classification_metrics(probs[readable], labels[readable], classifier.class_ids)
 
 
 def predict(
@@ -303,41 +299,31 @@ def predict(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
     *,
+    data: DataConfig = DataConfig(),
     out: str | Path | None = None,
-    data_config: DataConfig = _PREDICT_DATA,
     batch_size: int = 256,
     device: str | None = None,
     reporter: Reporter = SilentReporter(),
 ) -> pd.DataFrame:
-    """Class probabilities for every image of ``data_dir`` (ImageFolder, or ``labels_csv``).
+    """Class probabilities for every image of ``data_dir``: a plain folder of images (unlabelled), an
+    ImageFolder, or ``labels_csv``.
 
-    Columns: path, given_label, status, predicted_label, predicted_prob, probs (list of K floats in
-    the classifier's class order). Unreadable rows (``on_bad_image='skip'``) get NA predictions.
-    ``out`` writes the frame with ``results.write_results`` (atomic, with metadata).
+    Columns: path, given_label (NA when unlabelled), status, predicted_label, predicted_prob, probs
+    (list of K floats in the classifier's class order). Unreadable rows (``on_bad_image='skip'``) get
+    NA predictions. ``out`` writes the frame with ``results.write_results`` (atomic, with metadata).
     """
-    from deft_clean.images import build_image_cache
-    from deft_clean.results import base_frame, run_metadata, write_results
-
     classifier = model if isinstance(model, Classifier) else load_classifier(model, device=device)
-    manifest, labels = _labelled_set(classifier, data_dir, labels_csv, data_config)
-    images = build_image_cache(manifest, classifier.image_size, reporter=reporter)
-    rows = np.flatnonzero(manifest.readable)
-    probs = np.full((len(manifest), len(classifier.class_ids)), np.nan, dtype=np.float32)
-    probs[rows] = classifier.predict_images(
-        images[torch.from_numpy(rows)], batch_size=batch_size, reporter=reporter
-    )
+    manifest, labels = _image_set(classifier, data_dir, labels_csv, data, reporter)
+    probs = _probabilities_of(classifier, manifest, batch_size, reporter)
+    ids = classifier.class_ids
     frame = base_frame(manifest)
-    frame["given_label"] = [classifier.class_ids[k] for k in labels]
-    predicted = pd.Series([classifier.class_ids[k] for k in probs.argmax(axis=1)], dtype="string")
+    frame["given_label"] = pd.Series([ids[k] if k >= 0 else pd.NA for k in labels], dtype="string")
+    predicted = pd.Series([ids[k] for k in np.nan_to_num(probs, nan=0.0).argmax(axis=1)], dtype="string")
     frame["predicted_label"] = predicted.where(manifest.readable, pd.NA)
     frame["predicted_prob"] = probs.max(axis=1)
     frame["probs"] = list(probs)
     if out is not None:
         configs = {"finetune": classifier.info["finetune"], "backbone": classifier.info["backbone"]}
-        extra = {
-            "class_ids": classifier.class_ids,
-            "class_names": classifier.class_names,
-            "classifier": str(model),
-        }
+        extra = {"class_ids": ids, "class_names": classifier.class_names, "classifier": str(model)}
         write_results(frame, out, metadata=run_metadata(manifest=manifest, configs=configs, extra=extra))
     return frame

@@ -1,7 +1,8 @@
-"""The `deft-clean` command line. Each command: options → config → one API call → render.
+"""The `deft-clean` command line. Each command: options → config objects → one API call → render.
 
-No logic lives here: defaults come from `deft_clean.config`, errors are
-`DeftCleanError`s mapped to one line and exit code 1 (data problems: a table, then exit 2).
+No logic lives here: options, defaults and rules come from the `deft_clean.config` dataclasses (the
+CLI builds them, they validate themselves), errors are `DeftCleanError`s mapped to one line and exit
+code 1 (data problems: a table, then exit 2).
 """
 
 from __future__ import annotations
@@ -16,10 +17,40 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from deft_clean import __version__
-from deft_clean._render import RichReporter, print_error, print_manifest_summary, print_problems
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig
+from deft_clean._render import (
+    RichReporter,
+    print_backbones,
+    print_detect_summary,
+    print_error,
+    print_export,
+    print_exported,
+    print_finetune_summary,
+    print_imported,
+    print_manifest_summary,
+    print_predict_summary,
+    print_problems,
+    print_report,
+)
+from deft_clean.backbone import export_backbone, list_backbones
+from deft_clean.classifier import predict
+from deft_clean.config import (
+    BackboneConfig,
+    DataConfig,
+    DetectConfig,
+    ExportConfig,
+    FinetuneConfig,
+    ReportConfig,
+    flag,
+    resolve_backbone,
+)
+from deft_clean.data import load_manifest
+from deft_clean.detect import detect
+from deft_clean.embed import embed
 from deft_clean.errors import DataError, DeftCleanError
+from deft_clean.export import export_labels, import_review
+from deft_clean.finetune import finetune
+from deft_clean.report import build_report
+from deft_clean.version import __version__
 
 app = typer.Typer(
     name="deft-clean",
@@ -64,46 +95,47 @@ def main(
     """Find wrong labels in image datasets and train a model without them."""
 
 
-_FLAGS = {"classes_file": "--classes"}  # field names whose flag is not simply --field-name
+_PARAMETER = {
+    DataConfig: "data_config",
+    BackboneConfig: "backbone_config",
+    DetectConfig: "detect_config",
+    FinetuneConfig: "finetune_config",
+    ReportConfig: "report_config",
+    ExportConfig: "export_config",
+}
 
 
-def _flag(name: str) -> str:
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
-
-
-def config_options(*config_classes: type, only: set[str] | None = None, **overrides: Any) -> Callable[[F], F]:
-    """Give a command one option per field of ``config_classes`` and pass their values as ``options``.
+def config_options(*config_classes: type, only: set[str] | None = None) -> Callable[[F], F]:
+    """Give a command one option per field of ``config_classes`` and pass it the config objects built.
 
     Defaults and help come from the dataclass fields (one source of truth), so every command that takes
-    a stage's options takes all of them the same way. ``only`` restricts the fields; ``overrides`` maps a
-    field to its own ``typer.Option`` (e.g. a ``--model`` whose default is read from another file). The
-    wrapped command receives ``options``: the values, without ``model``/``pretrained`` left at None.
+    a stage's options takes all of them the same way. ``only`` restricts the fields shown (the others
+    keep their defaults). Choice fields reach typer as plain strings, so the config, the one validator,
+    refuses a bad value with its own message (exit code 1). The wrapped command receives one keyword
+    argument per class: ``data_config``, ``backbone_config``, ``detect_config`` or ``finetune_config``;
+    building them runs their checks.
     """
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func, eval_str=True)
-        params = [p for p in signature.parameters.values() if p.name != "options"]
-        names = []
-        for cls in config_classes:
+        params = [p for p in signature.parameters.values() if p.name not in _PARAMETER.values()]
+        fields = {
+            cls: [f for f in dataclasses.fields(cls) if only is None or f.name in only]
+            for cls in config_classes
+        }
+        for cls, specs in fields.items():
             hints = typing.get_type_hints(cls)
-            for spec in dataclasses.fields(cls):
-                if only is not None and spec.name not in only:
-                    continue
-                default = overrides.get(spec.name) or typer.Option(
-                    spec.default, _flag(spec.name), help=spec.metadata.get("help")
-                )
+            for spec in specs:
+                option = typer.Option(spec.default, flag(spec.name), help=spec.metadata.get("help"))
                 kind = inspect.Parameter.KEYWORD_ONLY
-                params.append(
-                    inspect.Parameter(spec.name, kind, default=default, annotation=hints[spec.name])
-                )
-                names.append(spec.name)
+                hint = str if typing.get_origin(hints[spec.name]) is typing.Literal else hints[spec.name]
+                params.append(inspect.Parameter(spec.name, kind, default=option, annotation=hint))
 
         @wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name) for name in names}
-            unset = {"model", "pretrained"}  # None means: take it from elsewhere (flags file, default)
-            options = {k: v for k, v in values.items() if not (k in unset and v is None)}
-            return func(*args, options=options, **kwargs)
+            for cls, specs in fields.items():
+                kwargs[_PARAMETER[cls]] = cls(**{spec.name: kwargs.pop(spec.name) for spec in specs})
+            return func(*args, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
@@ -121,13 +153,10 @@ def check(
         typer.Argument(help="CSV: image path + label (omit: ImageFolder).", show_default=False),
     ] = None,
     *,
-    options: dict[str, Any],  # filled by @config_options
+    data_config: DataConfig,
 ) -> None:
     """Validate a labelled image set (every image is decoded) and count images per class; no model needed."""
-    from deft_clean.data import load_manifest
-
-    config = DataConfig(**options)
-    print_manifest_summary(load_manifest(data_dir, labels_csv, config=config, reporter=RichReporter()))
+    print_manifest_summary(load_manifest(data_dir, labels_csv, config=data_config, reporter=RichReporter()))
 
 
 @app.command("detect")
@@ -151,32 +180,28 @@ def detect_command(
     save_model: Annotated[
         Path | None, typer.Option("--save-model", help="Folder for the learned prompts and adapters.")
     ] = None,
+    report: Annotated[
+        bool, typer.Option("--report", help="Also write the HTML report beside the results (`report`).")
+    ] = False,
     *,
-    options: dict[str, Any],  # filled by @config_options
+    data_config: DataConfig,
+    backbone_config: BackboneConfig,
+    detect_config: DetectConfig,
 ) -> None:
     """Flag likely wrong labels with DeFT (dual text prompts + LoRA on a CLIP-style backbone)."""
-    from deft_clean._render import print_detect_summary
-    from deft_clean.detect import detect
-
-    frame = detect(
-        data_dir,
-        labels_csv,
-        out=out,
-        truth_csv=truth,
-        save_model=save_model,
-        reporter=RichReporter(),
-        **options,
-    )
-    print_detect_summary(frame)
+    result = detect(
+        data_dir, labels_csv, data=data_config, backbone=backbone_config, detect=detect_config, out=out,
+        truth_csv=truth, save_model=save_model, reporter=RichReporter(),
+    )  # fmt: skip
+    print_detect_summary(result)
+    if report:
+        _report(result.out, truth_csv=truth)
 
 
 @app.command("backbones")
 @_user_errors
 def backbones_command() -> None:
     """List the built-in backbones: kind, image size, whether the towers are aligned, default LoRA targets."""
-    from deft_clean._render import print_backbones
-    from deft_clean.backbone import list_backbones
-
     print_backbones(list_backbones())
 
 
@@ -187,28 +212,19 @@ def export_backbone_command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write: config, weights, tokenizer.")],
     half: Annotated[bool, typer.Option("--half", help="Store the weights in fp16 (half the size).")] = False,
     *,
-    options: dict[str, Any],  # filled by @config_options
+    backbone_config: BackboneConfig,
 ) -> None:
     """Save a backbone as a self-contained folder; load it anywhere with --pretrained local-dir:DIR.
 
     This is how air-gapped machines get a backbone: export it where the weights are (e.g. the offline
     backbone, which is NOT aligned like CLIP, or a CLIP tag you downloaded), copy the folder over.
     """
-    from deft_clean._render import print_exported
-    from deft_clean.backbone import export_backbone
-
-    config = BackboneConfig(**options)
-    print_exported(export_backbone(config, out, half=half), config.model)
+    print_exported(export_backbone(backbone_config, out, half=half), resolve_backbone(backbone_config).model)
 
 
 @app.command("finetune")
 @_user_errors
-@config_options(
-    DataConfig,
-    BackboneConfig,
-    FinetuneConfig,
-    model=typer.Option(None, "--model", help="Backbone (default: the one in --flags, else 'offline')."),
-)
+@config_options(DataConfig, BackboneConfig, FinetuneConfig)
 def finetune_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the classifier: weights, config, metrics.")],
     data_dir: Annotated[Path, typer.Argument(help="Folder with the training images.", show_default=False)],
@@ -225,15 +241,14 @@ def finetune_command(
         Path | None, typer.Option("--test-csv", help="Labels CSV of --test-dir (omit: ImageFolder).")
     ] = None,
     *,
-    options: dict[str, Any],  # filled by @config_options
+    data_config: DataConfig,
+    backbone_config: BackboneConfig,
+    finetune_config: FinetuneConfig,
 ) -> None:
     """Fine-tune a classifier (TeS or CE) on the rows a flags file marks clean, or on every row."""
-    from deft_clean._render import print_finetune_summary
-    from deft_clean.finetune import finetune
-
     result = finetune(
-        data_dir, labels_csv, flags=flags, out=out, test_dir=test_dir, test_csv=test_csv,
-        reporter=RichReporter(), **options,
+        data_dir, labels_csv, data=data_config, backbone=backbone_config, finetune=finetune_config,
+        flags=flags, out=out, test_dir=test_dir, test_csv=test_csv, reporter=RichReporter(),
     )  # fmt: skip
     print_finetune_summary(result)
 
@@ -246,23 +261,23 @@ def predict_command(
     model_dir: Annotated[Path, typer.Argument(help="Folder written by `deft-clean finetune --out`.")],
     data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
     labels_csv: Annotated[
-        Path | None, typer.Argument(help="CSV: image path + label (omit: ImageFolder).", show_default=False)
+        Path | None,
+        typer.Argument(
+            help="CSV: image path + label (omit: an ImageFolder, or a plain folder of unlabelled images).",
+            show_default=False,
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
     device: Annotated[
         str | None, typer.Option("--device", help="'cpu' or 'cuda[:N]' (default: as trained, 'auto').")
     ] = None,
     *,
-    options: dict[str, Any],  # filled by @config_options
+    data_config: DataConfig,
 ) -> None:
     """Predict class probabilities for a folder of images with a fine-tuned classifier."""
-    from deft_clean._render import print_predict_summary
-    from deft_clean.classifier import predict
-
-    data_config = DataConfig(**options, min_per_class=0)
     frame = predict(
-        model_dir, data_dir, labels_csv, out=out, data_config=data_config, batch_size=batch_size,
-        device=device, reporter=RichReporter(),
+        model_dir, data_dir, labels_csv, data=data_config, out=out, batch_size=batch_size, device=device,
+        reporter=RichReporter(),
     )  # fmt: skip
     print_predict_summary(frame, out)
 
@@ -285,13 +300,84 @@ def embed_command(
     ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
     *,
-    options: dict[str, Any],  # filled by @config_options
+    data_config: DataConfig,
+    backbone_config: BackboneConfig,
 ) -> None:
     """Write frozen, L2-normalised features of every image (un-augmented) to a .npy file."""
-    from deft_clean.embed import embed
-
-    reporter = RichReporter()
     features = embed(
-        data_dir, labels_csv, out=out, pooled=pooled, batch_size=batch_size, reporter=reporter, **options
-    )
+        data_dir, labels_csv, data=data_config, backbone=backbone_config, out=out, pooled=pooled,
+        batch_size=batch_size, reporter=RichReporter(),
+    )  # fmt: skip
     typer.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out}")
+
+
+def _report(flags: Path, **kwargs: Any) -> None:
+    """Build the HTML report of ``flags`` with progress and say where it is (report, detect --report)."""
+    print_report(build_report(flags, reporter=RichReporter(), **kwargs))
+
+
+@app.command("report")
+@_user_errors
+@config_options(ReportConfig)
+def report_command(
+    flags: Annotated[
+        Path, typer.Argument(help="Results Parquet from `deft-clean detect`.", show_default=False)
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file (default: the results file with suffix .html).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Folder the image paths are under (default: detect's)."),
+    ] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth", help="CSV path,label of verified labels: precision/recall/F1, missed labels."
+        ),
+    ] = None,
+    *,
+    report_config: ReportConfig,
+) -> None:
+    """Write one self-contained HTML page: summary, per-class charts and a gallery of the flagged images."""
+    _report(flags, out=out, data_dir=data_dir, truth_csv=truth, config=report_config)
+
+
+@app.command("export")
+@_user_errors
+@config_options(ExportConfig)
+def export_command(
+    flags: Annotated[
+        Path, typer.Argument(help="Results Parquet from `deft-clean detect`.", show_default=False)
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the files (default: the results file's folder).")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="csv: the labels CSV to correct (default: detect's).")
+    ] = None,
+    *,
+    export_config: ExportConfig,
+) -> None:
+    """Export the flags: a corrected labels CSV + review.csv, or Label Studio tasks to review them."""
+    print_export(export_labels(flags, out, labels_csv=labels, config=export_config), export_config)
+
+
+@app.command("import-review")
+@_user_errors
+@config_options(DataConfig, only={"image_col", "label_col"})
+def import_review_command(
+    review: Annotated[
+        Path, typer.Argument(help="Label Studio export (JSON or JSON-MIN).", show_default=False)
+    ],
+    labels_csv: Annotated[Path, typer.Argument(help="The labels CSV to apply it to.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Corrected labels CSV to write.")],
+    *,
+    data_config: DataConfig,
+) -> None:
+    """Apply a reviewer's Label Studio decisions to a labels CSV; rows never reviewed stay as they were."""
+    print_imported(
+        import_review(
+            review, labels_csv, out, image_col=data_config.image_col, label_col=data_config.label_col
+        )
+    )

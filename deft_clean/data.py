@@ -6,6 +6,8 @@ Inputs (see docs/input-formats.md):
   ``path``/``image``/``filename``/``file`` or ``--image-col``) and a label column (``label``/``class`` or
   ``--label-col``); paths are relative to ``DATA_DIR``.
 - ``DATA_DIR`` alone: an ImageFolder, ``DATA_DIR/<class>/<image>``.
+- ``DATA_DIR`` a ``.parquet`` file, or a folder of them: images (encoded bytes or paths) and labels in
+  columns, rows identified by their index (:mod:`deft_clean.image_tables`).
 - ``--classes FILE`` (optional): ``id`` or ``id,name`` per line; fixes class order and readable names.
   Without it, class order is the sorted unique labels (numeric when every label is an integer).
 
@@ -14,36 +16,25 @@ All checks run before any model work and every problem is raised at once in one 
 
 from __future__ import annotations
 
-import csv
-import difflib
+import dataclasses
 import hashlib
-import io
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from deft_clean.config import DataConfig
-from deft_clean.errors import ConfigError, DataError, Problem
-from deft_clean.images import open_image
+from deft_clean.errors import DataError, Problem
+from deft_clean.image_tables import find_image_table, read_image_table
+from deft_clean.images import build_image_cache, decode_square, fits_in_ram
 from deft_clean.progress import Reporter, SilentReporter
-from deft_clean.validation import Row, find_problems
-
-__all__ = [
-    "Manifest",
-    "load_manifest",
-    "load_labels",
-    "open_image",
-    "read_table",
-    "read_classes",
-    "class_order",
-]
+from deft_clean.tables import fail, read_classes, read_table
+from deft_clean.validation import Decoder, Row, find_problems
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-PATH_COLUMNS = ("path", "image", "filename", "file")
-LABEL_COLUMNS = ("label", "class")
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
@@ -53,7 +44,8 @@ class Manifest:
 
     ``labels`` (N,) int64 index into ``class_ids``/``class_names``; ``readable`` (N,) bool, False only
     for rows skipped with ``on_bad_image='skip'`` (they keep their label and appear in the results with
-    status 'unreadable'). ``fingerprint`` identifies the input for the results metadata.
+    status 'unreadable'). ``fingerprint`` identifies the input for the results metadata. ``images``:
+    the pixels validation decoded at ``load_manifest(image_size=...)`` (uint8 (N, 3, S, S)), or None.
     """
 
     data_dir: Path
@@ -64,6 +56,7 @@ class Manifest:
     readable: np.ndarray
     fingerprint: dict
     max_image_pixels: int | None = DataConfig.max_image_pixels
+    images: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,105 +65,30 @@ class Manifest:
         """Absolute path of row ``i``."""
         return self.data_dir / self.paths[i]
 
+    def files(self) -> list[Path]:
+        """Absolute paths of every row, in input order."""
+        return [self.data_dir / path for path in self.paths]
+
+    def decode(
+        self,
+        size: int,
+        *,
+        num_workers: int = 0,
+        cache_dir: Path | None = None,
+        reporter: Reporter = SilentReporter(),
+    ) -> torch.Tensor:
+        """Every row's image as uint8 (N, 3, size, size), unreadable rows zero: the pixels validation kept
+        when it decoded at this size, else decoded now (``build_image_cache``)."""
+        if self.images is not None and self.images.shape[-1] == size:
+            return self.images
+        return build_image_cache(
+            self.files(), size, readable=self.readable, max_image_pixels=self.max_image_pixels,
+            cache_dir=cache_dir, num_workers=num_workers, reporter=reporter,
+        )  # fmt: skip
+
     def prompt_names(self) -> list[str]:
         """Class names for text prompts: '_' becomes ' ' ('golden_retriever' -> 'golden retriever')."""
         return [name.replace("_", " ") for name in self.class_names]
-
-
-def _fail(
-    kind: str, message: str, source: str, *, row: int | None = None, fix: str | None = None
-) -> DataError:
-    return DataError([Problem(kind, message, path=source, row=row, fix=fix)], source=source)
-
-
-def _decode_text(path: Path, what: str) -> tuple[str, str]:
-    """(text, sha256) of a UTF-8 file; a DataError naming the line of the first bad byte otherwise."""
-    if not path.is_file():
-        raise _fail("missing_file", f"{what} not found", str(path), fix="Check the path.")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig"), hashlib.sha256(raw).hexdigest()
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        message = f"{what} is not UTF-8: byte 0x{raw[error.start]:02x} on line {line} cannot be decoded"
-        fix = f"Re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 '{path}' > fixed.csv"
-        raise _fail("not_utf8", message, str(path), row=line, fix=fix) from None
-
-
-def _records(text: str) -> list[tuple[int, list[str]]]:
-    """Non-blank CSV records with their 1-based starting line; delimiter sniffed from ',;<tab>|'."""
-    head = text.split("\n", 1)[0]
-    try:
-        dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(head, delimiters=",;\t|")
-    except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(io.StringIO(text), dialect)
-    records, start = [], 1
-    for fields in reader:
-        if any(f.strip() for f in fields):
-            records.append((start, [f.strip() for f in fields]))
-        start = reader.line_num + 1
-    return records
-
-
-def _column(
-    header: list[str], given: str | None, candidates: tuple[str, ...], option: str, what: str, source: str
-) -> int | Problem:
-    """Index of the wanted column, or a 'missing_column' Problem suggesting the nearest names."""
-    lowered = [h.lower() for h in header]
-    wanted = [given.lower()] if given is not None else list(candidates)
-    for name in wanted:
-        if name in lowered:
-            return lowered.index(name)
-    near = {m for name in wanted for m in difflib.get_close_matches(name, lowered, n=3, cutoff=0.5)}
-    near |= {h for h in lowered if any(name in h for name in wanted)}
-    guesses = [header[i] for i, h in enumerate(lowered) if h in near]
-    looked = f"'{given}'" if given is not None else "/".join(candidates)
-    fix = f"Did you mean {' or '.join(repr(g) for g in guesses)}? " if guesses else ""
-    return Problem(
-        "missing_column",
-        f"no {what} column ({looked}); the header has: {', '.join(header)}",
-        path=source,
-        row=1,
-        fix=f"{fix}Name it with {option} COLUMN.",
-    )
-
-
-def read_table(
-    csv_path: Path, *, image_col: str | None = None, label_col: str | None = None
-) -> tuple[list[Row], str]:
-    """Rows of a labels CSV and the file's sha256: ``(list[Row], str)``; DataError for a bad file.
-
-    Rows with too few fields get empty values (reported later as empty path/label).
-    """
-    source = str(csv_path)
-    text, digest = _decode_text(Path(csv_path), "labels CSV")
-    records = _records(text)
-    if len(records) < 2:
-        message = "labels CSV is empty" if not records else "labels CSV has a header but no rows"
-        raise _fail("empty_csv", message, source, fix="Add one row per image: path,label.")
-    header = records[0][1]
-    columns = [
-        _column(header, image_col, PATH_COLUMNS, "--image-col", "image path", source),
-        _column(header, label_col, LABEL_COLUMNS, "--label-col", "label", source),
-    ]
-    problems = [c for c in columns if isinstance(c, Problem)]
-    if problems:
-        raise DataError(problems, source=source)
-    img, lab = columns
-    if img == lab:
-        raise _fail(
-            "missing_column",
-            f"image and label column are both '{header[img]}'",
-            source,
-            row=1,
-            fix="Pass different --image-col and --label-col.",
-        )
-
-    def get(fields: list[str], i: int) -> str:
-        return fields[i] if i < len(fields) else ""
-
-    return [Row(line, get(fields, img), get(fields, lab)) for line, fields in records[1:]], digest
 
 
 def read_image_folder(root: Path) -> tuple[list[Row], str]:
@@ -184,39 +102,12 @@ def read_image_folder(root: Path) -> tuple[list[Row], str]:
                     rows.append(Row(None, Path(folder, name).relative_to(root).as_posix(), class_dir.name))
     if not rows:
         fix = "Arrange images as DATA_DIR/<class>/<image>, or pass a labels CSV."
-        raise _fail("empty_folder", "no images found in class folders", str(root), fix=fix)
+        raise fail("empty_folder", "no images found in class folders", str(root), fix=fix)
     listing = hashlib.sha256()
     for row in rows:
         size = os.lstat(root / row.path).st_size
         listing.update(f"{row.path}\t{row.label}\t{size}\n".encode())
     return rows, listing.hexdigest()
-
-
-def read_classes(path: Path) -> tuple[list[str], list[str]]:
-    """``(class_ids, class_names)`` from a classes file: ``id`` or ``id,name`` a line; blank lines skipped."""
-    text, _ = _decode_text(Path(path), "classes file")
-    ids: list[str] = []
-    names: list[str] = []
-    problems = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        cid, _, name = (part.strip() for part in line.partition(","))
-        if cid in ids:
-            fix = "Each class id must appear once."
-            problems.append(
-                Problem("duplicate_class", f"class id '{cid}' repeated", path=str(path), row=line_no, fix=fix)
-            )
-            continue
-        ids.append(cid)
-        names.append(name or cid)
-    if not ids:
-        problems.append(
-            Problem("empty_classes", "classes file is empty", path=str(path), fix="List one class a line.")
-        )
-    if problems:
-        raise DataError(problems, source=str(path))
-    return ids, names
 
 
 def class_order(labels: list[str]) -> list[str]:
@@ -227,23 +118,21 @@ def class_order(labels: list[str]) -> list[str]:
     return sorted(unique)
 
 
-def _check_options(config: DataConfig) -> None:
-    if config.on_bad_image not in ("error", "skip"):
-        raise ConfigError(f"--on-bad-image must be 'error' or 'skip', got '{config.on_bad_image}'.")
-    if config.min_per_class < 0:
-        raise ConfigError(f"--min-per-class must be >= 0, got {config.min_per_class}.")
-    if config.max_image_pixels is not None and config.max_image_pixels < 1:
-        raise ConfigError(f"--max-image-pixels must be positive, got {config.max_image_pixels}.")
-
-
 def _read_inputs(
-    root: Path, labels_csv: Path | None, config: DataConfig
-) -> tuple[list[Row], dict, tuple[list[str], list[str]] | None]:
-    """Rows, input fingerprint and (ids, names) from --classes (or None); all file-level problems at once."""
+    data_dir: str | Path, labels_csv: Path | None, config: DataConfig, reporter: Reporter
+) -> tuple[Path, list[Row], dict, tuple[list[str], list[str]] | None]:
+    """(images folder, rows, input fingerprint, (ids, names) from --classes, else those a table declares,
+    else None); every file-level
+    problem at once. A Parquet table's images folder is the cache its images were unpacked to."""
     problems: list[Problem] = []
+    table = find_image_table(data_dir) if labels_csv is None else None
+    root = _root(data_dir) if table is None else Path(data_dir)
     rows, fingerprint, classes = [], {}, None
     try:
-        if labels_csv is None:
+        if table is not None:
+            found = read_image_table(table, config, reporter=reporter)
+            root, rows, fingerprint, classes = found.images, found.rows, found.fingerprint, found.classes
+        elif labels_csv is None:
             rows, digest = read_image_folder(root)
             fingerprint = {"source": "imagefolder", "listing_sha256": digest}
         else:
@@ -252,39 +141,34 @@ def _read_inputs(
     except DataError as error:
         problems += error.problems
     try:
-        classes = read_classes(Path(config.classes_file)) if config.classes_file else None
+        classes = read_classes(Path(config.classes_file)) if config.classes_file else classes
     except DataError as error:
         problems += error.problems
     if problems:
-        raise DataError(problems, source=str(labels_csv or root))
-    return rows, fingerprint, classes
+        raise DataError(problems, source=str(labels_csv or data_dir))
+    return root, rows, fingerprint, classes
 
 
-def load_manifest(
-    data_dir: str | Path,
-    labels_csv: str | Path | None = None,
-    *,
-    config: DataConfig = DataConfig(),
-    reporter: Reporter = SilentReporter(),
-) -> Manifest:
-    """Read, validate (decoding every image once) and return the labelled image set.
-
-    Raises ``DataError`` listing every problem (each naming the CSV row and file), ``ConfigError`` for
-    invalid options. Rows skipped with ``on_bad_image='skip'`` are kept with ``readable=False``.
-    """
-    _check_options(config)
+def _root(data_dir: str | Path) -> Path:
+    """The resolved data folder; a DataError when it does not exist."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise _fail(
-            "missing_dir",
-            "data directory not found",
-            str(data_dir),
-            fix="Pass the folder holding the images.",
-        )
-    root = root.resolve()
-    csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
-    rows, fingerprint, classes = _read_inputs(root, csv_path, config)
-    class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
+        fix = "Pass the folder holding the images."
+        raise fail("missing_dir", "data directory not found", str(data_dir), fix=fix)
+    return root.resolve()
+
+
+def _readable(
+    rows: list[Row],
+    root: Path,
+    class_ids: list[str],
+    config: DataConfig,
+    reporter: Reporter,
+    source: str,
+    decode: Decoder | None = None,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Validate every row (``validation.find_problems``); the readable mask, or one DataError with all."""
     findings = find_problems(
         rows,
         root,
@@ -292,23 +176,113 @@ def load_manifest(
         min_per_class=config.min_per_class,
         on_bad_image=config.on_bad_image,
         max_pixels=config.max_image_pixels,
+        decode=decode,
+        num_workers=num_workers or None,
         reporter=reporter,
     )
     if findings.problems:
-        raise DataError(findings.problems, source=str(csv_path or data_dir))
+        raise DataError(findings.problems, source=source)
     for problem in findings.skipped:
         reporter.log(f"skipped (status=unreadable): {problem}", level="warning")
+    return findings.readable
+
+
+def load_manifest(
+    data_dir: str | Path,
+    labels_csv: str | Path | None = None,
+    *,
+    config: DataConfig = DataConfig(),
+    image_size: int | None = None,
+    num_workers: int = 0,
+    reporter: Reporter = SilentReporter(),
+) -> Manifest:
+    """Read, validate (every image is opened and fully decoded) and return the labelled image set.
+
+    ``image_size``: the size the images are wanted at (the backbone's input); validation then decodes
+    each image at that size and keeps the pixels (``Manifest.images``, when they fit in RAM), so each
+    image is decoded once per run. Without it, validation decodes cheaply (JPEGs at reduced scale).
+    ``num_workers``: decoding threads (0: automatic).
+    Raises ``DataError`` listing every problem (each naming the CSV row and file). Rows skipped with
+    ``on_bad_image='skip'`` are kept with ``readable=False``.
+    """
+    csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
+    root, rows, fingerprint, classes = _read_inputs(data_dir, csv_path, config, reporter)
+    class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
+    kept, decode = _keeper(len(rows), image_size)
+    source = str(csv_path or data_dir)
+    readable = _readable(rows, root, class_ids, config, reporter, source, decode, num_workers)
     index = {cid: k for k, cid in enumerate(class_ids)}
-    fingerprint.update(n_rows=len(rows), n_files=int(findings.readable.sum()))
+    fingerprint.update(n_rows=len(rows), n_files=int(readable.sum()))
     return Manifest(
         data_dir=root,
         paths=[r.path for r in rows],
         labels=np.array([index[r.label] for r in rows], dtype=np.int64),
         class_ids=list(class_ids),
         class_names=list(class_names or class_ids),
-        readable=findings.readable,
+        readable=readable,
         fingerprint=fingerprint,
         max_image_pixels=config.max_image_pixels,
+        images=None if kept is None else torch.from_numpy(kept),
+    )
+
+
+def _keeper(n: int, size: int | None) -> tuple[np.ndarray | None, Decoder | None]:
+    """An (N, 3, size, size) uint8 array and a decoder filling it, or (None, None) when no size is
+    given or the array would not fit in RAM (the cache then decodes into its memmap file)."""
+    if size is None or not fits_in_ram((n, 3, size, size)):
+        return None, None
+    array = np.zeros((n, 3, size, size), dtype=np.uint8)
+
+    def keep(index: int, file: Path) -> None:
+        array[index] = decode_square(file, size).transpose(2, 0, 1)
+
+    return array, keep
+
+
+def has_loose_images(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds image files itself (a plain folder), not only in class folders."""
+    root = Path(data_dir).expanduser()
+    return root.is_dir() and any(
+        f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
+        for f in root.iterdir()
+    )
+
+
+def load_unlabelled(
+    data_dir: str | Path,
+    *,
+    config: DataConfig = DataConfig(),
+    image_size: int | None = None,
+    reporter: Reporter = SilentReporter(),
+) -> Manifest:
+    """Every image under a plain folder (sorted paths, subfolders included), validated like a labelled
+    set (``image_size`` as in :func:`load_manifest`), as a Manifest without classes: ``labels`` are all
+    -1, ``class_ids`` empty."""
+    root = _root(data_dir)
+    paths = sorted(
+        f.relative_to(root).as_posix()
+        for f in root.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(p.startswith(".") for p in f.relative_to(root).parts)
+    )
+    if not paths:
+        raise fail("empty_folder", "no images found", str(root), fix="Pass a folder holding image files.")
+    rows = [Row(None, path, "?") for path in paths]  # one placeholder class: no label checks apply
+    kept, decode = _keeper(len(rows), image_size)
+    unsized = dataclasses.replace(config, min_per_class=0)
+    readable = _readable(rows, root, ["?"], unsized, reporter, str(root), decode)
+    listing = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    return Manifest(
+        data_dir=root,
+        paths=paths,
+        labels=np.full(len(paths), -1, dtype=np.int64),
+        class_ids=[],
+        class_names=[],
+        readable=readable,
+        fingerprint={"source": "folder", "listing_sha256": listing, "n_rows": len(paths)},
+        max_image_pixels=config.max_image_pixels,
+        images=None if kept is None else torch.from_numpy(kept),
     )
 
 

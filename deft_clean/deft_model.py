@@ -20,8 +20,6 @@ source; random ``test-tiny`` weights are re-drawn from the saved seed) and loads
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from deft_clean.adapters import ImageTuning, apply_peft, feature_split, load_tuning, save_tuning
-from deft_clean.backbone import is_conv
+from deft_clean.backbone import Backbone, load_backbone_on
 from deft_clean.config import BackboneConfig, DetectConfig, from_dict, to_dict
-from deft_clean.errors import ConfigError
+from deft_clean.files import atomic_folder, read_description, write_description
 from deft_clean.prompts import DualPromptLearner
+from deft_clean.runtime import is_conv, seed_everything
 
 DETECTOR_FORMAT = "deft-clean-detector"
 DETECTOR_VERSION = 1
+DETECTOR_FILE = "detector.json"
 DEFAULT_SCALE = 1 / 0.07
-
-
-CONV_ADAPTER_LR_FACTOR = 0.1  # LoRA in a conv tower at the prompts' lr killed its features (benchmarks.md)
-
-
-def adapter_lr(config: DetectConfig, conv: bool) -> float:
-    """Peak lr of the image-tower adapters: ``--adapter-lr`` when given, else ``--lr``, a tenth of it
-    for a convolutional tower. With frozen BatchNorm statistics a conv tower has nothing to renormalise
-    its activations, and LoRA at the authors' lr (set for CLIP ViTs) drove the offline tower's features
-    to a constant (CE stuck at ln K) on 2,000 CIFAR-10 images."""
-    if config.adapter_lr is not None:
-        return config.adapter_lr
-    return config.lr * CONV_ADAPTER_LR_FACTOR if conv else config.lr
 
 
 class DeftModel(nn.Module):
@@ -58,14 +45,14 @@ class DeftModel(nn.Module):
 
     def __init__(
         self,
-        backbone: Any,
+        backbone: Backbone,
         class_names: list[str],
         config: DetectConfig,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.model = backbone.model
-        self.tuning: ImageTuning = apply_peft(backbone, config)
+        self.tuning: ImageTuning = apply_peft(backbone, config.tuning)
         self.prompts = DualPromptLearner(
             self.model,
             backbone.tokenizer,
@@ -90,10 +77,10 @@ class DeftModel(nn.Module):
 
     def param_groups(self, config: DetectConfig) -> list[dict[str, Any]]:
         """What the optimizer updates, in groups with their ``peak_lr`` for the schedule: the prompts and
-        always-trained heads at ``config.lr``, the image-tower adapters at :func:`adapter_lr`."""
+        always-trained heads at ``config.lr``, the image-tower adapters at ``config.adapter_peak_lr``."""
         rest = list(self.prompts.parameters()) + self.tuning.head_parameters(self.model)
         adapters = self.tuning.adapter_parameters(self.model)
-        peak = adapter_lr(config, is_conv(self.model.visual))
+        peak = config.adapter_peak_lr(is_conv(self.model.visual))
         groups = [{"params": rest, "lr": config.lr, "peak_lr": config.lr}]
         return groups + ([{"params": adapters, "lr": peak, "peak_lr": peak}] if adapters else [])
 
@@ -130,55 +117,39 @@ def save_detector(
     class_ids: list[str],
     class_names: list[str],
 ) -> Path:
-    """Write the learned prompts and adapters with the configs (layout in the module docstring)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write the learned prompts and adapters with the configs (layout in the module docstring) atomically."""
     if net.tuning.peft_model is not None and not detect_config.lora_targets:
         # record the targets this run used, so a later change of the backbone's defaults cannot break loading
         targets = sorted(net.tuning.peft_model.peft_config["default"].target_modules)
         detect_config = dataclasses.replace(detect_config, lora_targets=",".join(targets))
-    torch.save({k: v.detach().cpu() for k, v in net.prompts.state_dict().items()}, directory / "prompts.pt")
-    files = ["prompts.pt", *save_tuning(net.tuning, net.model, directory)]
-    from deft_clean import __version__
-
-    manifest = {
-        "format": DETECTOR_FORMAT,
-        "version": DETECTOR_VERSION,
-        "deft_clean_version": __version__,
-        "configs": {"backbone": to_dict(backbone_config), "detect": to_dict(detect_config)},
-        "class_ids": list(class_ids),
-        "class_names": list(class_names),
-        "n_ctx": net.prompts.n_ctx,
-        "logit_scale": net.scale,
-        "files": files,
-    }
-    (directory / "detector.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return directory
+    with atomic_folder(directory) as folder:
+        torch.save({k: v.detach().cpu() for k, v in net.prompts.state_dict().items()}, folder / "prompts.pt")
+        files = ["prompts.pt", *save_tuning(net.tuning, net.model, folder)]
+        body = {
+            "configs": {"backbone": to_dict(backbone_config), "detect": to_dict(detect_config)},
+            "class_ids": list(class_ids),
+            "class_names": list(class_names),
+            "n_ctx": net.prompts.n_ctx,
+            "logit_scale": net.scale,
+            "files": files,
+        }
+        write_description(folder, DETECTOR_FILE, DETECTOR_FORMAT, DETECTOR_VERSION, body)
+    return Path(directory)
 
 
-def load_detector(directory: str | Path, *, device: str | None = None) -> tuple[DeftModel, dict]:
+def load_detector(directory: str | Path, *, device: str | None = None) -> tuple[DeftModel, dict[str, Any]]:
     """Rebuild a saved detector: ``(DeftModel in eval mode, detector.json contents)``.
 
     ``device`` overrides the saved backbone device ('cpu', 'cuda', ...).
     """
-    from deft_clean.backbone import load_backbone, resolve_device
-
     directory = Path(directory)
-    meta_file = directory / "detector.json"
-    if not meta_file.is_file():
-        raise ConfigError(
-            f"No detector.json in '{directory}'.",
-            hint="Pass a folder written by 'deft-clean detect --save-model'.",
-        )
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    if meta.get("format") != DETECTOR_FORMAT or meta.get("version", math.inf) > DETECTOR_VERSION:
-        raise ConfigError(f"'{meta_file}' is not a detector this version of deft-clean can read.")
+    hint = "Pass a folder written by 'deft-clean detect --save-model' (this version or older)."
+    meta = read_description(directory, DETECTOR_FILE, DETECTOR_FORMAT, DETECTOR_VERSION, hint=hint)
     backbone_values = dict(meta["configs"]["backbone"], **({"device": device} if device else {}))
     backbone_config = from_dict(BackboneConfig, backbone_values)
     config = from_dict(DetectConfig, meta["configs"]["detect"])
-    torch.manual_seed(config.seed)  # random-weight backbones are re-drawn as in the run that saved them
-    backbone = load_backbone(backbone_config)
-    backbone.model.to(resolve_device(backbone_config.device))
+    seed_everything(config.seed)  # random-weight backbones are re-drawn as in the run that saved them
+    backbone, _ = load_backbone_on(backbone_config)
     net = DeftModel(backbone, meta["class_names"], config)
     net.prompts.load_state_dict(torch.load(directory / "prompts.pt", map_location="cpu"))
     load_tuning(net.tuning, net.model, directory)

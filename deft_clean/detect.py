@@ -5,102 +5,113 @@ train positive/negative prompts (+ the image-tower tuning) on the given, noisy l
 readable images in a separate pass over the *un-augmented* images with the final model → write the
 results file (one row per input row, input order) and, optionally, the learned detector.
 
-Data path: the uint8 image cache goes to the GPU when it fits (else each batch is copied from pinned
-memory), batches are drawn by index with seeded generators and augmented on the device; the loop
-never waits on the device except once per epoch, to read the epoch's loss and timing.
+Data path: the uint8 image cache is staged for the device by :class:`deft_clean.runtime.StagedImages`,
+batches are drawn by index with seeded generators and augmented on the device; the loop never waits
+on the device except once per epoch, to read the epoch's loss and timing.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
-from deft_clean.backbone import autocast, cuda_autotune
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, split_options
+from deft_clean.backbone import Backbone, input_size, load_backbone_on
+from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
+from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
-from deft_clean.errors import ConfigError, TrainingError
+from deft_clean.embed import stage
+from deft_clean.errors import TrainingError
 from deft_clean.progress import Reporter, SilentReporter
+from deft_clean.results import Scores, result_frame, run_metadata, write_results
+from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, seed_everything
 from deft_clean.scoring import (
-    Scores,
     clean_probability,
     complementary_labels,
     deft_loss,
-    result_frame,
-    run_summary,
     select_clean,
     training_failure,
 )
+from deft_clean.summary import DetectResult, run_summary
 
 DEFAULT_OUT = "deft_results.parquet"
-_GPU_CACHE_FRACTION = 0.5  # the image cache moves to the GPU when it takes at most this share of free memory
 
 
 def detect(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
     *,
+    data: DataConfig = DataConfig(),
+    backbone: BackboneConfig = BackboneConfig(),
+    detect: DetectConfig = DetectConfig(),
     out: str | Path | None = None,
     truth_csv: str | Path | None = None,
     save_model: str | Path | None = None,
     reporter: Reporter = SilentReporter(),
-    **options: Any,
-) -> pd.DataFrame:
-    """Flag likely wrong labels in an image set; write and return the results (one row per input row).
+) -> DetectResult:
+    """Flag likely wrong labels in an image set; write the results (one row per input row) and return them.
 
-    ``options`` are fields of :class:`DataConfig`, :class:`BackboneConfig` and :class:`DetectConfig`.
     ``out`` defaults to ``<labels stem>.deft.parquet`` beside ``labels_csv``, or ``deft_results.parquet``
     in the working directory for an ImageFolder. ``truth_csv`` (path,label of verified labels for some
-    or all rows) adds precision/recall/F1 of the flags to the metadata. ``save_model`` writes the
-    learned prompts and adapters (see :mod:`deft_clean.deft_model`). The returned frame carries the
-    run metadata in ``df.attrs`` (``df.attrs["detect"]``: counts, noise rates, timings, metrics).
+    or all rows) adds precision/recall/F1 of the flags to the summary. ``save_model`` writes the
+    learned prompts and adapters (see :mod:`deft_clean.deft_model`). The result holds the table (its
+    metadata in ``frame.attrs``, as :func:`deft_clean.results.read_results` returns it), the typed
+    summary and the path written.
     """
-    from deft_clean.backbone import load_backbone, resolve_device
-    from deft_clean.data import load_labels, load_manifest
-    from deft_clean.images import build_image_cache
-    from deft_clean.results import run_metadata, write_results
-
-    data_config, backbone_config, config = split_options(options, DataConfig, BackboneConfig, DetectConfig)
-    check_config(config)
+    config, backbone = detect, resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
-    manifest = load_manifest(data_dir, labels_csv, config=data_config, reporter=reporter)
+    size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
+    manifest = load_manifest(
+        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
+    )
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
-    device = resolve_device(backbone_config.device)
-    _seed_everything(config.seed)
-    backbone = load_backbone(backbone_config)
-    for note in backbone.notes:
+    seed_everything(config.seed)
+    built, device = load_backbone_on(backbone)
+    for note in built.notes:
         reporter.log(note, level="warning")
-    backbone.model.to(device)
-    cache = build_image_cache(
-        manifest, backbone.image_size, num_workers=config.num_workers, reporter=reporter
-    )
-    clock["prepared"] = time.perf_counter()
-
     rows = np.flatnonzero(manifest.readable)
-    data = Batches(
-        cache, rows, manifest.labels[rows], backbone.mean, backbone.std, backbone.image_size, device
-    )
+    images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
+    samples = LabelledImages(images, manifest.labels[rows])
+    clock["prepared"] = time.perf_counter()
     net = DeftModel(
-        backbone, manifest.prompt_names(), config, generator=torch.Generator().manual_seed(config.seed)
+        built, manifest.prompt_names(), config, generator=torch.Generator().manual_seed(config.seed)
     )
-    with cuda_autotune(device, backbone.model.visual):
-        trunk = trunk_cache(net, data, 2 * config.batch_size) if net.caches_features else None
+    with cuda_autotune(device, built.model.visual):
+        trunk = trunk_cache(net, images, 2 * config.batch_size) if net.caches_features else None
         clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
-        history = train_detector(net, data, config, trunk=trunk, reporter=reporter)
+        history = train_detector(net, samples, config, trunk=trunk, reporter=reporter)
         clock["trained"] = time.perf_counter()
-        scores = score_detector(net, data, config, trunk=trunk, reporter=reporter)
+        scores = score_detector(net, samples, config, trunk=trunk, reporter=reporter)
         clock["scored"] = time.perf_counter()
+    _refuse_failed_training(history, scores, samples, net, built, config)
+    frame = result_frame(manifest, rows, scores)
+    summary = run_summary(manifest, frame, history, clock, device, built, truth)
+    configs = {"data": data, "backbone": backbone, "detect": config}
+    metadata = run_metadata(manifest=manifest, configs=configs, extra={"detect": summary.to_dict()})
+    out_path = Path(out) if out is not None else default_out(labels_csv)
+    write_results(frame, out_path, metadata=metadata)
+    if save_model is not None:
+        _save(net, save_model, backbone, config, manifest)
+    frame.attrs.update(metadata, out=str(out_path))
+    return DetectResult(frame, summary, out_path)
+
+
+def _refuse_failed_training(
+    history: list[dict[str, float]],
+    scores: Scores,
+    samples: LabelledImages,
+    net: DeftModel,
+    backbone: Backbone,
+    config: DetectConfig,
+) -> None:
+    """Raise TrainingError (nothing is written) when :func:`training_failure` finds a failed model."""
     failure = training_failure(
         history,
         scores.predicted,
-        data.labels_np,
+        samples.labels_np,
         num_classes=net.prompts.n_cls,
         collapse=not backbone.random_weights,
     )
@@ -112,33 +123,18 @@ def detect(
             "proportion.",
         )
 
-    frame = result_frame(manifest, rows, scores)
-    summary = run_summary(manifest, frame, history, clock, device, backbone, truth)
-    metadata = run_metadata(
-        manifest=manifest,
-        configs={"data": data_config, "backbone": backbone_config, "detect": config},
-        extra={"detect": summary},
+
+def _save(
+    net: DeftModel, folder: str | Path, backbone: BackboneConfig, config: DetectConfig, manifest: Manifest
+) -> None:
+    save_detector(
+        net,
+        folder,
+        backbone_config=backbone,
+        detect_config=config,
+        class_ids=manifest.class_ids,
+        class_names=manifest.class_names,
     )
-    out_path = Path(out) if out is not None else default_out(labels_csv)
-    write_results(frame, out_path, metadata=metadata)
-    if save_model is not None:
-        save_detector(
-            net,
-            save_model,
-            backbone_config=backbone_config,
-            detect_config=config,
-            class_ids=manifest.class_ids,
-            class_names=manifest.class_names,
-        )
-    frame.attrs.update(metadata, out=str(out_path))
-    return frame
-
-
-def balances(config: DetectConfig) -> bool:
-    """Whether the post-warm-up CE is class-balanced (:func:`deft_loss`): ``--class-balance``, where
-    'auto' means a tuned image tower. Measured on 2,000 CIFAR-10 images: a tuned tower needs it (its
-    selection shrank to one class without it), a frozen one loses 3 F1 points with it."""
-    return config.class_balance == "on" or (config.class_balance == "auto" and config.peft != "none")
 
 
 def default_out(labels_csv: str | Path | None) -> Path:
@@ -149,125 +145,40 @@ def default_out(labels_csv: str | Path | None) -> Path:
     return labels_csv.with_name(f"{labels_csv.stem}.deft.parquet")
 
 
-BALANCE_MODES = ("auto", "on", "off")
+class LabelledImages:
+    """The staged images of the readable rows and their given labels ``labels_np`` (N,), on the device too."""
 
-
-def check_config(config: DetectConfig) -> None:
-    """Refuse option values the training loop cannot use, naming the option and the value seen."""
-    rules = [
-        (config.epochs >= 1, "--epochs", config.epochs, "at least 1"),
-        (0 <= config.warmup_epochs <= config.epochs, "--warmup-epochs", config.warmup_epochs, "0..--epochs"),
-        (config.batch_size >= 1, "--batch-size", config.batch_size, "at least 1"),
-        (config.n_ctx >= 1, "--n-ctx", config.n_ctx, "at least 1"),
-        (0.0 < config.threshold < 1.0, "--threshold", config.threshold, "strictly between 0 and 1"),
-        (config.lr > 0, "--lr", config.lr, "positive"),
-        (config.adapter_lr is None or config.adapter_lr >= 0, "--adapter-lr", config.adapter_lr, "≥ 0"),
-        (config.lr_schedule in ("epoch", "step"), "--lr-schedule", config.lr_schedule, "'epoch' or 'step'"),
-        (config.peft in ("lora", "vpt", "none"), "--peft", config.peft, "'lora', 'vpt' or 'none'"),
-        (config.flag_rule in ("dual", "either"), "--flag-rule", config.flag_rule, "'dual' or 'either'"),
-        (
-            config.class_balance in BALANCE_MODES,
-            "--class-balance",
-            config.class_balance,
-            "'auto', 'on' or 'off'",
-        ),
-        (config.lora_rank >= 1, "--lora-rank", config.lora_rank, "at least 1"),
-    ]
-    for ok, option, value, expected in rules:
-        if not ok:
-            raise ConfigError(f"{option} {value!r} is invalid.", hint=f"Use a value {expected}.")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Batches:
-    """The decoded images of the readable rows, staged for the device, and their labels.
-
-    ``cache`` (N_all, 3, S, S) uint8 on the CPU (RAM or memmap), never copied whole on the host;
-    ``rows`` (N,) the readable rows' indices into it; ``labels_np`` (N,) their given labels. Sample
-    ``i`` of this set is cache row ``rows[i]``. The cache moves to the GPU when it fits; otherwise
-    each batch is gathered on the host, pinned and copied asynchronously.
-    """
-
-    cache: torch.Tensor
-    rows: np.ndarray
-    labels_np: np.ndarray
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    size: int
-    device: torch.device
-
-    def __post_init__(self) -> None:
-        cuda = self.device.type == "cuda"
-        self.on_device = cuda and self.cache.numel() <= _GPU_CACHE_FRACTION * _free_gpu_bytes()
-        self.images = self.cache.to(self.device) if self.on_device else self.cache
-        self.cache_rows = torch.from_numpy(self.rows).to(self.device if self.on_device else "cpu")
-        self.labels = torch.from_numpy(self.labels_np).to(self.device)
+    def __init__(self, images: StagedImages, labels_np: np.ndarray) -> None:
+        self.images, self.labels_np, self.device = images, labels_np, images.device
+        self.labels = torch.from_numpy(labels_np).to(images.device)
 
     def __len__(self) -> int:
-        return len(self.rows)
-
-    def images_at(
-        self, index: torch.Tensor, *, train: bool, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """Normalised float images (B, 3, size, size) for CPU ``index`` (B,); augmented when ``train``."""
-        from deft_clean.augment import gpu_augment
-
-        if self.on_device:
-            batch = self.images[self.cache_rows[index.to(self.device, non_blocking=True)]]
-        else:
-            batch = self.images[self.cache_rows[index]]
-            if self.device.type == "cuda":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return gpu_augment(
-            batch, mean=self.mean, std=self.std, out_size=self.size, train=train, generator=generator
-        )
+        return len(self.labels_np)
 
 
-def _free_gpu_bytes() -> int:
-    free, _total = torch.cuda.mem_get_info()
-    return free
-
-
-def cosine_lr(base: float, progress: float) -> float:
-    """Cosine decay from ``base`` at ``progress`` 0 towards 0 at ``progress`` 1."""
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def trunk_cache(net: DeftModel, data: Batches, batch_size: int) -> torch.Tensor:
+def trunk_cache(net: DeftModel, images: StagedImages, batch_size: int) -> torch.Tensor:
     """(N, F) frozen-trunk features of the un-augmented images, computed once (``net.caches_features``)."""
-    parts = []
-    for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        with autocast(data.device):
-            parts.append(net.trunk_features(data.images_at(index, train=False, generator=None)).float())
-    return torch.cat(parts)
+    return feature_pass(net.trunk_features, images, batch_size=batch_size)
 
 
 def _features(
     net: DeftModel,
-    data: Batches,
+    data: LabelledImages,
     index: torch.Tensor,
     trunk: torch.Tensor | None,
     *,
     train: bool,
-    generator: Any,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """(B, E) normalised image features for ``index``: from the trunk cache, or images through the tower."""
     if trunk is not None:
         return net.image_features(trunk=trunk[index.to(trunk.device, non_blocking=True)])
-    return net.image_features(data.images_at(index, train=train, generator=generator))
+    return net.image_features(data.images.images_at(index, train=train, generator=generator))
 
 
 def train_detector(
     net: DeftModel,
-    data: Batches,
+    data: LabelledImages,
     config: DetectConfig,
     *,
     trunk: torch.Tensor | None = None,
@@ -286,7 +197,7 @@ def train_detector(
         net.param_groups(config), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     if trunk is None and net.caches_features:
-        trunk = trunk_cache(net, data, 2 * config.batch_size)
+        trunk = trunk_cache(net, data.images, 2 * config.batch_size)
     steps = math.ceil(n / config.batch_size)
     history = []
     net.train()
@@ -327,7 +238,7 @@ def train_detector(
 
 def _train_step(
     net: DeftModel,
-    data: Batches,
+    data: LabelledImages,
     index: torch.Tensor,
     trunk: torch.Tensor | None,
     optimizer: torch.optim.Optimizer,
@@ -346,7 +257,7 @@ def _train_step(
         p_clean = clean_probability(s_pos.detach(), s_neg.detach())
         selected = select_clean(p_clean, labels, threshold=config.threshold, strict=config.strict)
     complementary = complementary_labels(labels, net.prompts.n_cls, generator)
-    loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected, balance=balances(config))
+    loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected, balance=config.balances)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -358,7 +269,7 @@ def _train_step(
 @torch.no_grad()
 def score_detector(
     net: DeftModel,
-    data: Batches,
+    data: LabelledImages,
     config: DetectConfig,
     *,
     trunk: torch.Tensor | None = None,
@@ -371,7 +282,7 @@ def score_detector(
     """
     net.eval()
     if trunk is None and net.caches_features:
-        trunk = trunk_cache(net, data, 2 * config.batch_size)
+        trunk = trunk_cache(net, data.images, 2 * config.batch_size)
     parts: list[torch.Tensor] = []
     batch = 2 * config.batch_size
     with reporter.task("Scoring", total=len(data)):

@@ -1,8 +1,8 @@
 """Frozen image features: one un-augmented pass of every image through the image tower.
 
-Used by ``detect --peft none`` and by the benchmark baselines (cleanlab, kNN, small-loss), so all of
-them see exactly the same pixels: the decode-once cache (``images.build_image_cache`` at the
-backbone's input size) normalised by ``augment.gpu_augment(train=False)``.
+Used by ``deft-clean embed`` and by the benchmark baselines (cleanlab, kNN, small-loss), so all of
+them see exactly the same pixels as ``detect --peft none``: the decode-once cache at the backbone's
+input size, through :func:`deft_clean.runtime.feature_pass`.
 
 ``pooled=True`` returns the tower's pooled features *before* its projection head when that head is a
 plain linear layer on a timm trunk (open_clip ``TimmModel``, e.g. the ``offline`` backbone, whose
@@ -12,20 +12,18 @@ projection is freshly initialised): a random 1280→D projection only loses info
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from deft_clean.config import BackboneConfig, DataConfig, split_options
+from deft_clean.backbone import Backbone, input_size, load_backbone_on
+from deft_clean.config import BackboneConfig, DataConfig
+from deft_clean.data import Manifest, load_manifest
+from deft_clean.files import atomic_file
 from deft_clean.progress import Reporter, SilentReporter
-
-if TYPE_CHECKING:
-    from deft_clean.backbone import Backbone
-    from deft_clean.data import Manifest
+from deft_clean.runtime import StagedImages, feature_pass
 
 
 def image_tower(model: torch.nn.Module, *, pooled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -42,7 +40,27 @@ def image_tower(model: torch.nn.Module, *, pooled: bool = False) -> Callable[[to
     return model.encode_image
 
 
-@torch.no_grad()
+def stage(
+    manifest: Manifest,
+    backbone: Backbone,
+    device: torch.device,
+    *,
+    rows: np.ndarray | None = None,
+    num_workers: int = 0,
+    cache_dir: Path | None = None,
+    reporter: Reporter = SilentReporter(),
+) -> StagedImages:
+    """Decode ``manifest``'s images once at the backbone's size and stage ``rows`` (default: all) for
+    ``device``, normalised with the backbone's mean/std: what every stage feeds its tower with."""
+    cache = manifest.decode(
+        backbone.image_size, num_workers=num_workers, cache_dir=cache_dir, reporter=reporter
+    )
+    rows = np.arange(len(manifest)) if rows is None else rows
+    return StagedImages(
+        cache, rows, mean=backbone.mean, std=backbone.std, size=backbone.image_size, device=device
+    )
+
+
 def embed_images(
     data: Manifest | str | Path,
     backbone: Backbone,
@@ -60,63 +78,45 @@ def embed_images(
     Images are not augmented; on CUDA the tower runs under bf16 autocast. Unreadable rows
     (``manifest.readable == False``) get the features of a black image; callers drop them.
     """
-    from deft_clean.augment import gpu_augment
-    from deft_clean.backbone import autocast
-    from deft_clean.data import load_manifest
-    from deft_clean.images import build_image_cache
-
-    manifest = data if not isinstance(data, (str, Path)) else load_manifest(data, labels_csv)
-    images = build_image_cache(
-        manifest, backbone.image_size, cache_dir=cache_dir, num_workers=num_workers, reporter=reporter
-    )
+    if not isinstance(data, Manifest):
+        data = load_manifest(data, labels_csv, image_size=backbone.image_size, reporter=reporter)
+    manifest = data
     model = backbone.model
     device = next(model.parameters()).device
-    tower = image_tower(model, pooled=pooled)
+    images = stage(
+        manifest, backbone, device, num_workers=num_workers, cache_dir=cache_dir, reporter=reporter
+    )
     was_training = model.training
     model.eval()
-    chunks = []
-    with reporter.task("Embedding images", total=len(images)):
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device, non_blocking=True)
-            batch = gpu_augment(
-                batch, mean=backbone.mean, std=backbone.std, out_size=backbone.image_size, train=False
-            )
-            with autocast(device):
-                features = tower(batch)  # (B, D)
-            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-            reporter.advance(len(batch))
+    features = feature_pass(
+        image_tower(model, pooled=pooled), images, batch_size=batch_size, reporter=reporter,
+        description="Embedding images",
+    )  # fmt: skip
     model.train(was_training)
-    return torch.cat(chunks).numpy()
+    return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
 
 def embed(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
     *,
+    data: DataConfig = DataConfig(),
+    backbone: BackboneConfig = BackboneConfig(),
     out: str | Path | None = None,
     pooled: bool = False,
     batch_size: int = 256,
     reporter: Reporter = SilentReporter(),
-    **options: Any,
 ) -> np.ndarray:
     """Read and validate a labelled image set, build the backbone, return :func:`embed_images` (N, D).
 
-    ``options`` are fields of DataConfig and BackboneConfig (e.g. ``model``, ``pretrained``, ``device``).
-    ``out`` also saves the array as ``.npy`` (written under a temporary name, then renamed); rows follow
-    the input order of ``labels_csv`` (or the ImageFolder listing).
+    ``out`` also saves the array as ``.npy`` (atomically); rows follow the input order of ``labels_csv``
+    (or the ImageFolder listing).
     """
-    from deft_clean.backbone import load_backbone, resolve_device
-    from deft_clean.data import load_manifest
-
-    data_config, backbone_config = split_options(options, DataConfig, BackboneConfig)
-    manifest = load_manifest(data_dir, labels_csv, config=data_config, reporter=reporter)
-    backbone = load_backbone(backbone_config)
-    backbone.model.to(resolve_device(backbone_config.device))
-    features = embed_images(manifest, backbone, batch_size=batch_size, pooled=pooled, reporter=reporter)
+    size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
+    manifest = load_manifest(data_dir, labels_csv, config=data, image_size=size, reporter=reporter)
+    built, _ = load_backbone_on(backbone)
+    features = embed_images(manifest, built, batch_size=batch_size, pooled=pooled, reporter=reporter)
     if out is not None:
-        target = Path(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial.npy")
-        np.save(partial, features)
-        os.replace(partial, target)
+        with atomic_file(out) as partial, open(partial, "wb") as handle:
+            np.save(handle, features)
     return features

@@ -1,17 +1,17 @@
-"""Fine-tune a classifier on the rows DeFT kept, with TeS or plain cross-entropy.
+"""Fine-tune a classifier on the rows DeFT kept, with TeS or plain cross-entropy: the training story.
 
-``finetune`` reads the data like ``detect`` (decode once into a uint8 cache, augment on the
-device, bf16 autocast on CUDA, no host sync inside a step), picks the training rows from a flags
-file, trains a linear head (and the tower for ``--tune full``/``lora``) with SGD + cosine schedule, and
-returns/saves a :class:`~deft_clean.classifier.Classifier`. For TeS it also builds the fixed text
-classifier and the projection head (:class:`ClassifierHead`), which are used in training only.
+``finetune`` reads the data like ``detect`` (decode once into a uint8 cache staged for the device,
+augment on the device, bf16 autocast on CUDA, no host sync inside a step), picks the training rows
+from a flags file, trains a linear head (and the tower for ``--tune full``/``lora``) with SGD + cosine
+schedule, and returns/saves a :class:`~deft_clean.classifier.Classifier` (the saved model's story is
+in ``classifier.py``). For TeS it also builds the fixed text classifier and the projection head
+(:class:`ClassifierHead`), which are used in training only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,23 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deft_clean.backbone import autocast, cuda_autotune, is_conv
-from deft_clean.classifier import (
-    TUNE_MODES,
-    Classifier,
-    build_backbone,
-    build_info,
-    changed_tower_keys,
-    eval_features,
-    evaluate,
-    prepare_tower,
-)
-from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, split_options
+from deft_clean.backbone import Backbone, input_size
+from deft_clean.classifier import Classifier, build_tower, changed_tower_keys, classifier_info, evaluate
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone
+from deft_clean.data import Manifest, load_manifest
+from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
 from deft_clean.progress import Reporter, SilentReporter
+from deft_clean.results import confident_suggestions, read_results
+from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, is_conv
 from deft_clean.tes import tes_loss, text_logits
-
-METHODS = ("tes", "ce")
 
 
 @dataclass(frozen=True)
@@ -58,54 +51,58 @@ def finetune(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
     *,
+    data: DataConfig = DataConfig(),
+    backbone: BackboneConfig = BackboneConfig(),
+    finetune: FinetuneConfig = FinetuneConfig(),
     flags: str | Path | None = None,
     out: str | Path | None = None,
     test_dir: str | Path | None = None,
     test_csv: str | Path | None = None,
     reporter: Reporter = SilentReporter(),
-    **options: Any,
 ) -> FinetuneResult:
     """Train a classifier on ``data_dir`` (rows a ``flags`` file marks clean, or all rows).
 
-    ``options`` are fields of DataConfig, BackboneConfig and FinetuneConfig. Without ``model``/
-    ``pretrained``, the backbone recorded in the flags file is used. ``out`` saves the classifier
-    (and ``metrics.json`` when ``test_dir`` is given).
+    ``backbone.model`` None: the backbone recorded in the flags file (else the default). ``out`` saves
+    the classifier (and ``metrics.json`` when ``test_dir`` is given).
     """
-    from deft_clean.data import load_manifest
-    from deft_clean.results import read_results
-
+    config = finetune
     flags_df = read_results(flags) if flags is not None else None
-    data_cfg, bcfg, fcfg = _configs(options, flags_df)
-    manifest = load_manifest(data_dir, labels_csv, config=data_cfg)
-    rows, labels, n_dropped, n_relabelled = select_training_rows(
-        manifest, flags_df, fcfg, flags_name=f"'{flags}'"
+    recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
+    bcfg = resolve_backbone(backbone, recorded)
+    size = input_size(bcfg)  # validation keeps the pixels it decodes at this size: one decode per image
+    manifest = load_manifest(
+        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
     )
-    backbone = build_backbone(bcfg, seed=fcfg.seed)  # load_classifier rebuilds it the same way
-    for note in getattr(backbone, "notes", []):
+    rows, labels, n_dropped, n_relabelled = select_training_rows(
+        manifest, flags_df, config, flags_name=f"'{flags}'"
+    )
+    built, tower = build_tower(bcfg, config)  # load_classifier rebuilds it the same way
+    for note in built.notes:
         reporter.log(note, "warning")
-    tower = prepare_tower(backbone, fcfg)
     device = next(tower.parameters()).device
     texts = (
-        text_classifier(backbone, manifest.prompt_names(), fcfg.templates) if fcfg.method == "tes" else None
+        text_classifier(built, manifest.prompt_names(), config.template_list)
+        if config.method == "tes"
+        else None
     )
     head = ClassifierHead(
-        _feature_dim(tower, backbone.image_size, device), len(manifest.class_ids), texts, fcfg.tau
+        _feature_dim(tower, built.image_size, device), len(manifest.class_ids), texts, config.tau
     )
-    cache = _load_images(manifest, backbone.image_size, fcfg, reporter)[torch.from_numpy(rows)]
+    images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
+    images.channels_last = device.type == "cuda" and is_conv(tower)
     with cuda_autotune(device, tower):
-        _train(tower, head.to(device), cache, torch.from_numpy(labels), backbone, fcfg, reporter)
-    info = build_info(backbone, bcfg, fcfg, manifest)
+        _train(tower, head.to(device), images, torch.from_numpy(labels), config, reporter)
+    info = classifier_info(built, bcfg, config, manifest)
     info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}
     info["training"].update(fingerprint=manifest.fingerprint, flags=None if flags is None else str(flags))
     classifier = Classifier(tower, head.fc, info, changed_tower_keys(tower))
     metrics = None
     if test_dir is not None:
-        test_cfg = dataclasses.replace(data_cfg, min_per_class=0)
-        metrics = evaluate(classifier, test_dir, test_csv, data_config=test_cfg, reporter=reporter)
+        test_data = dataclasses.replace(data, min_per_class=0)
+        metrics = evaluate(classifier, test_dir, test_csv, data_config=test_data, reporter=reporter)
     if out is not None:
-        classifier.save(out)
-        if metrics is not None:
-            (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        extra = {"metrics.json": json.dumps(metrics, indent=2) + "\n"} if metrics is not None else {}
+        classifier.save(out, extra_files=extra)
     return FinetuneResult(
         classifier, len(rows), n_dropped, n_relabelled, metrics, None if out is None else Path(out)
     )
@@ -121,7 +118,7 @@ class TrainingRows(NamedTuple):
 
 
 def select_training_rows(
-    manifest: Any, flags: pd.DataFrame | None, config: FinetuneConfig, *, flags_name: str = "flags file"
+    manifest: Manifest, flags: pd.DataFrame | None, config: FinetuneConfig, *, flags_name: str = "flags file"
 ) -> TrainingRows:
     """Readable rows minus those ``flags`` marks noisy (``--clean-only``), or relabelled (``--relabel``).
 
@@ -149,11 +146,7 @@ def select_training_rows(
     noisy = flags["is_noisy"].fillna(False).to_numpy(dtype=bool) & readable
     relabel = np.zeros(len(labels), dtype=bool)
     if config.relabel:
-        suggested = flags["suggested_label"]
-        agree = (suggested == flags["predicted_label"]) & (suggested.cat.codes != labels)
-        agree = agree.fillna(False).to_numpy(dtype=bool)
-        sure = flags["predicted_prob"].fillna(0.0).to_numpy(dtype=float) >= config.relabel_threshold
-        relabel = noisy & agree & sure
+        relabel = noisy & confident_suggestions(flags, config.relabel_threshold)
         labels[relabel] = flags["suggested_label"].cat.codes.to_numpy()[relabel]
     keep = (readable & ~noisy) | relabel
     if keep.sum() < 2:
@@ -168,10 +161,10 @@ def select_training_rows(
     )
 
 
-def _check_flags_match(manifest: Any, flags: pd.DataFrame, flags_name: str) -> None:
+def _check_flags_match(manifest: Manifest, flags: pd.DataFrame, flags_name: str) -> None:
     """Refuse a flags file made from another input (fingerprint, rows or classes differ)."""
     recorded = flags.attrs.get("input", {})
-    keys = ("source", "csv_sha256", "listing_sha256", "n_rows")
+    keys = ("source", "csv_sha256", "listing_sha256", "table_sha256", "n_rows")
     theirs = {k: recorded.get(k) for k in keys if k in recorded or k in manifest.fingerprint}
     ours = {k: manifest.fingerprint.get(k) for k in theirs}
     fix = "Run `deft-clean detect` on this data to make a matching flags file, or pass the one made from it."
@@ -195,37 +188,6 @@ def _short(fingerprint: dict[str, Any]) -> str:
     return f"{fingerprint.get('source')}:{str(digest)[:12]} ({fingerprint.get('n_rows')} rows)"
 
 
-def _configs(
-    options: dict[str, Any], flags_df: pd.DataFrame | None
-) -> tuple[DataConfig, BackboneConfig, FinetuneConfig]:
-    """Split the options; the backbone defaults to the one the flags file was made with."""
-    data_cfg, bcfg, fcfg = split_options(options, DataConfig, BackboneConfig, FinetuneConfig)
-    _check_config(fcfg)
-    recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
-    if recorded and "model" not in options and "pretrained" not in options:
-        bcfg = dataclasses.replace(bcfg, model=recorded["model"], pretrained=recorded.get("pretrained"))
-    return data_cfg, bcfg, fcfg
-
-
-def _check_config(cfg: FinetuneConfig) -> None:
-    """Refuse option values that cannot work, before any data or model is loaded."""
-    checks = [
-        (cfg.method in METHODS, f"--method must be 'tes' or 'ce'; got {cfg.method!r}."),
-        (cfg.tune in TUNE_MODES, f"--tune must be one of {', '.join(TUNE_MODES)}; got {cfg.tune!r}."),
-        (cfg.epochs >= 1, f"--epochs must be at least 1; got {cfg.epochs}."),
-        (cfg.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm); got {cfg.batch_size}."),
-        (cfg.tau > 0, f"--tau must be positive; got {cfg.tau}."),
-        (0 <= cfg.lambda_v <= 1, f"--lambda-v must be in [0, 1]; got {cfg.lambda_v}."),
-        (
-            0 <= cfg.relabel_threshold <= 1,
-            f"--relabel-threshold must be in [0, 1]; got {cfg.relabel_threshold}.",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
 @torch.no_grad()
 def _feature_dim(tower: nn.Module, image_size: int, device: torch.device) -> int:
     """E, the width of the tower's features, read off one dummy forward pass."""
@@ -234,12 +196,6 @@ def _feature_dim(tower: nn.Module, image_size: int, device: torch.device) -> int
     dim = tower(torch.zeros(1, 3, image_size, image_size, device=device)).shape[-1]
     tower.train(was_training)
     return int(dim)
-
-
-def _load_images(manifest: Any, size: int, fcfg: FinetuneConfig, reporter: Reporter) -> torch.Tensor:
-    from deft_clean.images import build_image_cache
-
-    return build_image_cache(manifest, size, num_workers=fcfg.num_workers, reporter=reporter)
 
 
 class ClassifierHead(nn.Module):
@@ -273,18 +229,16 @@ class ClassifierHead(nn.Module):
 
 
 @torch.no_grad()
-def text_classifier(backbone: Any, class_prompts: Sequence[str], templates: str) -> torch.Tensor:
+def text_classifier(
+    backbone: Backbone, class_prompts: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
     """The fixed TeS text classifier, (K, D) float32, L2-normalised.
 
-    Each class name goes through every ``'|'``-separated template; the text tower's embeddings are
-    normalised, averaged over templates and normalised again (CLIP's prompt ensembling).
+    Each class name goes through every template (``FinetuneConfig.template_list``, or one string); the
+    text tower's embeddings are normalised, averaged over templates and normalised again (CLIP's prompt
+    ensembling).
     """
-    patterns = [t.strip() for t in templates.split("|") if t.strip()]
-    if not patterns or any("{}" not in t for t in patterns):
-        raise ConfigError(
-            f"Prompt templates {templates!r} must each contain '{{}}' for the class name.",
-            hint="Example: --templates 'a photo of a {}.|a blurry photo of a {}.'",
-        )
+    patterns = [templates] if isinstance(templates, str) else list(templates)
     model = backbone.model
     device = next(model.parameters()).device
     was_training = model.training
@@ -298,27 +252,21 @@ def text_classifier(backbone: Any, class_prompts: Sequence[str], templates: str)
     return F.normalize(total, dim=-1)
 
 
-def cosine_lr(step: int, total: int, base_lr: float) -> float:
-    """Cosine decay from ``base_lr`` to 0 over ``total`` steps (pure, like nanoGPT's get_lr)."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
 def _train(
     tower: nn.Module,
     head: ClassifierHead,
-    images: torch.Tensor,
+    images: StagedImages,
     labels: torch.Tensor,
-    backbone: Any,
     cfg: FinetuneConfig,
     reporter: Reporter,
 ) -> None:
-    """SGD over ``images`` (N, 3, S, S) uint8 with ``labels`` (N,); TeS or CE per ``cfg.method``.
+    """SGD over the staged ``images`` (N samples) with ``labels`` (N,); TeS or CE per ``cfg.method``.
 
-    Everything stays on the device; the loss is read back once per epoch (no host sync per step).
+    The loss is read back once per epoch (no host sync per step).
     """
     device = next(head.parameters()).device
     labels = labels.to(device)
-    features_of = _feature_source(tower, images, backbone, cfg, reporter)
+    features_of = _feature_source(tower, images, cfg, reporter)
     params = [p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(labels)
@@ -337,7 +285,7 @@ def _train(
         ):
             for i in range(steps_per_epoch):
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, total_steps, cfg.lr)
+                    group["lr"] = cosine_lr(cfg.lr, step / max(total_steps, 1))
                 idx = order[i * batch_size : (i + 1) * batch_size]
                 y = labels[idx]  # (B,)
                 with autocast(device):
@@ -360,43 +308,18 @@ def _train(
 
 
 def _feature_source(
-    tower: nn.Module, images: torch.Tensor, backbone: Any, cfg: FinetuneConfig, reporter: Reporter
+    tower: nn.Module, images: StagedImages, cfg: FinetuneConfig, reporter: Reporter
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function: batch indices (B,) on the device -> training features (B, E).
 
-    ``--tune linear``: the frozen features, computed once. Otherwise: the images move to the device
-    once, and each call crops/flips/normalises the batch there (``gpu_augment``) and runs the tower
-    (channels_last for convolutional towers on CUDA).
+    ``--tune linear``: the frozen features, computed once by the one feature pass. Otherwise each call
+    crops/flips/normalises the batch on the device and runs the tower.
     """
-    from deft_clean.augment import gpu_augment
-
-    device = next(tower.parameters()).device
     if cfg.tune == "linear":
-        features = _features(tower, images, backbone, reporter)  # (N, E) float32
+        tower.eval()
+        features = feature_pass(tower, images, batch_size=256, reporter=reporter)  # (N, E) float32
         return lambda idx: features[idx]
-    images = images.to(device)  # uint8: 50k x 224 px is 7.5 GB
-    channels_last = device.type == "cuda" and is_conv(tower)
-    if channels_last:
+    if images.channels_last:
         tower.to(memory_format=torch.channels_last)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    size, mean, std = backbone.image_size, backbone.mean, backbone.std
-
-    def features_of(idx: torch.Tensor) -> torch.Tensor:
-        x = gpu_augment(images[idx], mean=mean, std=std, out_size=size, train=True, generator=generator)
-        return tower(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-
-    return features_of
-
-
-@torch.no_grad()
-def _features(tower: nn.Module, images: torch.Tensor, backbone: Any, reporter: Reporter) -> torch.Tensor:
-    """Frozen features (N, E) float32 on the tower's device: one un-augmented pass for ``--tune linear``."""
-    device = next(tower.parameters()).device
-    tower.eval()
-    chunks = []
-    with reporter.task("Image features", total=len(images)):
-        for start in range(0, len(images), 256):
-            x = images[start : start + 256].to(device, non_blocking=True)
-            chunks.append(eval_features(tower, x, backbone.mean, backbone.std, backbone.image_size))
-            reporter.advance(len(x))
-    return torch.cat(chunks)
+    generator = torch.Generator(device=images.device).manual_seed(cfg.seed + 1)
+    return lambda idx: tower(images.images_at(idx, train=True, generator=generator))

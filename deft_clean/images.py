@@ -1,7 +1,9 @@
 """Robust image decoding and the decode-once uint8 cache.
 
-Every image is decoded exactly once per run (and per cache file): resized so its shorter side is
-``size`` (bicubic, antialiased), centre-cropped to ``size x size`` and stored as uint8 ``(N, 3, S, S)``.
+Every image becomes ``decode_square``: resized so its shorter side is ``size`` (bicubic,
+antialiased), centre-cropped to ``size x size``, stored as uint8 ``(N, 3, S, S)``. Validation does it
+when it knows the size (``data.load_manifest(image_size=...)`` keeps those pixels); otherwise
+:func:`build_image_cache` does, once per cache file.
 Training then reads batches from this tensor and augments them on the device (``augment.py``), so
 the GPU never waits for JPEG decoding. The cache lives in RAM when it is small (< 25% of the
 machine's memory) and otherwise in a numpy memmap file, written under a temporary name and
@@ -21,22 +23,19 @@ import struct
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
+from deft_clean.config import DataConfig
 from deft_clean.errors import DataError, Problem
+from deft_clean.files import atomic_file
 from deft_clean.progress import Reporter, SilentReporter
-
-if TYPE_CHECKING:
-    import torch
-
-    from deft_clean.data import Manifest
 
 # Errors PIL's decoders raise for damaged files (truncated data, bad CRCs, unknown formats).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
@@ -159,68 +158,80 @@ def _ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _cache_key(manifest: Manifest, size: int) -> str:
+def fits_in_ram(shape: tuple[int, ...]) -> bool:
+    """Whether a uint8 array of ``shape`` stays under the share of physical memory a cache may take."""
+    return int(np.prod(shape)) < _RAM_FRACTION * _ram_bytes()
+
+
+def _cache_key(files: Sequence[Path], readable: np.ndarray, size: int) -> str:
     """Hash of everything the cache content depends on: files (path, size, mtime), mask, size."""
-    digest = hashlib.sha256(json.dumps([manifest.fingerprint, size], sort_keys=True).encode())
-    for i, ok in enumerate(manifest.readable):
-        stat = manifest.file(i).stat() if ok else None
-        digest.update(f"{manifest.paths[i]}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
+    digest = hashlib.sha256(json.dumps([size, len(files)]).encode())
+    for file, ok in zip(files, readable, strict=True):
+        stat = file.stat() if ok else None
+        digest.update(f"{file}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
-def _fill(array: np.ndarray, manifest: Manifest, size: int, num_workers: int, reporter: Reporter) -> None:
-    """Decode every readable row into ``array`` (N, 3, S, S) with a thread pool (PIL drops the GIL)."""
+def _fill(
+    array: np.ndarray,
+    files: Sequence[Path],
+    readable: np.ndarray,
+    size: int,
+    num_workers: int,
+    max_pixels: int | None,
+    reporter: Reporter,
+) -> None:
+    """Decode every readable file into ``array`` (N, 3, S, S) with a thread pool (PIL drops the GIL)."""
 
     def work(rows: range) -> int:
         for i in rows:
-            if manifest.readable[i]:
-                array[i] = decode_square(manifest.file(i), size).transpose(2, 0, 1)
+            if readable[i]:
+                array[i] = decode_square(files[i], size).transpose(2, 0, 1)
         return len(rows)
 
     workers = num_workers or os.cpu_count() or 1  # 0: one thread per core (PIL decodes without the GIL)
-    chunks = [range(s, min(s + _CHUNK, len(manifest))) for s in range(0, len(manifest), _CHUNK)]
-    with reporter.task("Decoding images", total=len(manifest)), pixel_limit(manifest.max_image_pixels):
+    chunks = [range(s, min(s + _CHUNK, len(files))) for s in range(0, len(files), _CHUNK)]
+    with reporter.task("Decoding images", total=len(files)), pixel_limit(max_pixels):
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for done in as_completed([pool.submit(work, c) for c in chunks]):
                 reporter.advance(done.result())
 
 
 def build_image_cache(
-    manifest: Manifest,
+    files: Sequence[Path],
     size: int,
     *,
+    readable: np.ndarray | None = None,
+    max_image_pixels: int | None = DataConfig.max_image_pixels,
     cache_dir: Path | None = None,
     num_workers: int = 0,
     in_memory: bool | None = None,
     reporter: Reporter = SilentReporter(),
 ) -> torch.Tensor:
-    """Decode every image once into a uint8 tensor of shape (N, 3, size, size), on the CPU.
+    """Decode every image file once into a uint8 tensor of shape (N, 3, size, size), on the CPU.
 
-    Rows in input order; rows with ``manifest.readable == False`` are zeros. ``in_memory=None``
-    chooses RAM when the tensor is under 25% of physical memory, else a memmap file in ``cache_dir``
-    (default: ``<tmp>/deft_clean_cache``) named by a hash of the inputs, reused when it exists.
+    Rows follow ``files``; rows with ``readable[i] == False`` are zeros (default: all readable).
+    ``in_memory=None`` chooses RAM when the tensor is under 25% of physical memory, else a memmap
+    file in ``cache_dir`` (default: ``<tmp>/deft_clean_cache``) named by a hash of the inputs, reused
+    when it exists.
     """
-    import torch  # late: reading and validating data does not need torch
-
     if size < 1:
         raise ValueError(f"cache size must be a positive number of pixels, got {size}")
-    shape = (len(manifest), 3, size, size)
-    if in_memory if in_memory is not None else int(np.prod(shape)) < _RAM_FRACTION * _ram_bytes():
+    files = [Path(f) for f in files]
+    readable = np.ones(len(files), dtype=bool) if readable is None else np.asarray(readable, dtype=bool)
+    shape = (len(files), 3, size, size)
+    fill = (files, readable, size, num_workers, max_image_pixels, reporter)
+    if in_memory if in_memory is not None else fits_in_ram(shape):
         array = np.zeros(shape, dtype=np.uint8)
-        _fill(array, manifest, size, num_workers, reporter)
+        _fill(array, *fill)
         return torch.from_numpy(array)
     folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "deft_clean_cache"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"images-{_cache_key(manifest, size)}-{size}px.u8"
+    final = folder / f"images-{_cache_key(files, readable, size)}-{size}px.u8"
     if final.is_file() and final.stat().st_size == int(np.prod(shape)):
         reporter.log(f"reusing decoded image cache {final}")
-        return torch.from_numpy(np.memmap(final, dtype=np.uint8, mode="c", shape=shape))
-    partial = folder / f".{final.name}.{os.getpid()}.partial"
-    try:
-        array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=shape)
-        _fill(array, manifest, size, num_workers, reporter)
-        array.flush()
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
+    else:
+        with atomic_file(final) as partial:
+            array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=shape)
+            _fill(array, *fill)
+            array.flush()
     return torch.from_numpy(np.memmap(final, dtype=np.uint8, mode="c", shape=shape))

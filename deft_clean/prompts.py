@@ -207,5 +207,5 @@ def _check_length(names: list[str], end: torch.Tensor, n_ctx: int, length: int) 
         raise ConfigError(
             f"Class name {name!r} needs {needed} tokens with {n_ctx} context vectors; the text tower takes "
             f"{length} ({len(too_long)} class name(s) too long).",
-            hint="Use fewer context vectors (--n-ctx) or shorter class names (--classes-file).",
+            hint="Use fewer context vectors (--n-ctx) or shorter class names (in the --classes file).",
         )

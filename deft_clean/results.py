@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,10 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deft_clean.config import to_dict
+from deft_clean.data import Manifest
 from deft_clean.errors import DeftCleanError
-
-if TYPE_CHECKING:
-    from deft_clean.data import Manifest
+from deft_clean.files import atomic_file
+from deft_clean.scoring import noise_rank, suggest_labels
+from deft_clean.version import __version__
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"deft_clean"
@@ -65,7 +66,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     ),
     "suggested_label": (
         "category",
-        "Label to use instead for a noisy row (the best other class); NA if clean.",
+        "For a flagged row, the class the positive prompts predict (= predicted_label; under --flag-rule "
+        "dual it can equal the given label); for a clean row, the given label. NA for unreadable rows.",
     ),
     "noise_rank": (
         "Int64",
@@ -90,15 +92,63 @@ def schema_markdown() -> str:
 
 
 def base_frame(manifest: Manifest) -> pd.DataFrame:
-    """(N rows) path, given_label (class ids), status ('ok'/'unreadable'), in input order."""
+    """(N rows) path, given_label (class ids; NA for unlabelled rows), status ('ok'/'unreadable'), in input
+    order."""
     frame = pd.DataFrame(
         {
             "path": list(manifest.paths),
-            "given_label": [manifest.class_ids[k] for k in manifest.labels],
+            "given_label": [manifest.class_ids[k] if k >= 0 else None for k in manifest.labels],
             "status": np.where(manifest.readable, "ok", "unreadable"),
         }
     )
     return _conform(frame, manifest.class_ids)
+
+
+@dataclass
+class Scores:
+    """Per readable row (N,): the final model's verdict on its given label."""
+
+    p_clean: np.ndarray  # float32, P(given label is right)
+    margin: np.ndarray  # float32, cos⁺ − cos⁻ of the given label
+    is_noisy: np.ndarray  # bool
+    predicted: np.ndarray  # int64, argmax s⁺
+    predicted_prob: np.ndarray  # float32, softmax(s⁺) at the argmax
+
+
+def result_frame(manifest: Manifest, rows: np.ndarray, scores: Scores) -> pd.DataFrame:
+    """The results table: base columns for every row, scores on readable rows ``rows`` (NA elsewhere)."""
+    frame = base_frame(manifest)
+    n, ids = len(manifest), np.asarray(manifest.class_ids, dtype=object)
+    given = manifest.labels[rows]
+    suggested = suggest_labels(given, scores.predicted, scores.is_noisy)
+    columns = {
+        "is_noisy": (pd.array([pd.NA] * n, dtype="boolean"), scores.is_noisy),
+        "p_clean": (np.full(n, np.nan, np.float32), scores.p_clean),
+        "margin": (np.full(n, np.nan, np.float32), scores.margin),
+        "predicted_label": (np.full(n, None, object), ids[scores.predicted]),
+        "predicted_prob": (np.full(n, np.nan, np.float32), scores.predicted_prob),
+        "suggested_label": (np.full(n, None, object), ids[suggested]),
+        "noise_rank": (pd.array([pd.NA] * n, dtype="Int64"), noise_rank(scores.p_clean, scores.margin)),
+    }
+    for name, (column, values) in columns.items():
+        column[rows] = values
+        frame[name] = column
+    return frame
+
+
+def confident_suggestions(flags: pd.DataFrame, threshold: float) -> np.ndarray:
+    """(N,) bool: flagged rows whose ``suggested_label`` is the detector's prediction, differs from the given
+    label, and has ``predicted_prob >= threshold`` (so that probability is the suggestion's own).
+
+    The one rule for applying suggestions: ``export --accept-above`` and ``finetune --relabel``.
+    """
+    suggested = flags["suggested_label"].astype(object)
+    agree = (suggested == flags["predicted_label"].astype(object)) & (
+        suggested != flags["given_label"].astype(object)
+    )
+    flagged = flags["is_noisy"].fillna(False).to_numpy(bool) & suggested.notna().to_numpy()
+    sure = flags["predicted_prob"].to_numpy(np.float64, na_value=0.0) >= threshold
+    return flagged & agree.to_numpy(bool) & sure
 
 
 def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str | None]:
@@ -114,8 +164,6 @@ def package_versions(names: tuple[str, ...] = _PACKAGES) -> dict[str, str | None
 
 def run_metadata(*, manifest: Manifest, configs: dict[str, Any], extra: dict | None = None) -> dict:
     """Everything needed to know how a results file was made (stored in the file, see write_results)."""
-    from deft_clean import __version__  # late: the package __init__ imports this module
-
     meta = {
         "schema_version": SCHEMA_VERSION,
         "deft_clean_version": __version__,
@@ -175,13 +223,8 @@ def write_results(df: pd.DataFrame, path: str | Path, *, metadata: dict) -> Path
         raise DeftCleanError(f"Results metadata is not JSON-serialisable: {error}.") from None
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: blob})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.{os.getpid()}.partial"
-    try:
+    with atomic_file(path) as partial:
         pq.write_table(table, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 

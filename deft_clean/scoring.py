@@ -6,20 +6,13 @@ Notation (shapes): ``N`` samples, ``K`` classes. ``s_pos``/``s_neg`` are scaled 
 Direction: **a low clean probability means a likely wrong label.** ``p_clean`` of the given label
 is the per-class two-way softmax over ``[s⁺ₖ, s⁻ₖ]``; a sample is clean when it exceeds the
 threshold (0.5 by default: the image is closer to the positive than to the negative prompt).
-
-The last functions turn the final model's per-row :class:`Scores` into the results table
-(:func:`result_frame`) and the ``detect`` block of its metadata (:func:`run_summary`).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -201,82 +194,3 @@ def flag_metrics(is_noisy: np.ndarray, truly_noisy: np.ndarray) -> dict[str, flo
         "recall": recall,
         "f1": f1,
     }
-
-
-@dataclass
-class Scores:
-    """Per readable row (N,): the final model's verdict on its given label."""
-
-    p_clean: np.ndarray  # float32, P(given label is right)
-    margin: np.ndarray  # float32, cos⁺ − cos⁻ of the given label
-    is_noisy: np.ndarray  # bool
-    predicted: np.ndarray  # int64, argmax s⁺
-    predicted_prob: np.ndarray  # float32, softmax(s⁺) at the argmax
-
-
-def result_frame(manifest: Any, rows: np.ndarray, scores: Scores) -> pd.DataFrame:
-    """The results table: base columns for every row, scores on readable rows (NA elsewhere)."""
-    from deft_clean.results import base_frame
-
-    frame = base_frame(manifest)
-    n, ids = len(manifest), np.asarray(manifest.class_ids, dtype=object)
-    given = manifest.labels[rows]
-    suggested = suggest_labels(given, scores.predicted, scores.is_noisy)
-    columns = {
-        "is_noisy": (pd.array([pd.NA] * n, dtype="boolean"), scores.is_noisy),
-        "p_clean": (np.full(n, np.nan, np.float32), scores.p_clean),
-        "margin": (np.full(n, np.nan, np.float32), scores.margin),
-        "predicted_label": (np.full(n, None, object), ids[scores.predicted]),
-        "predicted_prob": (np.full(n, np.nan, np.float32), scores.predicted_prob),
-        "suggested_label": (np.full(n, None, object), ids[suggested]),
-        "noise_rank": (pd.array([pd.NA] * n, dtype="Int64"), noise_rank(scores.p_clean, scores.margin)),
-    }
-    for name, (column, values) in columns.items():
-        column[rows] = values
-        frame[name] = column
-    return frame
-
-
-def run_summary(
-    manifest: Any,
-    frame: pd.DataFrame,
-    history: list[dict[str, float]],
-    clock: dict[str, float],
-    device: torch.device,
-    backbone: Any,
-    truth: np.ndarray | None,
-) -> dict[str, Any]:
-    """The ``detect`` block of the metadata: counts, per-class noise rates, timings, truth metrics."""
-    readable = manifest.readable
-    flagged = frame["is_noisy"].fillna(False).to_numpy(dtype=bool)
-    classes = []
-    for k, (cid, name) in enumerate(zip(manifest.class_ids, manifest.class_names, strict=True)):
-        in_class = readable & (manifest.labels == k)
-        count, hits = int(in_class.sum()), int((flagged & in_class).sum())
-        classes.append(
-            {"id": cid, "name": name, "n": count, "flagged": hits, "noise_rate": hits / max(count, 1)}
-        )
-    train_s = clock["trained"] - clock["features"]
-    summary: dict[str, Any] = {
-        "n_rows": len(manifest),
-        "n_scored": int(readable.sum()),
-        "n_unreadable": int((~readable).sum()),
-        "n_flagged": int(flagged.sum()),
-        "flagged_fraction": float(flagged.sum() / max(int(readable.sum()), 1)),
-        "classes": classes,
-        "epochs": history,
-        "timings": {
-            "prepare_s": clock["prepared"] - clock["start"],
-            "features_s": clock["features"] - clock["prepared"],
-            "train_s": train_s,
-            "score_s": clock["scored"] - clock["trained"],
-            "total_s": time.perf_counter() - clock["start"],
-        },
-        "images_per_s": sum(h["img_s"] for h in history) / max(len(history), 1),
-        "device": str(device),
-        "backbone": {"name": backbone.name, "aligned": backbone.aligned, "notes": list(backbone.notes)},
-    }
-    if truth is not None:
-        known = readable & (truth >= 0)
-        summary["truth"] = flag_metrics(flagged[known], (truth != manifest.labels)[known])
-    return summary

@@ -12,6 +12,7 @@ import difflib
 import os
 import posixpath
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 from deft_clean.errors import DataError, Problem
 from deft_clean.images import pixel_limit, verify_image
 from deft_clean.progress import Reporter, SilentReporter
+
+Decoder = Callable[[int, Path], None]  # (row index, file) -> None; raises DataError for a bad image
 
 
 @dataclass(frozen=True)
@@ -80,13 +83,25 @@ def _file_problem(root: Path, path: str, listings: dict[Path, list[str]]) -> Pro
 
 
 def _decode_problems(
-    root: Path, rows: list[Row], num_workers: int, max_pixels: int | None, reporter: Reporter
+    root: Path,
+    rows: list[tuple[int, Row]],
+    num_workers: int,
+    max_pixels: int | None,
+    decode: Decoder | None,
+    reporter: Reporter,
 ) -> list[Problem]:
-    """Fully decode every row's file in a thread pool; a problem (naming row and file) per failure."""
+    """Fully decode every (index, row)'s file in a thread pool; a problem (naming row and file) per failure.
 
-    def check(row: Row) -> Problem | None:
+    ``decode(index, file)`` does the decoding (and may keep the pixels); default: :func:`verify_image`.
+    """
+
+    def check(item: tuple[int, Row]) -> Problem | None:
+        index, row = item
         try:
-            verify_image(root / row.path)
+            if decode is None:
+                verify_image(root / row.path)
+            else:
+                decode(index, root / row.path)
         except DataError as error:
             return replace(error.problems[0], path=row.path, row=row.line)
         return None
@@ -169,6 +184,7 @@ def find_problems(
     on_bad_image: str = "error",
     max_pixels: int | None = None,
     num_workers: int | None = None,
+    decode: Decoder | None = None,
     reporter: Reporter = SilentReporter(),
 ) -> Findings:
     """Check every row at once; return all problems (row-ordered) and the readable mask.
@@ -176,20 +192,22 @@ def find_problems(
     ``root`` must be resolved. Checks: empty/unknown labels, paths outside ``root`` (absolute, '..',
     symlinks out), duplicate rows, missing / 0-byte / undecodable / too-large images (decoded in a
     thread pool), and classes under ``min_per_class``. With ``on_bad_image='skip'`` image problems
-    go to ``Findings.skipped`` and their rows get ``readable=False`` instead of blocking.
+    go to ``Findings.skipped`` and their rows get ``readable=False`` instead of blocking. ``decode``:
+    how each image is decoded, called once per distinct file with its row index (``data`` passes one
+    that keeps the pixels, so the image cache needs no second decode); default: a cheap full decode.
     """
     problems, first = _row_problems(rows, root, class_ids)
     listings: dict[Path, list[str]] = {}
     bad: list[Problem] = []
-    to_decode: list[Row] = []
+    to_decode: list[tuple[int, Row]] = []
     for i in first.values():
         problem = _file_problem(root, rows[i].path, listings)
         if problem is None:
-            to_decode.append(rows[i])
+            to_decode.append((i, rows[i]))
         else:
             bad.append(replace(problem, row=rows[i].line))
     workers = num_workers or min(8, os.cpu_count() or 1)
-    bad += _decode_problems(root, to_decode, workers, max_pixels, reporter)
+    bad += _decode_problems(root, to_decode, workers, max_pixels, decode, reporter)
     skip = on_bad_image == "skip"
     bad_keys = {_key(p.path or "") for p in bad} if skip else set()
     readable = np.array([_key(row.path) not in bad_keys for row in rows], dtype=bool)

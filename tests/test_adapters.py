@@ -50,7 +50,7 @@ def train_step(tuning, model, x):
 def test_lora_trains_only_lora_weights():
     backbone = tiny()
     model = backbone.model
-    tuning = apply_peft(backbone, DetectConfig(peft="lora", lora_rank=2))
+    tuning = apply_peft(backbone, DetectConfig(peft="lora", lora_rank=2).tuning)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and n.startswith("visual.") for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -65,7 +65,7 @@ def test_lora_trains_only_lora_weights():
 
 def test_adapter_parameters_are_the_tower_tuning_without_the_always_trained_heads():
     backbone = tiny(always_train=["visual.proj"])
-    tuning = apply_peft(backbone, DetectConfig(peft="lora", lora_rank=2))
+    tuning = apply_peft(backbone, DetectConfig(peft="lora", lora_rank=2).tuning)
     names = {id(p): n for n, p in backbone.model.named_parameters()}
     adapters = [names[id(p)] for p in tuning.adapter_parameters(backbone.model)]
     assert adapters and all("lora_" in n for n in adapters)
@@ -74,19 +74,19 @@ def test_adapter_parameters_are_the_tower_tuning_without_the_always_trained_head
 
 def test_lora_save_and_load_round_trip(tmp_path):
     backbone = tiny()
-    tuning = apply_peft(backbone, DetectConfig(peft="lora", lora_rank=2))
+    tuning = apply_peft(backbone, DetectConfig(peft="lora", lora_rank=2).tuning)
     x = images()
     train_step(tuning, backbone.model, x)
     assert save_tuning(tuning, backbone.model, tmp_path) == ["lora/"]
     assert (tmp_path / "lora" / "adapter_config.json").exists()
     fresh = tiny()
-    load_tuning(apply_peft(fresh, DetectConfig(peft="lora", lora_rank=2)), fresh.model, tmp_path)
+    load_tuning(apply_peft(fresh, DetectConfig(peft="lora", lora_rank=2).tuning), fresh.model, tmp_path)
     torch.testing.assert_close(fresh.model.encode_image(x), backbone.model.encode_image(x))
 
 
 def test_unknown_lora_target_is_refused_with_names():
     with pytest.raises(ConfigError, match=r"LoRA targets \['nope'\]") as info:
-        apply_peft(tiny(), DetectConfig(peft="lora", lora_targets="nope"))
+        apply_peft(tiny(), DetectConfig(peft="lora", lora_targets="nope").tuning)
     assert "c_fc" in info.value.hint
 
 
@@ -95,7 +95,7 @@ def test_vpt_adds_prompt_tokens_and_strips_them():
     model = backbone.model
     x = images()
     plain = model.encode_image(x).detach()
-    tuning = apply_peft(backbone, DetectConfig(peft="vpt", vpt_len=3))
+    tuning = apply_peft(backbone, DetectConfig(peft="vpt", vpt_len=3).tuning)
     assert tuning.visual_prompts.prompts.shape == (2, 3, 32)
     assert not any(p.requires_grad for p in model.parameters())
     prompted = model.encode_image(x)
@@ -110,12 +110,12 @@ def test_vpt_refuses_a_conv_tower():
     backbone = tiny()
     backbone.model.visual = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     with pytest.raises(ConfigError, match="--peft vpt needs an open_clip ViT.*Sequential"):
-        apply_peft(backbone, DetectConfig(peft="vpt"))
+        apply_peft(backbone, DetectConfig(peft="vpt").tuning)
 
 
 def test_none_freezes_everything_but_always_train():
     backbone = tiny(always_train=["visual.proj", "text_projection"])
-    tuning = apply_peft(backbone, DetectConfig(peft="none"))
+    tuning = apply_peft(backbone, DetectConfig(peft="none").tuning)
     assert sorted(tuning.head_names) == ["text_projection", "visual.proj"]
     assert {n for n, p in backbone.model.named_parameters() if p.requires_grad} == set(tuning.head_names)
     assert feature_split(backbone.model) is None  # a ViT's proj sits inside the tower
@@ -123,7 +123,7 @@ def test_none_freezes_everything_but_always_train():
 
 def test_feature_split_of_a_frozen_tower_and_of_a_trunk_head_tower():
     backbone = tiny()
-    apply_peft(backbone, DetectConfig(peft="none"))
+    apply_peft(backbone, DetectConfig(peft="none").tuning)
     trunk, head = feature_split(backbone.model)
     assert trunk is backbone.model.visual and isinstance(head, torch.nn.Identity)
     visual = torch.nn.Module()
@@ -134,5 +134,5 @@ def test_feature_split_of_a_frozen_tower_and_of_a_trunk_head_tower():
 
 
 def test_unknown_peft_kind():
-    with pytest.raises(ConfigError, match="Unknown --peft 'prefix'"):
-        apply_peft(tiny(), DetectConfig(peft="prefix"))
+    with pytest.raises(ConfigError, match="--peft 'prefix' is invalid"):
+        apply_peft(tiny(), DetectConfig(peft="prefix").tuning)

@@ -14,17 +14,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from deft_clean import offline
+from deft_clean import hub, offline
 from deft_clean.backbone import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     export_backbone,
     list_backbones,
     load_backbone,
-    resolve_device,
 )
 from deft_clean.config import BackboneConfig
 from deft_clean.errors import BackboneError, ConfigError, MissingExtraError
+from deft_clean.runtime import resolve_device
 
 HAS_OFFLINE = all(
     importlib.util.find_spec(m)
@@ -233,7 +233,7 @@ def _assert_fails_fast_naming_offline_options(config: BackboneConfig) -> None:
     start = time.perf_counter()
     with pytest.raises(BackboneError) as info:
         load_backbone(config)
-    assert time.perf_counter() - start < offline.HUB_PROBE_SECONDS + 2
+    assert time.perf_counter() - start < hub.HUB_PROBE_SECONDS + 2
     assert "--pretrained PATH" in str(info.value) and "--model offline" in str(info.value)
 
 
@@ -246,7 +246,7 @@ def test_tag_fails_fast_when_hub_offline_is_set(monkeypatch, tmp_path, no_networ
 
 def test_tag_fails_fast_without_internet(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    if offline._reachable("huggingface.co"):
+    if hub._reachable("huggingface.co"):
         pytest.skip("the Hugging Face hub is reachable from here")
     _assert_fails_fast_naming_offline_options(
         BackboneConfig(model="ViT-B-32", pretrained="openai", cache_dir=str(tmp_path))

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deft_clean.cli import _flag, app
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig
+from deft_clean.cli import app
+from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig, flag
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "fashion-mnist"
 
@@ -33,10 +33,9 @@ def test_every_config_field_is_an_option_with_its_default(command, classes):
     options = _click_options(command)
     for cls in classes:
         for field in dataclasses.fields(cls):
-            flag = _flag(field.name)
-            assert flag in options, f"{command} lacks {flag}"
-            if not (command == "finetune" and field.name == "model"):  # default: the flags file's backbone
-                assert options[flag] == field.default, (command, flag)
+            option = flag(field.name)
+            assert option in options, f"{command} lacks {option}"
+            assert options[option] == field.default, (command, option)
 
 
 def test_option_values_reach_the_library(wide_console):

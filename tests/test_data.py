@@ -9,8 +9,9 @@ import pytest
 
 from deft_clean import load_manifest
 from deft_clean.config import DataConfig
-from deft_clean.data import class_order, load_labels, read_table
+from deft_clean.data import class_order, load_labels
 from deft_clean.errors import ConfigError, DataError
+from deft_clean.tables import read_table
 
 
 def test_csv_manifest_keeps_input_order_and_sorts_integer_classes_numerically(csv_dataset) -> None:

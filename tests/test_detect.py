@@ -15,16 +15,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import stage_configs
 from PIL import Image
 
 from deft_clean.backbone import load_backbone
 from deft_clean.config import BackboneConfig, DetectConfig
 from deft_clean.data import load_manifest
-from deft_clean.deft_model import DeftModel, adapter_lr, load_detector
-from deft_clean.detect import Batches, balances, check_config, default_out, detect, score_detector
+from deft_clean.deft_model import DeftModel, load_detector
+from deft_clean.detect import LabelledImages, default_out, detect, score_detector
 from deft_clean.errors import ConfigError, TrainingError
-from deft_clean.images import build_image_cache
 from deft_clean.results import COLUMNS, read_results
+from deft_clean.runtime import StagedImages
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 BEHAVIOUR = dict(
@@ -72,12 +73,12 @@ def make_dataset(root: Path, per_class: int, noise: float = 0.2, seed: int = 0) 
 @pytest.fixture(scope="module")
 def behaviour(tmp_path_factory):
     root, labels, truth = make_dataset(tmp_path_factory.mktemp("colours"), per_class=50)
-    frame = detect(root, labels, truth_csv=truth, **BEHAVIOUR)
-    return frame, labels, truth
+    result = detect(root, labels, truth_csv=truth, **stage_configs("detect", **BEHAVIOUR))
+    return result.frame, labels, truth, result
 
 
 def test_finds_planted_label_errors(behaviour):
-    frame, _, truth_csv = behaviour
+    frame, _, truth_csv, _ = behaviour
     truth = pd.read_csv(truth_csv)
     wrong = (frame["given_label"].astype(str) != truth["label"]).to_numpy()
     flagged = frame["is_noisy"].to_numpy(dtype=bool)
@@ -95,7 +96,7 @@ def test_selection_switches_on_after_warmup(behaviour):
 
 
 def test_results_file_schema_order_and_columns(behaviour):
-    frame, labels_csv, _ = behaviour
+    frame, labels_csv, _, _ = behaviour
     written = read_results(default_out(labels_csv))
     assert list(written.columns) == [c for c in COLUMNS if c != "probs"]  # probs: predict only
     assert written["path"].tolist() == pd.read_csv(labels_csv)["path"].tolist()  # input order kept
@@ -112,8 +113,10 @@ def test_results_file_schema_order_and_columns(behaviour):
 
 
 def test_metadata_counts_and_timings(behaviour):
-    frame, _, _ = behaviour
+    frame, _, _, result = behaviour
     summary = frame.attrs["detect"]
+    assert result.summary.to_dict() == summary  # the typed summary is what the file records
+    assert result.summary.n_flagged == summary["n_flagged"] and result.summary.timings.total_s > 0
     classes = {c["id"]: c for c in summary["classes"]}
     assert set(classes) == set(COLOURS) and sum(c["n"] for c in classes.values()) == 200
     for cid, c in classes.items():
@@ -130,7 +133,13 @@ def test_same_seed_same_results_and_unreadable_rows(tmp_path):
     root, labels, _ = make_dataset(tmp_path / "d", per_class=6)
     (root / "img" / "0003.png").write_bytes(b"not a png")
     runs = [
-        detect(root, labels, out=tmp_path / f"r{i}.parquet", on_bad_image="skip", **QUICK) for i in range(2)
+        detect(
+            root,
+            labels,
+            out=tmp_path / f"r{i}.parquet",
+            **stage_configs("detect", on_bad_image="skip", **QUICK),
+        ).frame
+        for i in range(2)
     ]
     pd.testing.assert_frame_equal(runs[0], runs[1])
     bad = runs[0].iloc[3]
@@ -143,7 +152,13 @@ def test_same_seed_same_results_and_unreadable_rows(tmp_path):
 def test_lora_detector_saves_and_reloads(tmp_path):
     root, labels, _ = make_dataset(tmp_path / "d", per_class=4)
     options = dict(QUICK, peft="lora", lora_rank=2, epochs=1)
-    frame = detect(root, labels, out=tmp_path / "r.parquet", save_model=tmp_path / "det", **options)
+    frame = detect(
+        root,
+        labels,
+        out=tmp_path / "r.parquet",
+        save_model=tmp_path / "det",
+        **stage_configs("detect", **options),
+    ).frame
     assert {p.name for p in (tmp_path / "det").iterdir()} == {"detector.json", "prompts.pt", "lora"}
     net, meta = load_detector(tmp_path / "det")
     assert meta["class_ids"] == sorted(COLOURS) and meta["configs"]["detect"]["peft"] == "lora"
@@ -153,9 +168,9 @@ def test_lora_detector_saves_and_reloads(tmp_path):
     assert lora and any(p.abs().sum() > 0 for p in lora)  # trained (B starts at zero) and reloaded
     manifest = load_manifest(root, labels)
     backbone = load_backbone(BackboneConfig(model="test-tiny"))
-    cache = build_image_cache(manifest, backbone.image_size)
-    data = Batches(cache, np.arange(len(manifest)), manifest.labels, backbone.mean, backbone.std,
-                   backbone.image_size, torch.device("cpu"))  # fmt: skip
+    images = StagedImages(manifest.decode(backbone.image_size), np.arange(len(manifest)), mean=backbone.mean,
+                          std=backbone.std, size=backbone.image_size, device=torch.device("cpu"))  # fmt: skip
+    data = LabelledImages(images, manifest.labels)
     rescored = score_detector(net, data, DetectConfig(**meta["configs"]["detect"]))
     np.testing.assert_allclose(rescored.p_clean, frame["p_clean"].to_numpy(), atol=1e-5)
 
@@ -163,7 +178,9 @@ def test_lora_detector_saves_and_reloads(tmp_path):
 def test_flag_rule_either_adds_rows_predicted_as_another_class(tmp_path):
     root, labels, _ = make_dataset(tmp_path / "d", per_class=6)
     dual, either = (
-        detect(root, labels, out=tmp_path / f"{rule}.parquet", flag_rule=rule, **QUICK)
+        detect(
+            root, labels, out=tmp_path / f"{rule}.parquet", **stage_configs("detect", flag_rule=rule, **QUICK)
+        ).frame
         for rule in ("dual", "either")
     )
     pd.testing.assert_series_equal(dual["p_clean"], either["p_clean"])  # same model, same scores
@@ -177,19 +194,26 @@ def test_truth_for_some_rows_only(tmp_path):
     root, labels, truth = make_dataset(tmp_path / "d", per_class=4)
     lines = truth.read_text().splitlines()
     (tmp_path / "part.csv").write_text("\n".join(lines[:5]) + "\n")  # header + 4 rows
-    frame = detect(root, labels, out=tmp_path / "r.parquet", truth_csv=tmp_path / "part.csv", **QUICK)
-    assert frame.attrs["detect"]["truth"]["n"] == 4
+    result = detect(
+        root,
+        labels,
+        out=tmp_path / "r.parquet",
+        truth_csv=tmp_path / "part.csv",
+        **stage_configs("detect", **QUICK),
+    )
+    assert result.frame.attrs["detect"]["truth"]["n"] == 4 and result.summary.truth["n"] == 4
 
 
 @pytest.mark.parametrize(
     ("change", "option"),
     [({"warmup_epochs": 3, "epochs": 2}, "--warmup-epochs"), ({"threshold": 1.0}, "--threshold"),
      ({"lr_schedule": "linear"}, "--lr-schedule"), ({"peft": "full"}, "--peft"),
-     ({"flag_rule": "any"}, "--flag-rule"), ({"class_balance": "yes"}, "--class-balance")],
+     ({"flag_rule": "any"}, "--flag-rule"), ({"class_balance": "yes"}, "--class-balance"),
+     ({"num_workers": -1}, "--num-workers"), ({"vpt_len": 0}, "--vpt-len")],
 )  # fmt: skip
 def test_invalid_options_are_refused(change, option):
     with pytest.raises(ConfigError, match=option):
-        check_config(DetectConfig(**change))
+        DetectConfig(**change)
 
 
 def test_default_out(tmp_path):
@@ -215,9 +239,12 @@ def test_cli_detect_writes_results_and_summary(tmp_path, wide_console):
         "cpu",
     ]
     args += ["--peft", "none", "--epochs", "1", "--batch-size", "8", "--n-ctx", "4", "--seed", "3"]
-    result = CliRunner().invoke(app, [*args, "--class-balance", "on"])
+    result = CliRunner().invoke(app, [*args, "--class-balance", "on", "--report"])
     assert result.exit_code == 0, result.output
     written = read_results(tmp_path / "d" / "labels.deft.parquet")
+    page = (tmp_path / "d" / "labels.deft.html").read_text()  # --report: the page beside the results
+    assert f"<span id='n-flagged'>{int(written['is_noisy'].sum())}</span>" in page
+    assert "caught <b>" in page and " s on cpu" in page  # --truth and detect's time reach the report
     assert len(written) == 16 and written.attrs["configs"]["detect"]["seed"] == 3
     assert written.attrs["configs"]["detect"]["class_balance"] == "on"
     assert (
@@ -228,15 +255,17 @@ def test_cli_detect_writes_results_and_summary(tmp_path, wide_console):
 
 
 def test_class_balance_auto_means_a_tuned_tower():
-    assert [balances(DetectConfig(peft=p)) for p in ("lora", "vpt", "none")] == [True, True, False]
-    assert balances(DetectConfig(peft="none", class_balance="on"))
-    assert not balances(DetectConfig(peft="lora", class_balance="off"))
+    assert [DetectConfig(peft=p).balances for p in ("lora", "vpt", "none")] == [True, True, False]
+    assert DetectConfig(peft="none", class_balance="on").balances
+    assert not DetectConfig(peft="lora", class_balance="off").balances
 
 
 def test_adapters_get_their_own_learning_rate():
-    assert adapter_lr(DetectConfig(lr=0.03), conv=False) == pytest.approx(0.03)  # ViT towers: the authors'
-    assert adapter_lr(DetectConfig(lr=0.03), conv=True) == pytest.approx(0.003)  # conv towers: a tenth
-    assert adapter_lr(DetectConfig(lr=0.03, adapter_lr=0.01), conv=True) == pytest.approx(0.01)
+    assert DetectConfig(lr=0.03).adapter_peak_lr(conv=False) == pytest.approx(
+        0.03
+    )  # ViT towers: the authors'
+    assert DetectConfig(lr=0.03).adapter_peak_lr(conv=True) == pytest.approx(0.003)  # conv towers: a tenth
+    assert DetectConfig(lr=0.03, adapter_lr=0.01).adapter_peak_lr(conv=True) == pytest.approx(0.01)
     backbone = load_backbone(BackboneConfig(model="test-tiny"))
     config = DetectConfig(peft="lora", lr=0.05, adapter_lr=0.002)
     groups = DeftModel(backbone, ["a", "b"], config).param_groups(config)
@@ -266,6 +295,6 @@ def test_diverged_training_fails_loudly_and_writes_nothing(tmp_path):
     root, labels, _ = make_dataset(tmp_path / "d", per_class=4)
     out = tmp_path / "r.parquet"
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*No results were written.") as caught:
-        detect(root, labels, out=out, **{**QUICK, "lr": 1e30})
+        detect(root, labels, out=out, **stage_configs("detect", **{**QUICK, "lr": 1e30}))
     assert "--lr (this run: 1e+30)" in caught.value.hint
     assert not out.exists()

@@ -12,6 +12,7 @@ from open_clip.timm_model import TimmModel
 from PIL import Image
 from torch import nn
 
+from deft_clean.config import BackboneConfig
 from deft_clean.data import load_manifest
 from deft_clean.embed import embed_images, image_tower
 
@@ -103,16 +104,13 @@ def test_embed_api_builds_the_backbone_and_saves_npy(image_dir: Path, tmp_path: 
     from deft_clean.embed import embed
 
     out = tmp_path / "sub" / "features.npy"
-    features = embed(
-        image_dir, image_dir / "labels.csv", out=out, model="test-tiny", device="cpu", batch_size=4
-    )
+    tiny = BackboneConfig(model="test-tiny", device="cpu")
+    features = embed(image_dir, image_dir / "labels.csv", out=out, backbone=tiny, batch_size=4)
     assert features.shape[0] == 6 and features.dtype == np.float32
     np.testing.assert_array_equal(np.load(out), features)
     assert [p.name for p in out.parent.iterdir()] == ["features.npy"]  # no partial file left behind
-    from deft_clean.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="Unknown option"):
-        embed(image_dir, image_dir / "labels.csv", modle="test-tiny")
+    with pytest.raises(TypeError, match="modle"):  # the typed API refuses a misspelt option by name
+        embed(image_dir, image_dir / "labels.csv", modle="test-tiny")  # type: ignore[call-arg]
 
 
 def test_cli_embed_writes_npy(image_dir: Path, tmp_path: Path) -> None:

@@ -9,16 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import stage_configs
 from PIL import Image
 from typer.testing import CliRunner
 
 from deft_clean.classifier import classification_metrics, load_classifier, predict
 from deft_clean.cli import app
-from deft_clean.config import BackboneConfig, FinetuneConfig
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig
 from deft_clean.data import load_manifest
 from deft_clean.errors import ConfigError
-from deft_clean.finetune import cosine_lr, finetune, select_training_rows
+from deft_clean.finetune import finetune, select_training_rows
 from deft_clean.results import base_frame, read_results, run_metadata, write_results
+from deft_clean.runtime import cosine_lr
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 FAST = {"model": "test-tiny", "device": "cpu", "batch_size": 8, "num_workers": 1, "seed": 0}
@@ -60,7 +62,8 @@ def _flags(
     frame["p_clean"] = np.where(noisy, 0.1, 0.9).astype(np.float32)
     frame["predicted_label"] = truth
     frame["predicted_prob"] = np.float32(0.95)
-    frame["suggested_label"] = pd.Series(truth, dtype="string").where(noisy, pd.NA)
+    given = frame["given_label"].astype("string")
+    frame["suggested_label"] = pd.Series(truth, dtype="string").where(noisy, given)  # as detect writes it
     meta = run_metadata(manifest=manifest, configs={"backbone": BackboneConfig(model="test-tiny")})
     return write_results(frame, out, metadata=meta)
 
@@ -71,9 +74,10 @@ def _wrong_mask() -> np.ndarray:
 
 
 def test_cosine_lr_schedule() -> None:
-    assert cosine_lr(0, 100, 0.1) == pytest.approx(0.1)
-    assert cosine_lr(50, 100, 0.1) == pytest.approx(0.05)
-    assert cosine_lr(100, 100, 0.1) == pytest.approx(0.0)
+    assert cosine_lr(0.1, 0 / 100) == pytest.approx(0.1)
+    assert cosine_lr(0.1, 50 / 100) == pytest.approx(0.05)
+    assert cosine_lr(0.1, 100 / 100) == pytest.approx(0.0)
+    assert cosine_lr(0.1, 1.5) == pytest.approx(0.0)  # past the end: clamped, as finetune's last step
 
 
 def test_metrics_hand_computed() -> None:
@@ -117,13 +121,13 @@ def test_flags_need_a_selection_mode(colours: dict[str, Path], tmp_path: Path) -
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("tune", "half", "--tune must be one of full, lora, linear; got 'half'"),
+        ("tune", "half", "--tune 'half' is invalid. Use a value 'full', 'lora' or 'linear'"),
         ("lambda_v", 1.5, "--lambda-v"),
     ],
 )
 def test_bad_options_refused_before_loading(option: str, value: object, message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
-        finetune(tmp_path / "does-not-exist", **{option: value})
+        finetune(tmp_path / "does-not-exist", **stage_configs("finetune", **{option: value}))
 
 
 def test_linear_probe_learns_colours_and_reloads_identically(
@@ -134,16 +138,14 @@ def test_linear_probe_learns_colours_and_reloads_identically(
         colours["train"],
         colours["train_csv"],
         flags=_flags(colours["train"], colours["train_csv"], tmp_path / "f.parquet", _wrong_mask()),
-        clean_only=True,
-        tune="linear",
-        method="tes",
-        epochs=30,
-        lr=0.5,
         out=out,
         test_dir=colours["test"],
         test_csv=colours["test_csv"],
-        **{k: v for k, v in FAST.items() if k != "model"},  # the backbone recorded in the flags file
-    )
+        **stage_configs(
+            "finetune", clean_only=True, tune="linear", method="tes", epochs=30, lr=0.5,
+            **{k: v for k, v in FAST.items() if k != "model"},  # the backbone recorded in the flags file
+        ),
+    )  # fmt: skip
     assert result.classifier.info["backbone"]["model"] == "test-tiny"
     assert result.n_train == 24 and result.n_dropped == 6
     assert result.metrics is not None and result.metrics["accuracy"] >= 0.9  # chance is 1/3
@@ -175,8 +177,9 @@ def test_linear_probe_learns_colours_and_reloads_identically(
 
 def test_full_tuning_with_ce_trains_the_tower_and_saves_it(colours: dict[str, Path], tmp_path: Path) -> None:
     result = finetune(
-        colours["train"], colours["train_csv"], tune="full", method="ce", epochs=2, out=tmp_path, **FAST
-    )
+        colours["train"], colours["train_csv"], out=tmp_path,
+        **stage_configs("finetune", tune="full", method="ce", epochs=2, **FAST),
+    )  # fmt: skip
     assert result.n_train == 30  # no flags: every row
     reloaded = load_classifier(tmp_path, device="cpu")
     assert len(reloaded.tower_keys) == len(result.classifier.tower.state_dict())
@@ -185,7 +188,12 @@ def test_full_tuning_with_ce_trains_the_tower_and_saves_it(colours: dict[str, Pa
 
 
 def test_lora_saves_only_adapters(colours: dict[str, Path], tmp_path: Path) -> None:
-    result = finetune(colours["train"], colours["train_csv"], tune="lora", epochs=1, out=tmp_path, **FAST)
+    result = finetune(
+        colours["train"],
+        colours["train_csv"],
+        out=tmp_path,
+        **stage_configs("finetune", tune="lora", epochs=1, **FAST),
+    )
     keys = result.classifier.tower_keys
     assert keys and all("lora_" in k for k in keys)
     batch = torch.rand(2, 3, 20, 20)  # resized to the backbone's 32 px
@@ -247,3 +255,28 @@ def test_cli_finetune_then_predict(colours: dict[str, Path], tmp_path: Path) -> 
     result = CliRunner().invoke(app, ["predict", str(model_dir), str(colours["test"]), "--out", str(pred)])
     assert result.exit_code == 0, result.output
     assert len(read_results(pred)) == 12
+
+
+def test_predict_classifies_a_plain_folder_of_unlabelled_images(
+    colours: dict[str, Path], tmp_path: Path
+) -> None:
+    model = finetune(
+        colours["train"], colours["train_csv"], **stage_configs("finetune", tune="linear", epochs=3, **FAST)
+    ).classifier
+    loose = tmp_path / "new"
+    loose.mkdir()
+    for k, name in enumerate(COLOURS):  # no CSV, no class folders: just images, one of them broken
+        Image.new("RGB", (16, 16), COLOURS[name]).save(loose / f"{k}.png")
+    (loose / "broken.jpg").write_bytes(b"not a jpeg")
+    frame = predict(model, loose, data=DataConfig(on_bad_image="skip"), out=tmp_path / "p.parquet")
+    assert frame["path"].tolist() == ["0.png", "1.png", "2.png", "broken.jpg"]
+    assert frame["given_label"].isna().all() and frame["status"].tolist() == ["ok"] * 3 + ["unreadable"]
+    assert frame["predicted_label"][:3].notna().all() and pd.isna(frame["predicted_label"][3])
+    stored = read_results(tmp_path / "p.parquet")
+    assert stored.attrs["input"]["source"] == "folder" and len(stored) == 4
+    result = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "m"), str(loose), "--out", str(tmp_path / "q")]
+    )
+    assert result.exit_code == 1 and "classifier.json" in " ".join(
+        result.output.split()
+    )  # no model saved there

@@ -11,9 +11,9 @@ from PIL import Image
 
 from deft_clean import images
 from deft_clean.config import DataConfig
-from deft_clean.data import load_manifest, open_image
+from deft_clean.data import load_manifest
 from deft_clean.errors import DataError
-from deft_clean.images import build_image_cache, pixel_limit
+from deft_clean.images import build_image_cache, open_image, pixel_limit
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -130,7 +130,7 @@ def striped_set(tmp_path: Path) -> Path:
 def test_cache_holds_centre_crops_in_input_order(striped_set: Path) -> None:
     manifest = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"))
     assert manifest.paths == ["a/tall.png", "a/wide.png", "b/big.jpg", "b/broken.png", "b/small.png"]
-    cache = build_image_cache(manifest, 6, in_memory=True)
+    cache = build_image_cache(manifest.files(), 6, readable=manifest.readable, in_memory=True)
     assert cache.shape == (5, 3, 6, 6) and cache.dtype == torch.uint8 and cache.device.type == "cpu"
     green = torch.tensor(GREEN, dtype=torch.int32).view(3, 1, 1)
     for i in (0, 1, 4):
@@ -143,8 +143,9 @@ def test_memmap_cache_matches_ram_is_atomic_and_reused(
     striped_set: Path, tmp_path: Path, monkeypatch
 ) -> None:
     manifest = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"))
-    in_ram = build_image_cache(manifest, 8, in_memory=True)
-    on_disk = build_image_cache(manifest, 8, in_memory=False, cache_dir=tmp_path / "cache")
+    files, readable = manifest.files(), manifest.readable
+    in_ram = build_image_cache(files, 8, readable=readable, in_memory=True)
+    on_disk = build_image_cache(files, 8, readable=readable, in_memory=False, cache_dir=tmp_path / "cache")
     assert torch.equal(in_ram, on_disk)
     (file,) = (tmp_path / "cache").iterdir()
     assert file.name.endswith("-8px.u8") and file.stat().st_size == in_ram.numel()
@@ -153,7 +154,26 @@ def test_memmap_cache_matches_ram_is_atomic_and_reused(
         raise AssertionError("the cache should be reused, not decoded again")
 
     monkeypatch.setattr(images, "decode_square", fail)
-    assert torch.equal(build_image_cache(manifest, 8, in_memory=False, cache_dir=tmp_path / "cache"), in_ram)
+    assert torch.equal(
+        build_image_cache(files, 8, readable=readable, in_memory=False, cache_dir=tmp_path / "cache"), in_ram
+    )
     with pytest.raises(AssertionError):  # a new size must decode; the failed pass leaves no file behind
-        build_image_cache(manifest, 4, in_memory=False, cache_dir=tmp_path / "cache")
+        build_image_cache(files, 4, readable=readable, in_memory=False, cache_dir=tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [file.name]
+
+
+def test_validation_keeps_what_it_decoded(striped_set: Path, monkeypatch) -> None:
+    """Decode once: with image_size, the pixels validation decoded are the cache (no second decode)."""
+    plain = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"))
+    expected = build_image_cache(plain.files(), 6, readable=plain.readable, in_memory=True)
+    manifest = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"), image_size=6)
+    assert manifest.images is not None and torch.equal(manifest.images, expected)
+    assert plain.images is None  # without a size, validation decodes cheaply and keeps nothing
+
+    def fail(path: Path, size: int) -> np.ndarray:
+        raise AssertionError("the kept pixels should be used, not decoded again")
+
+    monkeypatch.setattr(images, "decode_square", fail)
+    assert manifest.decode(6) is manifest.images
+    with pytest.raises(AssertionError):  # another size still decodes
+        manifest.decode(4)
