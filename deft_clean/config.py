@@ -149,6 +149,12 @@ class DetectConfig:
         "Final flags: 'either' (the dual-prompt rule above, or the positive prompts predict another class) "
         "or 'dual' (the paper's rule alone: more precise, fewer caught; see docs/benchmarks.md).",
     )
+    text_classes: int = _opt(
+        128,
+        "Most classes whose prompts a training step encodes (raised to twice --batch-size): the batch's "
+        "given and complementary labels plus a uniform sample of the others, so a step costs the same "
+        "however many classes there are. With at most this many classes, every class is encoded.",
+    )
     seed: int = _opt(0, "Random seed.")
     num_workers: int = _opt(0, "Threads decoding the images, once per run (0: automatic).")
 
@@ -169,6 +175,7 @@ class DetectConfig:
         _require(balance in ("auto", "on", "off"), "class_balance", balance, "'auto', 'on' or 'off'")
         _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
         _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
+        _require(self.text_classes >= 2, "text_classes", self.text_classes, "of at least 2")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
 
     @property

@@ -100,9 +100,15 @@ class DeftModel(nn.Module):
         features = self.split[1](trunk) if trunk is not None else self.model.encode_image(images)
         return F.normalize(features.float(), dim=-1)
 
-    def similarities(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, E) normalised image features → ``(s⁺, s⁻)``, each (B, K); s⁻ does not train the image tower."""
-        t_pos, t_neg = self.prompts()  # (K, E) each
+    def similarities(
+        self, features: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, E) normalised image features → ``(s⁺, s⁻)``, each (B, C); s⁻ does not train the image tower.
+
+        ``text``: the ``(T⁺, T⁻)`` (C, E) each to compare with, from ``self.prompts(classes)`` or
+        ``self.prompts.encode_all()``; None encodes all K classes here (C = K).
+        """
+        t_pos, t_neg = self.prompts() if text is None else text  # (C, E) each
         with torch.autocast(features.device.type, enabled=False):  # cosines in fp32: bf16 would blur them
             features, t_pos, t_neg = features.float(), t_pos.float(), t_neg.float()
             return self.scale * features @ t_pos.t(), self.scale * features.detach() @ t_neg.t()

@@ -36,6 +36,7 @@ from deft_clean.scoring import (
     training_failure,
 )
 from deft_clean.summary import DetectResult, run_summary
+from deft_clean.text_sampling import step_classes, to_local
 
 DEFAULT_OUT = "deft_results.parquet"
 
@@ -250,13 +251,19 @@ def _train_step(
     """One SGD step on samples ``index`` (B,); returns (4,) on the device: B·loss, B·ce, B·neg, #selected."""
     labels = data.labels[index.to(data.device, non_blocking=True)]
     with autocast(data.device):
-        s_pos, s_neg = net.similarities(_features(net, data, index, trunk, train=True, generator=generator))
-    s_pos, s_neg = s_pos.float(), s_neg.float()  # (B, K) each
+        features = _features(net, data, index, trunk, train=True, generator=generator)
+    complementary = complementary_labels(labels, net.prompts.n_cls, generator)
+    # Many classes: encode only those the loss needs plus a sample (labels become columns of s±).
+    classes = step_classes(labels, complementary, net.prompts.n_cls, config.text_classes, generator)
+    if classes is not None:
+        labels, complementary = to_local(classes, net.prompts.n_cls, labels, complementary)
+    with autocast(data.device):
+        s_pos, s_neg = net.similarities(features, net.prompts(classes))
+    s_pos, s_neg = s_pos.float(), s_neg.float()  # (B, C) each; C = K without sampling
     selected = None
     if not warm:
         p_clean = clean_probability(s_pos.detach(), s_neg.detach())
         selected = select_clean(p_clean, labels, threshold=config.threshold, strict=config.strict)
-    complementary = complementary_labels(labels, net.prompts.n_cls, generator)
     loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected, balance=config.balances)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -285,13 +292,15 @@ def score_detector(
         trunk = trunk_cache(net, data.images, 2 * config.batch_size)
     parts: list[torch.Tensor] = []
     batch = 2 * config.batch_size
+    with autocast(data.device):
+        text = net.prompts.encode_all()  # (K, E) each, once: the prompts do not change while scoring
     with reporter.task("Scoring", total=len(data)):
         for start in range(0, len(data), batch):
             index = torch.arange(start, min(start + batch, len(data)))
             labels = data.labels[index.to(data.device)]
             with autocast(data.device):
                 s_pos, s_neg = net.similarities(
-                    _features(net, data, index, trunk, train=False, generator=None)
+                    _features(net, data, index, trunk, train=False, generator=None), text
                 )
             s_pos, s_neg = s_pos.float(), s_neg.float()
             p_all = clean_probability(s_pos, s_neg)  # (B, K)

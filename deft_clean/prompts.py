@@ -24,6 +24,8 @@ from torch import nn
 
 from deft_clean.errors import BackboneError, ConfigError
 
+TEXT_CHUNK = 256  # classes per text-tower call when every class is encoded without gradient (scoring)
+
 
 class _OpenClipText:
     """open_clip's text transformer fed with embeddings; ``src`` holds the text attributes."""
@@ -182,19 +184,44 @@ class DualPromptLearner(nn.Module):
             return init.expand(shape).clone()
         return torch.randn(shape, generator=generator).to(device) * 0.02
 
-    def _prompts(self, ctx: torch.Tensor) -> torch.Tensor:
-        """(M, D) or (K, M, D) context → (K, L, D) prompt embeddings."""
+    def _prompts(self, ctx: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+        """(M, D) or (K, M, D) context → (C, L, D) prompt embeddings of ``classes`` (C,), or all K."""
+        prefix, suffix = self.token_prefix, self.token_suffix
+        if classes is not None:
+            prefix, suffix = prefix[classes], suffix[classes]
+            ctx = ctx[classes] if ctx.dim() == 3 else ctx
         if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
-        return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
+            ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+        return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=1)
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised ``(T⁺, T⁻)``, each ``(K, E)``, from one batched text-tower call over 2K prompts."""
-        embeds = torch.cat([self._prompts(self.pos_ctx), self._prompts(self.neg_ctx)])  # (2K, L, D)
-        ids, pool = self.token_ids.repeat(2, 1), self.pool_index.repeat(2)
-        features = self.tower.encode(embeds, ids, pool).float()
+    def forward(self, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised ``(T⁺, T⁻)``, each ``(C, E)``, from one batched text-tower call over 2C prompts.
+
+        ``classes`` (C,) long picks the classes to encode (row ``i`` is class ``classes[i]``): a training
+        step with many classes encodes only the ones its loss needs (:mod:`deft_clean.text_sampling`).
+        None encodes all ``K`` classes, in class order.
+        """
+        ids, pool = self.token_ids, self.pool_index
+        if classes is not None:
+            ids, pool = ids[classes], pool[classes]
+        embeds = torch.cat([self._prompts(self.pos_ctx, classes), self._prompts(self.neg_ctx, classes)])
+        features = self.tower.encode(embeds, ids.repeat(2, 1), pool.repeat(2)).float()  # (2C, E)
         features = features / features.norm(dim=-1, keepdim=True)
-        return features[: self.n_cls], features[self.n_cls :]
+        return features[: ids.shape[0]], features[ids.shape[0] :]
+
+    @torch.no_grad()
+    def encode_all(self, chunk: int = TEXT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T⁺, T⁻)`` of all ``K`` classes, each ``(K, E)``, without gradient, ``chunk`` classes per call.
+
+        For scoring: the text tower's activations then span ``chunk`` prompts, not ``K``, however many
+        classes there are; with ``K <= chunk`` this is one call, equal to ``forward()``.
+        """
+        device = self.token_ids.device
+        parts = [
+            self(torch.arange(start, min(start + chunk, self.n_cls), device=device))
+            for start in range(0, self.n_cls, chunk)
+        ]
+        return torch.cat([pos for pos, _ in parts]), torch.cat([neg for _, neg in parts])
 
 
 def _check_length(names: list[str], end: torch.Tensor, n_ctx: int, length: int) -> None:
