@@ -147,3 +147,13 @@ def test_class_specific_contexts_are_picked_with_their_classes():
 def test_text_classes_must_be_at_least_two():
     with pytest.raises(ConfigError, match="--text-classes 1"):
         DetectConfig(text_classes=1)
+
+
+def test_cli_refuses_a_text_classes_below_two(tmp_path):
+    from typer.testing import CliRunner
+
+    from deft_clean.cli import app
+
+    result = CliRunner().invoke(app, ["detect", str(tmp_path), "--text-classes", "1"])
+    assert result.exit_code != 0
+    assert "--text-classes 1 is invalid" in result.output and "Traceback" not in result.output

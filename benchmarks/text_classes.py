@@ -1,0 +1,270 @@
+"""Many classes (``--text-classes``): step time and detection agreement, text-class sampling on and off.
+
+``timing``: DeFT training steps for K classes, with every class encoded (off: the full softmax) and
+with the step's classes only (on: ``--text-classes``). Reports the text side alone (the prompts'
+forward + backward) and the whole step (one ``train_detector`` epoch on random images / its steps),
+the median of ``--repeats`` rounds that time off and on back to back; with ``--memory``, the peak
+resident memory that one step adds, each measured in a fresh process::
+
+    python -m benchmarks.text_classes timing --model offline --classes 10 100 1000
+    python -m benchmarks.text_classes timing --model ViT-B-16 --batch-size 8 --classes 10 100 1000
+
+``agreement``: detect on a synthetic K-class set with planted noise (:func:`synthetic_classes`), with
+the full softmax and with sampling; F1 of the flags and AUROC of ``1 - p_clean`` against the truth::
+
+    python -m benchmarks.text_classes agreement --classes 100 --noise 0.2
+
+Each prints a table and writes JSON to ``--out`` (default ``runs/text_classes/<command>.json``,
+untracked). Speed does not depend on weight or pixel values, so random weights and images are fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.metrics import detection_metrics
+from deft_clean.backbone import load_backbone
+from deft_clean.config import BackboneConfig, DetectConfig
+from deft_clean.deft_model import DeftModel
+from deft_clean.detect import Batches, score_detector, train_detector
+from deft_clean.scoring import Scores
+from deft_clean.text_sampling import step_classes
+
+DEFAULT_OUT = Path("runs/text_classes")
+PALETTE = (
+    (220, 40, 40), (40, 190, 60), (40, 70, 220), (230, 220, 40), (140, 50, 190),
+    (240, 140, 30), (40, 210, 220), (240, 120, 190), (120, 75, 30), (128, 128, 128),
+)  # fmt: skip
+OFF = 1_000_000  # a --text-classes above any K: every class encoded, the full softmax
+
+
+def synthetic_classes(
+    root: Path, classes: int, *, per_class: int = 20, noise: float = 0.2, seed: int = 0
+) -> tuple[Path, Path, Path]:
+    """A K-class image set a tiny random-weight model can learn, with ``noise`` of the labels flipped.
+
+    Class ``k`` (up to 100) is a 32×32 image whose top half has colour ``k // 10`` and bottom half
+    colour ``k % 10`` of a 10-colour palette, plus pixel noise; a flipped label goes to a uniformly
+    drawn other class (exactly ``round(noise · N)`` flips). Writes ``root/images/*.png``,
+    ``labels.csv``, ``truth.csv`` and ``classes.txt``; returns (labels.csv, truth.csv, classes.txt).
+    """
+    if not 2 <= classes <= len(PALETTE) ** 2:
+        raise ValueError(f"classes {classes}: use 2..{len(PALETTE) ** 2}.")
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    truth = np.repeat(np.arange(classes), per_class)
+    given = truth.copy()
+    flips = rng.choice(truth.size, round(noise * truth.size), replace=False)
+    given[flips] = (truth[flips] + rng.integers(1, classes, flips.size)) % classes
+    paths = []
+    for i, k in enumerate(truth):
+        pixels = np.empty((32, 32, 3))
+        pixels[:16], pixels[16:] = PALETTE[k // len(PALETTE)], PALETTE[k % len(PALETTE)]
+        pixels += rng.normal(0, 6, 3) + rng.normal(0, 6, pixels.shape)
+        paths.append(f"images/{i}.png")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / paths[-1])
+    names = [f"c{k:03d}" for k in range(classes)]
+    files = root / "labels.csv", root / "truth.csv", root / "classes.txt"
+    for file, labels in zip(files[:2], (given, truth), strict=True):
+        rows = (f"{path},{names[label]}\n" for path, label in zip(paths, labels, strict=True))
+        file.write_text("path,label\n" + "".join(rows))
+    files[2].write_text("".join(f"{n},class {n[1:]}\n" for n in names))
+    return files
+
+
+def _setup(args: argparse.Namespace, classes: int, cap: int) -> tuple[DeftModel, Batches, DetectConfig]:
+    """A DeFT model for ``classes`` random class names and ``args.steps`` batches of random images."""
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(model=args.model, device="cpu"))
+    config = DetectConfig(
+        peft=args.peft, batch_size=args.batch_size, epochs=2, warmup_epochs=1, text_classes=cap
+    )
+    names = [f"species {k}" for k in range(classes)]
+    net = DeftModel(backbone, names, config, generator=torch.Generator().manual_seed(0))
+    n, size = args.steps * args.batch_size, backbone.image_size
+    cache = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    labels = np.random.default_rng(0).integers(0, classes, n)
+    data = Batches(cache, np.arange(n), labels, backbone.mean, backbone.std, size, torch.device("cpu"))
+    return net, data, config
+
+
+def _text_seconds(net: DeftModel, config: DetectConfig, batch: int) -> float:
+    """One forward + backward of the prompts a step encodes (random given/complementary labels)."""
+    k = net.prompts.n_cls
+    labels = torch.randint(0, k, (batch,))
+    classes = step_classes(labels, (labels + 1) % k, k, config.text_classes)
+    started = time.perf_counter()
+    pos, neg = net.prompts(classes)
+    (pos.sum() + neg.sum()).backward()
+    return time.perf_counter() - started
+
+
+def _time_once(args: argparse.Namespace, classes: int, cap: int) -> dict[str, float]:
+    net, data, config = _setup(args, classes, cap)
+    with torch.no_grad():
+        net.prompts(torch.arange(min(net.prompts.n_cls, 8)))  # the first call pays one-off costs
+    text = _text_seconds(net, config, args.batch_size)
+    if args.text_only:
+        return {"text_s": text, "step_s": float("nan")}
+    history = train_detector(net, data, config)  # epoch 1 (warm-up CE) runs the first steps: not timed
+    return {"text_s": text, "step_s": history[1]["seconds"] / args.steps}
+
+
+def _peak_memory(args: argparse.Namespace, classes: int, cap: int) -> float:
+    """MiB of resident memory one training step adds over the model's setup, in a fresh process."""
+    command = [sys.executable, "-m", "benchmarks.text_classes", "memory-probe", "--model", args.model]
+    command += ["--peft", args.peft, "--batch-size", str(args.batch_size), "--classes", str(classes)]
+    probe = subprocess.run(command + ["--cap", str(cap)], capture_output=True, text=True, check=True)
+    return float(probe.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """(subprocess of ``--memory``) print the peak resident memory (MiB) during one training step,
+    above the resident memory before it: the kernel's high-water mark is reset after the setup."""
+    args.steps = 1
+    net, data, config = _setup(args, args.classes[0], args.cap)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current VmRSS
+    before = _status_kib("VmRSS")
+    train_detector(net, data, dataclasses.replace(config, epochs=1))
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def timing(args: argparse.Namespace) -> dict:
+    rows = []
+    for k in args.classes:
+        runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+        for _ in range(args.repeats):  # off and on back to back, so both see the same machine load
+            runs["off"].append(_time_once(args, k, OFF))
+            runs["on"].append(_time_once(args, k, args.text_classes))
+        for mode, cap in (("off", OFF), ("on", args.text_classes)):
+            row = {"classes": k, "sampling": mode, "repeats": args.repeats}
+            row.update({key: statistics.median(r[key] for r in runs[mode]) for key in ("text_s", "step_s")})
+            row["image_ms"] = 1000 * row["step_s"] / args.batch_size
+            if args.memory:
+                row["peak_step_mib"] = _peak_memory(args, k, cap)
+            rows.append(row)
+            print(_format(row), flush=True)
+    return {"rows": rows}
+
+
+def _format(row: dict) -> str:
+    return "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def planted_features(
+    classes: int, dim: int, *, per_class: int = 20, noise: float = 0.2, spread: float = 0.08, seed: int = 0
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Image features with a known class structure: ``(features (N, dim), given (N,), truth (N,))``.
+
+    Class ``k`` is a random unit vector plus Gaussian noise of ``spread`` per dimension; ``noise`` of
+    the labels (exactly ``round(noise · N)``) are flipped to a uniformly drawn other class.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    truth = np.repeat(np.arange(classes), per_class)
+    features = centres[truth] + rng.normal(0, spread, (truth.size, dim))
+    given = truth.copy()
+    flips = rng.choice(truth.size, round(noise * truth.size), replace=False)
+    given[flips] = (truth[flips] + rng.integers(1, classes, flips.size)) % classes
+    return torch.tensor(features, dtype=torch.float32), given, truth
+
+
+def agreement(args: argparse.Namespace) -> dict:
+    """DeFT on planted features (``test-tiny``, frozen tower: only the prompts learn), full vs sampled,
+    for each seed (the seed draws the features, the noise and the training)."""
+    rows = []
+    for seed in args.seeds:
+        for mode, cap in (("off", OFF), ("on", args.text_classes)):
+            started = time.perf_counter()
+            scores, given, truth = _detect_planted(args, seed, cap)
+            row = {"seed": seed, "sampling": mode, "text_classes": None if cap == OFF else cap}
+            row.update(detection_metrics(scores.is_noisy, 1 - scores.p_clean, given != truth))
+            row["accuracy"] = float(np.mean(scores.predicted == truth))
+            row["seconds"] = time.perf_counter() - started
+            rows.append(row)
+            print(_format(row), flush=True)
+    summary = {}
+    for metric in ("f1", "auroc"):
+        off = [r[metric] for r in rows if r["sampling"] == "off"]
+        on = [r[metric] for r in rows if r["sampling"] == "on"]
+        summary[metric] = {
+            "off_mean": statistics.mean(off),
+            "on_mean": statistics.mean(on),
+            "mean_on_minus_off": statistics.mean(b - a for a, b in zip(off, on, strict=True)),
+            "off_seed_stdev": statistics.stdev(off) if len(off) > 1 else None,
+        }
+        print(metric, _format(summary[metric]))
+    return {"rows": rows, "summary": summary}
+
+
+def _detect_planted(args: argparse.Namespace, seed: int, cap: int) -> tuple[Scores, np.ndarray, np.ndarray]:
+    torch.manual_seed(seed)
+    backbone = load_backbone(BackboneConfig(model="test-tiny", device="cpu"))
+    config = DetectConfig(
+        peft="none", class_specific_ctx=True, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=seed, text_classes=cap,
+    )  # fmt: skip
+    k = args.classes[0]
+    net = DeftModel(backbone, [f"class {c}" for c in range(k)], config, torch.Generator().manual_seed(seed))
+    dim = net.trunk_features(torch.zeros(1, 3, backbone.image_size, backbone.image_size)).shape[1]
+    trunk, given, truth = planted_features(k, dim, noise=args.noise, spread=args.spread, seed=seed)
+    cache = torch.zeros(len(given), 3, 1, 1, dtype=torch.uint8)  # never read: the trunk is given
+    data = Batches(cache, np.arange(len(given)), given, (0.0,) * 3, (1.0,) * 3, 1, torch.device("cpu"))
+    train_detector(net, data, config, trunk=trunk)
+    return score_detector(net, data, config, trunk=trunk), given, truth
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("timing", "agreement", "memory-probe"))
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--model", default="offline")
+    parser.add_argument("--peft", default="lora")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--text-classes", type=int, default=DetectConfig.text_classes)
+    parser.add_argument("--steps", type=int, default=1, help="timing: training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--text-only", action="store_true", help="timing: the text side only")
+    parser.add_argument("--memory", action="store_true", help="timing: also the peak memory of one step")
+    parser.add_argument("--cap", type=int, default=OFF, help=argparse.SUPPRESS)
+    parser.add_argument("--noise", type=float, default=0.2)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--warmup-epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--spread", type=float, default=0.1, help="agreement: feature noise per dimension")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "memory-probe":
+        memory_probe(args)
+        return
+    record = {"command": args.command, "args": {k: str(v) for k, v in vars(args).items()}}
+    record["threads"] = torch.get_num_threads()
+    record.update(timing(args) if args.command == "timing" else agreement(args))
+    out = args.out or DEFAULT_OUT / f"{args.command}-{args.model}-{args.peft}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
