@@ -37,8 +37,9 @@ from benchmarks.metrics import detection_metrics
 from deft_clean.backbone import load_backbone
 from deft_clean.config import BackboneConfig, DetectConfig
 from deft_clean.deft_model import DeftModel
-from deft_clean.detect import Batches, score_detector, train_detector
-from deft_clean.scoring import Scores
+from deft_clean.detect import LabelledImages, score_detector, train_detector
+from deft_clean.results import Scores
+from deft_clean.runtime import StagedImages
 from deft_clean.text_sampling import step_classes
 
 DEFAULT_OUT = Path("runs/text_classes")
@@ -83,7 +84,9 @@ def synthetic_classes(
     return files
 
 
-def _setup(args: argparse.Namespace, classes: int, cap: int) -> tuple[DeftModel, Batches, DetectConfig]:
+def _setup(
+    args: argparse.Namespace, classes: int, cap: int
+) -> tuple[DeftModel, LabelledImages, DetectConfig]:
     """A DeFT model for ``classes`` random class names and ``args.steps`` batches of random images."""
     torch.manual_seed(0)
     backbone = load_backbone(BackboneConfig(model=args.model, device="cpu"))
@@ -95,8 +98,15 @@ def _setup(args: argparse.Namespace, classes: int, cap: int) -> tuple[DeftModel,
     n, size = args.steps * args.batch_size, backbone.image_size
     cache = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
     labels = np.random.default_rng(0).integers(0, classes, n)
-    data = Batches(cache, np.arange(n), labels, backbone.mean, backbone.std, size, torch.device("cpu"))
+    data = _labelled(cache, labels, backbone.mean, backbone.std, size)
     return net, data, config
+
+
+def _labelled(cache: torch.Tensor, labels: np.ndarray, mean, std, size: int) -> LabelledImages:
+    """All rows of ``cache`` on the CPU with their ``labels``."""
+    rows = np.arange(len(labels))
+    staged = StagedImages(cache, rows, mean=mean, std=std, size=size, device=torch.device("cpu"))
+    return LabelledImages(staged, labels)
 
 
 def _text_seconds(net: DeftModel, config: DetectConfig, batch: int) -> float:
@@ -228,7 +238,7 @@ def _detect_planted(args: argparse.Namespace, seed: int, cap: int) -> tuple[Scor
     dim = net.trunk_features(torch.zeros(1, 3, backbone.image_size, backbone.image_size)).shape[1]
     trunk, given, truth = planted_features(k, dim, noise=args.noise, spread=args.spread, seed=seed)
     cache = torch.zeros(len(given), 3, 1, 1, dtype=torch.uint8)  # never read: the trunk is given
-    data = Batches(cache, np.arange(len(given)), given, (0.0,) * 3, (1.0,) * 3, 1, torch.device("cpu"))
+    data = _labelled(cache, given, (0.0,) * 3, (1.0,) * 3, 1)
     train_detector(net, data, config, trunk=trunk)
     return score_detector(net, data, config, trunk=trunk), given, truth
 
