@@ -159,12 +159,14 @@ def _status_kib(field: str) -> int:
 
 def timing(args: argparse.Namespace) -> dict:
     rows = []
+    modes = {"off": OFF, "on": args.text_classes}
+    modes = {mode: cap for mode, cap in modes.items() if args.sampling in (mode, "both")}
     for k in args.classes:
-        runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
         for _ in range(args.repeats):  # off and on back to back, so both see the same machine load
-            runs["off"].append(_time_once(args, k, OFF))
-            runs["on"].append(_time_once(args, k, args.text_classes))
-        for mode, cap in (("off", OFF), ("on", args.text_classes)):
+            for mode, cap in modes.items():
+                runs[mode].append(_time_once(args, k, cap))
+        for mode, cap in modes.items():
             row = {"classes": k, "sampling": mode, "repeats": args.repeats}
             row.update({key: statistics.median(r[key] for r in runs[mode]) for key in ("text_s", "step_s")})
             row["image_ms"] = 1000 * row["step_s"] / args.batch_size
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-classes", type=int, default=DetectConfig.text_classes)
     parser.add_argument("--steps", type=int, default=1, help="timing: training steps per measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sampling", choices=("both", "on", "off"), default="both", help="timing: modes")
     parser.add_argument("--text-only", action="store_true", help="timing: the text side only")
     parser.add_argument("--memory", action="store_true", help="timing: also the peak memory of one step")
     parser.add_argument("--cap", type=int, default=OFF, help=argparse.SUPPRESS)
