@@ -162,17 +162,37 @@ def _synthetic(n: int = 300, seed: int = 0) -> Source:
     return Source("synthetic", labels, names, names, ".png", lambda i: _png(images[i]))
 
 
-def load_source(name: str, data_root: Path, *, size: int | None = None) -> Source:
+def _many_classes(classes: int, n: int | None = None, seed: int = 0) -> Source:
+    """``n`` (default 20 per class) 32×32 images in ``classes`` classes (2..100) a tiny model can learn,
+    for the many-class benchmarks (``--classes K``): class k's top half has palette colour ``k // 10``,
+    its bottom half colour ``k % 10``, plus pixel noise."""
+    palette = np.array(list(SYNTHETIC_COLOURS.values()), dtype=np.float32)  # (10, 3)
+    if not 2 <= classes <= len(palette) ** 2:
+        raise ValueError(f"--classes {classes}: the synthetic many-class set has 2..{len(palette) ** 2}.")
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n or 20 * classes, dtype=np.int64) % classes
+    pixels = np.empty((len(labels), 32, 32, 3), dtype=np.float32)
+    pixels[:, :16] = palette[labels // len(palette)][:, None, None, :]
+    pixels[:, 16:] = palette[labels % len(palette)][:, None, None, :]
+    pixels += rng.normal(0, 6, (len(labels), 1, 1, 3)) + rng.normal(0, 6, pixels.shape)
+    images = np.clip(pixels, 0, 255).astype(np.uint8)
+    ids = tuple(f"c{k:03d}" for k in range(classes))
+    names = tuple(f"class {k:03d}" for k in range(classes))
+    return Source(f"synthetic-k{classes}", labels, ids, names, ".png", lambda i: _png(images[i]))
+
+
+def load_source(name: str, data_root: Path, *, size: int | None = None, classes: int | None = None) -> Source:
     """The named source (one of ``DATASETS``); raises DatasetUnavailable when its files are missing.
 
-    ``size`` only matters for ``synthetic``: how many images to generate (default 300).
+    ``size`` and ``classes`` only matter for ``synthetic``: how many images to generate (default 300,
+    or 20 per class) and, when given, the many-class set of that many classes instead of 10 colours.
     """
     if name == "cifar10":
         return _cifar10(Path(data_root))
     if name == "fashion-mnist":
         return _fashion_mnist(Path(data_root))
     if name == "synthetic":
-        return _synthetic(size or 300)
+        return _many_classes(classes, size) if classes else _synthetic(size or 300)
     raise ValueError(f"Unknown dataset '{name}'. Choose one of: {', '.join(DATASETS)}.")
 
 
@@ -185,13 +205,21 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
 
 
 def materialise(
-    name: str, *, data_root: Path, cache_dir: Path, subset: int | None = None, seed: int = 0
+    name: str,
+    *,
+    data_root: Path,
+    cache_dir: Path,
+    subset: int | None = None,
+    seed: int = 0,
+    classes: int | None = None,
 ) -> Dataset:
-    """Write (once) the images, classes.txt and truth.csv of a dataset; reuse them when present."""
-    root = Path(cache_dir) / (f"{name}-{subset}-s{seed}" if subset else f"{name}-all")
+    """Write (once) the images, classes.txt and truth.csv of a dataset; reuse them when present.
+    ``classes``: the synthetic many-class set (``synthetic`` only)."""
+    source_name = f"{name}-k{classes}" if classes else name
+    root = Path(cache_dir) / (f"{source_name}-{subset}-s{seed}" if subset else f"{source_name}-all")
     if (root / "truth.csv").is_file():
-        return _read_dataset(name, root)
-    source = load_source(name, data_root, size=subset)
+        return _read_dataset(source_name, root)
+    source = load_source(name, data_root, size=subset, classes=classes)
     index = stratified_subset(source.labels, subset, seed)
     width = len(str(len(source.labels) - 1))
     paths = [f"images/{i:0{width}d}{source.suffix}" for i in index]
@@ -208,7 +236,7 @@ def materialise(
         {"path": paths, "label": np.array(source.class_ids)[source.labels[index]], "index": index}
     )
     truth.to_csv(root / "truth.csv", index=False)  # written last: its presence marks a complete folder
-    return _read_dataset(name, root)
+    return _read_dataset(source_name, root)
 
 
 def _read_dataset(name: str, root: Path) -> Dataset:

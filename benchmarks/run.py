@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--dataset", default="cifar10", choices=datasets.DATASETS)
+    add(
+        "--classes",
+        type=int,
+        default=None,
+        help="With --dataset synthetic: a many-class set of K classes (2..100), for --text-classes runs.",
+    )
     add("--noise", default="sym:0.4", help="Comma-separated: sym:R, asym:R, instance:R, file:PATH.")
     add("--method", default=",".join(METHODS), help=f"Comma-separated subset of: {', '.join(METHODS)}.")
     add("--subset", type=int, default=None, help="Stratified random subset of N images (default: all).")
@@ -98,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.noise = [n for n in args.noise.split(",") if n]
     args.method = [m for m in args.method.split(",") if m]
     args.seeds = [int(s) for s in args.seeds.split(",") if s] if args.seeds else [args.seed]
+    if args.classes is not None and args.dataset != "synthetic":
+        parser.error("--classes K builds the synthetic many-class set: pass --dataset synthetic with it")
     if args.smoke and args.results_dir is not None and _inside(args.results_dir, TRACKED_RESULTS):
         parser.error(f"--smoke records are not measurements; pass a --results-dir outside {TRACKED_RESULTS}")
     args.results_dir = args.results_dir or args.cache_dir / "results"
@@ -210,7 +218,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     """Every noise × method of one seed (its own subset and noise draw); records are written as they come."""
     try:
         dataset = datasets.materialise(
-            args.dataset, data_root=args.data_root, cache_dir=args.cache_dir, subset=args.subset, seed=seed
+            args.dataset,
+            data_root=args.data_root,
+            cache_dir=args.cache_dir,
+            subset=args.subset,
+            seed=seed,
+            classes=args.classes,
         )
     except datasets.DatasetUnavailable as error:
         print(f"skipping {args.dataset}: {error}", file=sys.stderr)

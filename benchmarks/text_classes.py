@@ -9,8 +9,9 @@ resident memory that one step adds, each measured in a fresh process::
     python -m benchmarks.text_classes timing --model offline --classes 10 100 1000
     python -m benchmarks.text_classes timing --model ViT-B-16 --batch-size 8 --classes 10 100 1000
 
-``agreement``: detect on a synthetic K-class set with planted noise (:func:`synthetic_classes`), with
-the full softmax and with sampling; F1 of the flags and AUROC of ``1 - p_clean`` against the truth::
+``agreement``: DeFT on planted K-class features with noisy labels (:func:`planted_features`), with
+the full softmax and with sampling; F1 of the flags and AUROC of ``1 - p_clean`` against the truth (the
+K-class *image* set is ``python -m benchmarks.run --dataset synthetic --classes K``)::
 
     python -m benchmarks.text_classes agreement --classes 100 --noise 0.2
 
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from benchmarks.metrics import detection_metrics
 from deft_clean.backbone import load_backbone
@@ -43,45 +43,7 @@ from deft_clean.runtime import StagedImages
 from deft_clean.text_sampling import step_classes
 
 DEFAULT_OUT = Path("runs/text_classes")
-PALETTE = (
-    (220, 40, 40), (40, 190, 60), (40, 70, 220), (230, 220, 40), (140, 50, 190),
-    (240, 140, 30), (40, 210, 220), (240, 120, 190), (120, 75, 30), (128, 128, 128),
-)  # fmt: skip
 OFF = 1_000_000  # a --text-classes above any K: every class encoded, the full softmax
-
-
-def synthetic_classes(
-    root: Path, classes: int, *, per_class: int = 20, noise: float = 0.2, seed: int = 0
-) -> tuple[Path, Path, Path]:
-    """A K-class image set a tiny random-weight model can learn, with ``noise`` of the labels flipped.
-
-    Class ``k`` (up to 100) is a 32×32 image whose top half has colour ``k // 10`` and bottom half
-    colour ``k % 10`` of a 10-colour palette, plus pixel noise; a flipped label goes to a uniformly
-    drawn other class (exactly ``round(noise · N)`` flips). Writes ``root/images/*.png``,
-    ``labels.csv``, ``truth.csv`` and ``classes.txt``; returns (labels.csv, truth.csv, classes.txt).
-    """
-    if not 2 <= classes <= len(PALETTE) ** 2:
-        raise ValueError(f"classes {classes}: use 2..{len(PALETTE) ** 2}.")
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    truth = np.repeat(np.arange(classes), per_class)
-    given = truth.copy()
-    flips = rng.choice(truth.size, round(noise * truth.size), replace=False)
-    given[flips] = (truth[flips] + rng.integers(1, classes, flips.size)) % classes
-    paths = []
-    for i, k in enumerate(truth):
-        pixels = np.empty((32, 32, 3))
-        pixels[:16], pixels[16:] = PALETTE[k // len(PALETTE)], PALETTE[k % len(PALETTE)]
-        pixels += rng.normal(0, 6, 3) + rng.normal(0, 6, pixels.shape)
-        paths.append(f"images/{i}.png")
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / paths[-1])
-    names = [f"c{k:03d}" for k in range(classes)]
-    files = root / "labels.csv", root / "truth.csv", root / "classes.txt"
-    for file, labels in zip(files[:2], (given, truth), strict=True):
-        rows = (f"{path},{names[label]}\n" for path, label in zip(paths, labels, strict=True))
-        file.write_text("path,label\n" + "".join(rows))
-    files[2].write_text("".join(f"{n},class {n[1:]}\n" for n in names))
-    return files
 
 
 def _setup(

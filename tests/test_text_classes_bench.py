@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmarks.text_classes import planted_features, synthetic_classes
+from benchmarks import datasets, run
+from benchmarks.text_classes import planted_features
 
 
-def test_synthetic_classes_writes_k_classes_with_exact_noise(tmp_path):
-    labels, truth, classes = synthetic_classes(tmp_path, 12, per_class=5, noise=0.2, seed=3)
-    given, true = pd.read_csv(labels), pd.read_csv(truth)
-    assert len(given) == len(true) == 60 and (given["path"] == true["path"]).all()
-    assert (given["label"] != true["label"]).sum() == 12  # round(0.2 * 60) flips, never to the same class
-    assert true["label"].value_counts().tolist() == [5] * 12
-    assert len(classes.read_text().splitlines()) == 12
-    first = np.asarray(Image.open(tmp_path / true["path"][0]))
-    assert first.shape == (32, 32, 3)
-    with pytest.raises(ValueError, match="classes 101"):
-        synthetic_classes(tmp_path, 101)
+def test_many_class_set_materialises_k_classes_with_exact_noise(tmp_path):
+    data = datasets.materialise("synthetic", data_root=tmp_path, cache_dir=tmp_path, seed=3, classes=12)
+    assert data.root.name == "synthetic-k12-all" and len(data.paths) == 240
+    assert np.bincount(data.labels).tolist() == [20] * 12
+    assert len(data.class_ids) == 12 and data.class_names[11] == "class 011"
+    given = datasets.symmetric_noise(data.labels, 0.2, 12, seed=3)
+    assert (given != data.labels).sum() == 48  # round(0.2 * 240) flips, never to the same class
+    first = np.asarray(Image.open(data.root / data.paths[0]))
+    top, bottom = first[:16].reshape(-1, 3).mean(0), first[16:].reshape(-1, 3).mean(0)
+    assert np.abs(top - bottom).max() < 20  # class 0: the same palette colour on both halves
+    second = np.asarray(Image.open(data.root / data.paths[11]))  # class 11: colours 1 and 1
+    assert np.abs(second[:16].reshape(-1, 3).mean(0) - top).max() > 50
+    with pytest.raises(ValueError, match="--classes 101"):
+        datasets.load_source("synthetic", tmp_path, classes=101)
+
+
+def test_run_refuses_classes_without_the_synthetic_dataset():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--dataset", "cifar10", "--classes", "100"])
 
 
 def test_planted_features_cluster_by_true_class():
