@@ -81,7 +81,7 @@ def main() -> None:
     flags = args.flags or work / "flags.parquet"
     if args.flags is None:
         config = DetectConfig(seed=args.seed, **parse_options(args.deft_opts))
-        detect(data.root, noisy.labels_csv, out=flags, detect=config, **common)
+        detect(data.root, noisy.labels_csv, out=flags, detect=config, overwrite=True, **common)
     detect_s = time.perf_counter() - started
 
     runs = {
@@ -96,7 +96,7 @@ def main() -> None:
         config = FinetuneConfig(tune=args.tune, seed=args.seed, **extra, **parse_options(args.finetune_opts))
         result = finetune(
             data.root, labels_csv, flags=flags_file, out=work / name[0], test_dir=test_csv.parent,
-            test_csv=test_csv, finetune=config, **common,
+            test_csv=test_csv, finetune=config, overwrite=True, **common,
         )  # fmt: skip
         seconds = time.perf_counter() - started
         rows.append(

@@ -201,6 +201,7 @@ def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
         ctx.dataset.root,
         noisy.labels_csv,
         out=out,
+        overwrite=True,  # a rerun of the same method replaces its cached flags
         data=ctx.data_config(),
         backbone=bcfg,
         detect=DetectConfig(**options),

@@ -100,6 +100,11 @@ def print_error(error: DeftCleanError) -> None:
         console.print(f"[yellow]hint:[/yellow] {escape(error.hint)}")
 
 
+def print_interrupted() -> None:
+    """Ctrl-C: one line (no traceback); outputs are written atomically, so nothing partial is left."""
+    console.print("[bold red]interrupted:[/bold red] stopped by Ctrl-C; no output was written.")
+
+
 def print_backbones(rows: list[dict[str, Any]]) -> None:
     """``deft-clean backbones``: the registry as a table on stdout."""
     table = Table(title="Backbones (any name from open_clip.list_models() works too)")

@@ -2,7 +2,8 @@
 
 No logic lives here: options, defaults and rules come from the `deft_clean.config` dataclasses (the
 CLI builds them, they validate themselves), errors are `DeftCleanError`s mapped to one line and exit
-code 1 (data problems: a table, then exit 2).
+code 1 (data problems: a table, then exit 2; an output that cannot or must not be written: exit 2;
+Ctrl-C: one line, exit 130).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from deft_clean._render import (
     print_error,
     print_exported,
     print_finetune_summary,
+    print_interrupted,
     print_manifest_summary,
     print_predict_summary,
     print_problems,
@@ -31,11 +33,11 @@ from deft_clean._render import (
 from deft_clean.backbone import export_backbone, list_backbones
 from deft_clean.classifier import predict
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig, flag, resolve_backbone
-from deft_clean.data import load_manifest
 from deft_clean.detect import detect
 from deft_clean.embed import embed
-from deft_clean.errors import DataError, DeftCleanError
+from deft_clean.errors import DataError, DeftCleanError, OutputError
 from deft_clean.finetune import finetune
+from deft_clean.preflight import check_dataset
 from deft_clean.version import __version__
 
 app = typer.Typer(
@@ -47,6 +49,9 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output (never an input of the run).")
+]
 
 
 def _user_errors(func: F) -> F:
@@ -59,6 +64,12 @@ def _user_errors(func: F) -> F:
         except DataError as error:
             print_problems(error)
             raise typer.Exit(code=2) from None
+        except OutputError as error:
+            print_error(error)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            print_interrupted()
+            raise typer.Exit(code=130) from None
         except DeftCleanError as error:
             print_error(error)
             raise typer.Exit(code=1) from None
@@ -127,9 +138,18 @@ def config_options(*config_classes: type, only: set[str] | None = None) -> Calla
     return decorate
 
 
+_CHECKED = {f.name for f in dataclasses.fields(DataConfig)} | {
+    "model",
+    "pretrained",
+    "cache_dir",
+    "n_ctx",
+    "ctx_init",
+}
+
+
 @app.command()
 @_user_errors
-@config_options(DataConfig)
+@config_options(DataConfig, BackboneConfig, DetectConfig, only=_CHECKED)
 def check(
     data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
     labels_csv: Annotated[
@@ -138,9 +158,18 @@ def check(
     ] = None,
     *,
     data_config: DataConfig,
+    backbone_config: BackboneConfig,
+    detect_config: DetectConfig,
 ) -> None:
-    """Validate a labelled image set (every image is decoded) and count images per class; no model needed."""
-    print_manifest_summary(load_manifest(data_dir, labels_csv, config=data_config, reporter=RichReporter()))
+    """Validate a labelled image set (every image is decoded) and count images per class; no training.
+
+    Runs every check `detect` runs before training, for the --model and --n-ctx given.
+    """
+    manifest = check_dataset(
+        data_dir, labels_csv, data=data_config, backbone=backbone_config, detect=detect_config,
+        reporter=RichReporter(),
+    )  # fmt: skip
+    print_manifest_summary(manifest)
 
 
 @app.command("detect")
@@ -164,6 +193,7 @@ def detect_command(
     save_model: Annotated[
         Path | None, typer.Option("--save-model", help="Folder for the learned prompts and adapters.")
     ] = None,
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -172,7 +202,7 @@ def detect_command(
     """Flag likely wrong labels with DeFT (dual text prompts + LoRA on a CLIP-style backbone)."""
     result = detect(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, detect=detect_config, out=out,
-        truth_csv=truth, save_model=save_model, reporter=RichReporter(),
+        truth_csv=truth, save_model=save_model, overwrite=overwrite, reporter=RichReporter(),
     )  # fmt: skip
     print_detect_summary(result)
 
@@ -190,6 +220,7 @@ def backbones_command() -> None:
 def export_backbone_command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write: config, weights, tokenizer.")],
     half: Annotated[bool, typer.Option("--half", help="Store the weights in fp16 (half the size).")] = False,
+    overwrite: Overwrite = False,
     *,
     backbone_config: BackboneConfig,
 ) -> None:
@@ -198,7 +229,10 @@ def export_backbone_command(
     This is how air-gapped machines get a backbone: export it where the weights are (e.g. the offline
     backbone, which is NOT aligned like CLIP, or a CLIP tag you downloaded), copy the folder over.
     """
-    print_exported(export_backbone(backbone_config, out, half=half), resolve_backbone(backbone_config).model)
+    print_exported(
+        export_backbone(backbone_config, out, half=half, overwrite=overwrite),
+        resolve_backbone(backbone_config).model,
+    )
 
 
 @app.command("finetune")
@@ -219,6 +253,7 @@ def finetune_command(
     test_csv: Annotated[
         Path | None, typer.Option("--test-csv", help="Labels CSV of --test-dir (omit: ImageFolder).")
     ] = None,
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -227,7 +262,8 @@ def finetune_command(
     """Fine-tune a classifier (TeS or CE) on the rows a flags file marks clean, or on every row."""
     result = finetune(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, finetune=finetune_config,
-        flags=flags, out=out, test_dir=test_dir, test_csv=test_csv, reporter=RichReporter(),
+        flags=flags, out=out, test_dir=test_dir, test_csv=test_csv, overwrite=overwrite,
+        reporter=RichReporter(),
     )  # fmt: skip
     print_finetune_summary(result)
 
@@ -250,13 +286,14 @@ def predict_command(
     device: Annotated[
         str | None, typer.Option("--device", help="'cpu' or 'cuda[:N]' (default: as trained, 'auto').")
     ] = None,
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
 ) -> None:
     """Predict class probabilities for a folder of images with a fine-tuned classifier."""
     frame = predict(
         model_dir, data_dir, labels_csv, data=data_config, out=out, batch_size=batch_size, device=device,
-        reporter=RichReporter(),
+        overwrite=overwrite, reporter=RichReporter(),
     )  # fmt: skip
     print_predict_summary(frame, out)
 
@@ -278,6 +315,7 @@ def embed_command(
         bool, typer.Option("--pooled", help="A timm tower's pooled features, before its projection head.")
     ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -285,6 +323,6 @@ def embed_command(
     """Write frozen, L2-normalised features of every image (un-augmented) to a .npy file."""
     features = embed(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, out=out, pooled=pooled,
-        batch_size=batch_size, reporter=RichReporter(),
+        batch_size=batch_size, overwrite=overwrite, reporter=RichReporter(),
     )  # fmt: skip
     typer.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out}")

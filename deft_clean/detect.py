@@ -25,6 +25,8 @@ from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.embed import stage
 from deft_clean.errors import TrainingError
+from deft_clean.files import check_output, refuse_input, releases_outputs
+from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
 from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, seed_everything
@@ -40,6 +42,7 @@ from deft_clean.summary import DetectResult, run_summary
 DEFAULT_OUT = "deft_results.parquet"
 
 
+@releases_outputs
 def detect(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -50,6 +53,7 @@ def detect(
     out: str | Path | None = None,
     truth_csv: str | Path | None = None,
     save_model: str | Path | None = None,
+    overwrite: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> DetectResult:
     """Flag likely wrong labels in an image set; write the results (one row per input row) and return them.
@@ -59,14 +63,18 @@ def detect(
     or all rows) adds precision/recall/F1 of the flags to the summary. ``save_model`` writes the
     learned prompts and adapters (see :mod:`deft_clean.deft_model`). The result holds the table (its
     metadata in ``frame.attrs``, as :func:`deft_clean.results.read_results` returns it), the typed
-    summary and the path written.
+    summary and the path written. Outputs are checked before any work (:func:`check_output`): an existing
+    one is refused unless ``overwrite``, an input always.
     """
     config, backbone = detect, resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
+    out_path = _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, overwrite)
     size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
         data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
     )
+    refuse_input(out_path, manifest.files(), what="an image")
+    refuse_unfit(manifest, backbone, config, source=str(labels_csv or data_dir))
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(config.seed)
     built, device = load_backbone_on(backbone)
@@ -91,12 +99,36 @@ def detect(
     summary = run_summary(manifest, frame, history, clock, device, built, truth)
     configs = {"data": data, "backbone": backbone, "detect": config}
     metadata = run_metadata(manifest=manifest, configs=configs, extra={"detect": summary.to_dict()})
-    out_path = Path(out) if out is not None else default_out(labels_csv)
     write_results(frame, out_path, metadata=metadata)
     if save_model is not None:
         _save(net, save_model, backbone, config, manifest)
     frame.attrs.update(metadata, out=str(out_path))
     return DetectResult(frame, summary, out_path)
+
+
+def _check_outputs(
+    data_dir: str | Path,
+    labels_csv: str | Path | None,
+    data: DataConfig,
+    out: str | Path | None,
+    truth_csv: str | Path | None,
+    save_model: str | Path | None,
+    overwrite: bool,
+) -> Path:
+    """The results path, after :func:`check_output` accepted it and ``save_model`` (sized from the CSV)."""
+    inputs = [data_dir, labels_csv, truth_csv, data.classes_file]
+    table_bytes = (
+        Path(labels_csv).stat().st_size if labels_csv is not None and Path(labels_csv).is_file() else 0
+    )
+    out_path = check_output(
+        out if out is not None else default_out(labels_csv), inputs=inputs, overwrite=overwrite,
+        estimated_bytes=2 * table_bytes,
+    )  # fmt: skip
+    if save_model is not None:
+        check_output(
+            save_model, inputs=[*inputs, out_path], overwrite=overwrite, kind="folder", option="--save-model"
+        )
+    return out_path
 
 
 def _refuse_failed_training(

@@ -29,6 +29,7 @@ from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolv
 from deft_clean.data import Manifest, load_manifest
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
+from deft_clean.files import check_output, releases_outputs
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import read_results
 from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, is_conv
@@ -47,6 +48,7 @@ class FinetuneResult:
     out_dir: Path | None
 
 
+@releases_outputs
 def finetune(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -58,14 +60,19 @@ def finetune(
     out: str | Path | None = None,
     test_dir: str | Path | None = None,
     test_csv: str | Path | None = None,
+    overwrite: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> FinetuneResult:
     """Train a classifier on ``data_dir`` (rows a ``flags`` file marks clean, or all rows).
 
     ``backbone.model`` None: the backbone recorded in the flags file (else the default). ``out`` saves
-    the classifier (and ``metrics.json`` when ``test_dir`` is given).
+    the classifier (and ``metrics.json`` when ``test_dir`` is given); it is checked before any work
+    (:func:`check_output`: an existing non-empty folder is refused unless ``overwrite``).
     """
     config = finetune
+    if out is not None:
+        inputs = [data_dir, labels_csv, flags, test_dir, test_csv, data.classes_file]
+        check_output(out, inputs=inputs, overwrite=overwrite, kind="folder")
     flags_df = read_results(flags) if flags is not None else None
     recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
     bcfg = resolve_backbone(backbone, recorded)
