@@ -54,6 +54,9 @@ class DataConfig:
     max_image_pixels: int | None = _opt(
         178_956_970, "PIL decompression-bomb limit in pixels (raise it for huge scans)."
     )
+    delimiter: str | None = _opt(
+        None, "CSV field separator, one character or 'tab' (default: read from the header among , ; tab |)."
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -62,6 +65,14 @@ class DataConfig:
         _require(self.min_per_class >= 0, "min_per_class", self.min_per_class, ">= 0")
         pixels = self.max_image_pixels
         _require(pixels is None or pixels >= 1, "max_image_pixels", pixels, "of at least 1 (pixels)")
+        sep = self.delimiter
+        ok = sep is None or sep in ("tab", "\\t") or (len(sep) == 1 and sep not in '"\r\n')
+        _require(ok, "delimiter", sep, "of one character other than a quote, or 'tab'")
+
+    @property
+    def separator(self) -> str | None:
+        """The CSV delimiter (``--delimiter``; "tab" or a typed backslash-t mean a tab); None: detect it."""
+        return "\t" if self.delimiter in ("tab", "\\t") else self.delimiter
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from deft_clean.config import DataConfig
 from deft_clean.errors import DataError, Problem
 from deft_clean.images import build_image_cache, decode_square, fits_in_ram
 from deft_clean.progress import Reporter, SilentReporter
-from deft_clean.tables import fail, read_classes, read_table
+from deft_clean.tables import fail, label_warnings, read_classes, read_table
 from deft_clean.validation import Decoder, Row, find_problems
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -126,7 +126,9 @@ def _read_inputs(
             rows, digest = read_image_folder(root)
             fingerprint = {"source": "imagefolder", "listing_sha256": digest}
         else:
-            rows, digest = read_table(labels_csv, image_col=config.image_col, label_col=config.label_col)
+            rows, digest = read_table(
+                labels_csv, image_col=config.image_col, label_col=config.label_col, delimiter=config.separator
+            )
             fingerprint = {"source": "csv", "csv": str(labels_csv), "csv_sha256": digest}
     except DataError as error:
         problems += error.problems
@@ -198,6 +200,8 @@ def load_manifest(
     root = _root(data_dir)
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
     rows, fingerprint, classes = _read_inputs(root, csv_path, config)
+    for warning in label_warnings(rows, str(csv_path or root)):
+        reporter.log(warning, level="warning")
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
     kept, decode = _keeper(len(rows), image_size)
     source = str(csv_path or data_dir)
