@@ -16,6 +16,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import typer
 
 from deft_clean._render import (
@@ -270,7 +271,10 @@ def finetune_command(
 
 @app.command("predict")
 @_user_errors
-@config_options(DataConfig, only={"image_col", "label_col"})
+@config_options(
+    DataConfig,
+    only={"image_col", "label_col", "on_bad_image", "max_image_pixels", "follow_links", "delimiter"},
+)
 def predict_command(
     out: Annotated[Path, typer.Option("--out", help="Predictions Parquet (atomic write, with metadata).")],
     model_dir: Annotated[Path, typer.Argument(help="Folder written by `deft-clean finetune --out`.")],
@@ -303,7 +307,18 @@ def predict_command(
 @config_options(
     DataConfig,
     BackboneConfig,
-    only={"image_col", "label_col", "classes_file", "model", "pretrained", "device"},
+    only={
+        "image_col",
+        "label_col",
+        "classes_file",
+        "on_bad_image",
+        "max_image_pixels",
+        "follow_links",
+        "delimiter",
+        "model",
+        "pretrained",
+        "device",
+    },  # fmt: skip
 )
 def embed_command(
     out: Annotated[Path, typer.Option("--out", help="Features .npy, float32 (N, D), rows in input order.")],
@@ -325,4 +340,6 @@ def embed_command(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, out=out, pooled=pooled,
         batch_size=batch_size, overwrite=overwrite, reporter=RichReporter(),
     )  # fmt: skip
-    typer.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out}")
+    skipped = int(np.isnan(features[:, 0]).sum()) if len(features) else 0
+    note = f" ({skipped} unreadable rows are NaN)" if skipped else ""
+    typer.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out}{note}")

@@ -170,6 +170,7 @@ def _readable(
         max_pixels=config.max_image_pixels,
         decode=decode,
         num_workers=num_workers or None,
+        follow_links=config.follow_links,
         reporter=reporter,
     )
     if findings.problems:

@@ -111,6 +111,7 @@ def embed(
 ) -> np.ndarray:
     """Read and validate a labelled image set, build the backbone, return :func:`embed_images` (N, D).
 
+    Rows skipped as unreadable (``on_bad_image='skip'``) are NaN.
     ``out`` also saves the array as ``.npy`` (atomically); rows follow the input order of ``labels_csv``
     (or the ImageFolder listing); it is checked first (:func:`check_output`: an existing file is refused
     unless ``overwrite``).
@@ -121,6 +122,7 @@ def embed(
     manifest = load_manifest(data_dir, labels_csv, config=data, image_size=size, reporter=reporter)
     built, _ = load_backbone_on(backbone)
     features = embed_images(manifest, built, batch_size=batch_size, pooled=pooled, reporter=reporter)
+    features[~manifest.readable] = np.nan  # rows skipped with on_bad_image='skip': no features
     if out is not None:
         with atomic_file(out) as partial, open(partial, "wb") as handle:
             np.save(handle, features)

@@ -228,6 +228,15 @@ def _write_errors(target: Path) -> Iterator[None]:
         ) from None
 
 
+def _umask_mode(path: Path) -> None:
+    """Give the written file(s) the mode new files get under the umask: some writers (safetensors) create
+    0600 files, which other users and services sharing a model folder could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]:
+        file.chmod(0o666 & ~mask)
+
+
 def _partial(target: Path) -> Path:
     return target.parent / f".{target.name}.{os.getpid()}.partial"
 
@@ -244,6 +253,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             yield partial
+            _umask_mode(partial)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
@@ -265,6 +275,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         partial.mkdir()
         try:
             yield partial
+            _umask_mode(partial)
             if target.is_dir() and not any(target.iterdir()):
                 target.rmdir()
             if not target.exists():

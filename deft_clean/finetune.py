@@ -30,6 +30,7 @@ from deft_clean.data import Manifest, load_manifest
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
 from deft_clean.files import check_output, releases_outputs
+from deft_clean.offline import OFFLINE_NOTE
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import read_results
 from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, is_conv
@@ -85,7 +86,8 @@ def finetune(
     )
     built, tower = build_tower(bcfg, config)  # load_classifier rebuilds it the same way
     for note in built.notes:
-        reporter.log(note, "warning")
+        if note != OFFLINE_NOTE:  # that one is about detection; TeS trains the towers it needs anyway
+            reporter.log(note, "warning")
     device = next(tower.parameters()).device
     texts = (
         text_classifier(built, manifest.prompt_names(), config.template_list)

@@ -33,6 +33,9 @@ def fail(
 
 def _decode_text(path: Path, what: str) -> tuple[str, str]:
     """(text, sha256) of a UTF-8 file; a DataError naming the line of the first bad byte otherwise."""
+    if path.is_dir():
+        fix = f"Pass the {what} file itself (the images folder is DATA_DIR, the first argument)."
+        raise fail("not_a_file", f"{what} is a folder", str(path), fix=fix)
     if not path.is_file():
         raise fail("missing_file", f"{what} not found", str(path), fix="Check the path.")
     raw = path.read_bytes()
