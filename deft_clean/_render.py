@@ -108,7 +108,10 @@ def _count(n: int, noun: str) -> str:
 
 def print_interrupted() -> None:
     """Ctrl-C: one line (no traceback); outputs are written atomically, so nothing partial is left."""
-    console.print("[bold red]interrupted:[/bold red] stopped by Ctrl-C; no output was written.")
+    console.print(
+        "[bold red]interrupted:[/bold red] stopped by Ctrl-C; no output was written (detect keeps a "
+        "checkpoint of its last finished epoch: run it again with --resume to continue)."
+    )
 
 
 def print_backbones(rows: list[dict[str, Any]]) -> None:

@@ -195,6 +195,9 @@ def detect_command(
         Path | None, typer.Option("--save-model", help="Folder for the learned prompts and adapters.")
     ] = None,
     overwrite: Overwrite = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a killed run from its checkpoint (<out>.checkpoint).")
+    ] = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -203,7 +206,8 @@ def detect_command(
     """Flag likely wrong labels with DeFT (dual text prompts + LoRA on a CLIP-style backbone)."""
     result = detect(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, detect=detect_config, out=out,
-        truth_csv=truth, save_model=save_model, overwrite=overwrite, reporter=RichReporter(),
+        truth_csv=truth, save_model=save_model, overwrite=overwrite, resume=resume,
+        reporter=RichReporter(),
     )  # fmt: skip
     print_detect_summary(result)
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
+from deft_clean.checkpoint import Checkpoint, checkpoint_path
+from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone, to_dict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.embed import stage
@@ -54,6 +55,7 @@ def detect(
     truth_csv: str | Path | None = None,
     save_model: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> DetectResult:
     """Flag likely wrong labels in an image set; write the results (one row per input row) and return them.
@@ -64,7 +66,8 @@ def detect(
     learned prompts and adapters (see :mod:`deft_clean.deft_model`). The result holds the table (its
     metadata in ``frame.attrs``, as :func:`deft_clean.results.read_results` returns it), the typed
     summary and the path written. Outputs are checked before any work (:func:`check_output`): an existing
-    one is refused unless ``overwrite``, an input always.
+    one is refused unless ``overwrite``, an input always. Each epoch ends with a checkpoint beside ``out``
+    (:mod:`deft_clean.checkpoint`); ``resume`` continues a killed run from it to the same result.
     """
     config, backbone = detect, resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
@@ -90,7 +93,9 @@ def detect(
     with cuda_autotune(device, built.model.visual):
         trunk = trunk_cache(net, images, 2 * config.batch_size) if net.caches_features else None
         clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
-        history = train_detector(net, samples, config, trunk=trunk, reporter=reporter)
+        key = {"configs": [to_dict(c) for c in (data, backbone, config)], "input": manifest.fingerprint}
+        checkpoint = Checkpoint(checkpoint_path(out_path), key, resume=resume, reporter=reporter)
+        history = train_detector(net, samples, config, trunk=trunk, reporter=reporter, checkpoint=checkpoint)
         clock["trained"] = time.perf_counter()
         scores = score_detector(net, samples, config, trunk=trunk, reporter=reporter)
         clock["scored"] = time.perf_counter()
@@ -100,6 +105,7 @@ def detect(
     configs = {"data": data, "backbone": backbone, "detect": config}
     metadata = run_metadata(manifest=manifest, configs=configs, extra={"detect": summary.to_dict()})
     write_results(frame, out_path, metadata=metadata)
+    checkpoint.remove()
     if save_model is not None:
         _save(net, save_model, backbone, config, manifest)
     frame.attrs.update(metadata, out=str(out_path))
@@ -215,12 +221,14 @@ def train_detector(
     *,
     trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),
+    checkpoint: Checkpoint | None = None,
 ) -> list[dict[str, float]]:
     """Train prompts and tuning on the given labels; returns per-epoch dicts (loss, ce, neg, selected, img_s).
 
     Warm-up epochs: CE on every sample. Later epochs: CE on the samples the current model calls clean
     (in the same batch), pseudo-labels for the rest in the negative-prompt loss (:func:`deft_loss`).
     ``trunk``: features from :func:`trunk_cache` when the tower is frozen (computed here if not given).
+    ``checkpoint``: saved after every epoch, and the epochs it holds are skipped when resuming.
     """
     device, n = data.device, len(data)
     cpu_gen = torch.Generator().manual_seed(config.seed)
@@ -231,9 +239,10 @@ def train_detector(
     if trunk is None and net.caches_features:
         trunk = trunk_cache(net, data.images, 2 * config.batch_size)
     steps = math.ceil(n / config.batch_size)
-    history = []
+    generators = [cpu_gen, dev_gen]
+    start, history = checkpoint.restore(net, optimizer, generators) if checkpoint else (0, [])
     net.train()
-    for epoch in range(config.epochs):
+    for epoch in range(start, config.epochs):
         order = torch.randperm(n, generator=cpu_gen)
         totals = torch.zeros(4, device=device)  # sums of loss, ce, neg over samples; selected count
         started = time.perf_counter()
@@ -264,6 +273,8 @@ def train_detector(
             }
             reporter.advance(len(index), loss=record["loss"], img_s=record["img_s"])
         history.append(record)
+        if checkpoint is not None:
+            checkpoint.save(epoch + 1, history, net, optimizer, generators)
     net.eval()
     return history
 
