@@ -28,11 +28,14 @@ def class_count_problems(manifest: Manifest) -> list[Problem]:
     if len(present) >= 2:
         return []
     names = ", ".join(repr(manifest.class_ids[k]) for k in present) or "none"
+    fix = "Add images of the other classes (a label can only be judged wrong against another class)."
+    if manifest.fingerprint.get("source") == "imagefolder":
+        fix += " Without a labels CSV, DATA_DIR is read as an ImageFolder: each subfolder is a class."
     return [
         Problem(
             "one_class",
             f"{len(present)} class with readable images ({names}); DeFT needs at least 2",
-            fix="Add images of the other classes (a label can only be judged wrong against another class).",
+            fix=fix,
         )
     ]
 

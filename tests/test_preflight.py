@@ -107,3 +107,13 @@ def test_one_class_message_says_why(tmp_path, wide_console):
     text = " ".join(result.output.split())
     assert result.exit_code == 2
     assert "1 class with readable images ('cat'); DeFT needs at least 2" in text
+
+
+def test_one_class_from_a_forgotten_csv_says_how_the_folder_was_read(tmp_path, wide_console):
+    root = tmp_path / "data"
+    _dataset(root, ["a", "a", "b", "b"])  # images under data/img/, labels in data/labels.csv
+    result = CliRunner().invoke(app, ["check", str(root), "--model", "test-tiny"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert "1 class with readable images ('img')" in text
+    assert "Without a labels CSV, DATA_DIR is read as an ImageFolder: each subfolder is a class." in text
