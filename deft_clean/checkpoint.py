@@ -1,15 +1,15 @@
-"""Epoch checkpoints of a detect run, so a killed run continues (``--resume``) instead of starting over.
+"""Epoch checkpoints of a training run, so a killed run continues (``--resume``) instead of starting over.
 
-At the end of every epoch, ``detect`` writes ``<out>.checkpoint`` beside its results file (atomically,
-under the output's lock): the parameters training changed (prompts, adapters, always-trained heads, and
-frozen weights that moved anyway: peft merges LoRA into ``nn.MultiheadAttention`` weights in place at
-every forward and the rounding drifts; the rest of the backbone is rebuilt from its config), the
-optimizer state, the states of the run's random generators, the epoch and the history so far, and a
-key naming the run (configs and input fingerprint). With ``--resume``, a checkpoint whose key matches
-is loaded and training continues at the next epoch; the result is the same as a run that was never
-interrupted (same parameters, generator states and optimizer state). The checkpoint is removed once
-the results are written. A checkpoint of another run (other options or data) is refused with a message
-rather than silently mixed in.
+At the end of every epoch, ``detect`` and ``finetune`` write ``<out>.checkpoint`` beside their output
+(atomically, under the output's lock): the tensors training changed (prompts, adapters, heads, a tuned
+tower, BatchNorm statistics, and frozen weights that moved anyway: peft merges LoRA into
+``nn.MultiheadAttention`` weights in place at every forward and the rounding drifts; the rest of the
+backbone is rebuilt from its config), the optimizer state, the states of the run's random generators,
+the epoch and the history so far, and a key naming the run (configs and input fingerprint). With
+``--resume``, a checkpoint whose key matches is loaded and training continues at the next epoch; the
+result is the same as a run that was never interrupted (same tensors, generator states and optimizer
+state). The checkpoint is removed once the output is written. A checkpoint of another run (other
+options or data) is refused with a message rather than silently mixed in.
 """
 
 from __future__ import annotations
@@ -46,21 +46,22 @@ class Checkpoint:
     ) -> None:
         self.path, self.resume, self.reporter = Path(path), resume, reporter
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
-        self._frozen: dict[str, float] = {}  # sums of the frozen parameters before training
+        self._frozen: dict[str, float] = {}  # sums of the frozen tensors (and buffers) before training
 
     def _moved(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        """The parameters to save: trainable ones, and frozen ones whose values changed since the start."""
+        """The tensors to save: trainable parameters, and frozen parameters or buffers (BatchNorm
+        statistics) whose values changed since the start."""
         return {
-            name: p.detach().cpu().clone()
-            for name, p in net.named_parameters()
-            if p.requires_grad or _sum(p) != self._frozen.get(name)
+            name: t.detach().cpu().clone()
+            for name, t in _tensors(net)
+            if t.requires_grad or _sum(t) != self._frozen.get(name)
         }
 
     def restore(
         self, net: nn.Module, optimizer: torch.optim.Optimizer, generators: list[torch.Generator]
     ) -> tuple[int, list[dict[str, float]]]:
         """(epochs already done, their history): from the checkpoint when resuming, else (0, [])."""
-        self._frozen = {name: _sum(p) for name, p in net.named_parameters() if not p.requires_grad}
+        self._frozen = {name: _sum(t) for name, t in _tensors(net) if not t.requires_grad}
         if not self.path.is_file():
             if self.resume:
                 self.reporter.log(f"no checkpoint at {self.path}; starting from epoch 1", level="warning")
@@ -77,10 +78,10 @@ class Checkpoint:
                 f"The checkpoint {self.path} belongs to another run (other options, backbone or data).",
                 hint="Run with the options of the interrupted run, or delete the checkpoint to start over.",
             )
-        params = dict(net.named_parameters())
+        tensors = dict(_tensors(net))
         with torch.no_grad():
             for name, value in state["params"].items():
-                params[name].copy_(value)
+                tensors[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         for generator, saved in zip(generators, state["generators"], strict=True):
             generator.set_state(saved)
@@ -116,6 +117,11 @@ class Checkpoint:
     def remove(self) -> None:
         """Delete the checkpoint (the run finished and its results are written)."""
         self.path.unlink(missing_ok=True)
+
+
+def _tensors(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``net`` by name."""
+    return [*net.named_parameters(), *net.named_buffers()]
 
 
 def _sum(parameter: torch.Tensor) -> float:

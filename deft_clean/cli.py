@@ -53,6 +53,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace an existing output (never an input of the run).")
 ]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue a killed run from its checkpoint (<out>.checkpoint).")
+]
 
 
 def _user_errors(func: F) -> F:
@@ -195,9 +198,7 @@ def detect_command(
         Path | None, typer.Option("--save-model", help="Folder for the learned prompts and adapters.")
     ] = None,
     overwrite: Overwrite = False,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue a killed run from its checkpoint (<out>.checkpoint).")
-    ] = False,
+    resume: Resume = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -259,6 +260,7 @@ def finetune_command(
         Path | None, typer.Option("--test-csv", help="Labels CSV of --test-dir (omit: ImageFolder).")
     ] = None,
     overwrite: Overwrite = False,
+    resume: Resume = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -267,7 +269,7 @@ def finetune_command(
     """Fine-tune a classifier (TeS or CE) on the rows a flags file marks clean, or on every row."""
     result = finetune(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, finetune=finetune_config,
-        flags=flags, out=out, test_dir=test_dir, test_csv=test_csv, overwrite=overwrite,
+        flags=flags, out=out, test_dir=test_dir, test_csv=test_csv, overwrite=overwrite, resume=resume,
         reporter=RichReporter(),
     )  # fmt: skip
     print_finetune_summary(result)

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deft_clean.backbone import Backbone, input_size
+from deft_clean.checkpoint import Checkpoint, checkpoint_path
 from deft_clean.classifier import Classifier, build_tower, changed_tower_keys, classifier_info, evaluate
-from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone, to_dict
 from deft_clean.data import Manifest, load_manifest
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
@@ -62,13 +63,15 @@ def finetune(
     test_dir: str | Path | None = None,
     test_csv: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> FinetuneResult:
     """Train a classifier on ``data_dir`` (rows a ``flags`` file marks clean, or all rows).
 
     ``backbone.model`` None: the backbone recorded in the flags file (else the default). ``out`` saves
     the classifier (and ``metrics.json`` when ``test_dir`` is given); it is checked before any work
-    (:func:`check_output`: an existing non-empty folder is refused unless ``overwrite``).
+    (:func:`check_output`: an existing non-empty folder is refused unless ``overwrite``). With ``out``,
+    each epoch ends with a checkpoint beside it; ``resume`` continues a killed run from it.
     """
     config = finetune
     if out is not None:
@@ -99,8 +102,13 @@ def finetune(
     )
     images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
     images.channels_last = device.type == "cuda" and is_conv(tower)
+    checkpoint = None
+    if out is not None:
+        key = {"configs": [to_dict(c) for c in (data, bcfg, config)], "input": manifest.fingerprint}
+        key.update(flags=None if flags is None else str(flags), rows=len(rows))
+        checkpoint = Checkpoint(checkpoint_path(Path(out)), key, resume=resume, reporter=reporter)
     with cuda_autotune(device, tower):
-        _train(tower, head.to(device), images, torch.from_numpy(labels), config, reporter)
+        _train(tower, head.to(device), images, torch.from_numpy(labels), config, reporter, checkpoint)
     info = classifier_info(built, bcfg, config, manifest)
     info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}
     info["training"].update(fingerprint=manifest.fingerprint, flags=None if flags is None else str(flags))
@@ -112,6 +120,8 @@ def finetune(
     if out is not None:
         extra = {"metrics.json": json.dumps(metrics, indent=2) + "\n"} if metrics is not None else {}
         classifier.save(out, extra_files=extra)
+    if checkpoint is not None:
+        checkpoint.remove()
     return FinetuneResult(
         classifier, len(rows), n_dropped, n_relabelled, metrics, None if out is None else Path(out)
     )
@@ -272,14 +282,16 @@ def _train(
     labels: torch.Tensor,
     cfg: FinetuneConfig,
     reporter: Reporter,
+    checkpoint: Checkpoint | None = None,
 ) -> None:
     """SGD over the staged ``images`` (N samples) with ``labels`` (N,); TeS or CE per ``cfg.method``.
 
-    The loss is read back once per epoch (no host sync per step).
+    The loss is read back once per epoch (no host sync per step). ``checkpoint``: saved after every
+    epoch; the epochs it holds are skipped when resuming.
     """
     device = next(head.parameters()).device
     labels = labels.to(device)
-    features_of = _feature_source(tower, images, cfg, reporter)
+    features_of, augment_gen = _feature_source(tower, images, cfg, reporter)
     params = [p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(labels)
@@ -289,8 +301,10 @@ def _train(
     order_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     tower.train(cfg.tune != "linear")
     head.train()
-    step = 0
-    for epoch in range(cfg.epochs):
+    net, generators = nn.ModuleDict({"tower": tower, "head": head}), [order_gen, augment_gen]
+    start, _ = checkpoint.restore(net, optimizer, generators) if checkpoint else (0, [])
+    step = start * steps_per_epoch
+    for epoch in range(start, cfg.epochs):
         order = torch.randperm(n, generator=order_gen, device=device)
         running = torch.zeros((), device=device)
         with reporter.task(
@@ -316,23 +330,26 @@ def _train(
                 step += 1
                 reporter.advance(len(idx))
             reporter.advance(0, loss=float(running / max(steps_per_epoch, 1)))  # one sync per epoch
+        if checkpoint is not None:
+            checkpoint.save(epoch + 1, [], net, optimizer, generators)
     tower.eval()
     head.eval()
 
 
 def _feature_source(
     tower: nn.Module, images: StagedImages, cfg: FinetuneConfig, reporter: Reporter
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function: batch indices (B,) on the device -> training features (B, E).
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Generator]:
+    """A function: batch indices (B,) on the device -> training features (B, E); and the generator of
+    its augmentations (part of a checkpoint).
 
     ``--tune linear``: the frozen features, computed once by the one feature pass. Otherwise each call
     crops/flips/normalises the batch on the device and runs the tower.
     """
+    generator = torch.Generator(device=images.device).manual_seed(cfg.seed + 1)
     if cfg.tune == "linear":
         tower.eval()
         features = feature_pass(tower, images, batch_size=256, reporter=reporter)  # (N, E) float32
-        return lambda idx: features[idx]
+        return (lambda idx: features[idx]), generator
     if images.channels_last:
         tower.to(memory_format=torch.channels_last)
-    generator = torch.Generator(device=images.device).manual_seed(cfg.seed + 1)
-    return lambda idx: tower(images.images_at(idx, train=True, generator=generator))
+    return (lambda idx: tower(images.images_at(idx, train=True, generator=generator))), generator

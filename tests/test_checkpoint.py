@@ -1,4 +1,5 @@
-"""A detect run killed after some epochs continues with --resume to the result of an uninterrupted run."""
+"""A detect or finetune run killed after some epochs continues with --resume to the result of an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ COLUMNS = ["path", "given_label", "is_noisy", "p_clean", "margin", "predicted_la
 class KilledAtEpoch(SilentReporter):
     """Raises KeyboardInterrupt (as Ctrl-C would) when epoch ``epoch`` starts."""
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, epoch: int, phase: str = "DeFT epoch") -> None:
+        self.epoch, self.phase = epoch, phase
 
     def task(self, description: str, total: int | None) -> AbstractContextManager[Any]:
-        if description.startswith(f"DeFT epoch {self.epoch}/"):
+        if description.startswith(f"{self.phase} {self.epoch}/"):
             raise KeyboardInterrupt
         return super().task(description, total)
 
@@ -111,3 +112,26 @@ def test_a_frozen_tower_run_resumes_to_the_same_result(uninterrupted, tmp_path):
     resumed = detect(data, csv, out=out, resume=True, **options).frame
     for column in COLUMNS:
         assert resumed[column].tolist() == whole[column].tolist(), column
+
+
+@pytest.mark.parametrize("tune", ["full", "linear"])
+def test_a_killed_finetune_resumes_to_the_same_classifier(uninterrupted, tmp_path, tune):
+    from safetensors.torch import load_file
+
+    from deft_clean.finetune import finetune
+
+    data, csv, _ = uninterrupted
+    options = stage_configs("finetune", model="test-tiny", device="cpu", epochs=3, batch_size=4, tune=tune)
+    torch.manual_seed(0)  # finetune's head starts from the global generator (as in a fresh process)
+    finetune(data, csv, out=tmp_path / "whole", **options)
+    out = tmp_path / "killed"
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, csv, out=out, reporter=KilledAtEpoch(3, "Fine-tuning (tes) epoch"), **options)
+    assert not out.exists() and checkpoint_path(out).is_file()
+    torch.manual_seed(12345)
+    finetune(data, csv, out=out, resume=True, **options)
+    assert not checkpoint_path(out).exists()
+    for name in ("tower.safetensors", "head.safetensors"):
+        whole, resumed = load_file(tmp_path / "whole" / name), load_file(out / name)
+        assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole), name
