@@ -34,7 +34,15 @@ from deft_clean.files import check_output, releases_outputs
 from deft_clean.offline import OFFLINE_NOTE
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import read_results
-from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, is_conv
+from deft_clean.runtime import (
+    StagedImages,
+    autocast,
+    cosine_lr,
+    cuda_autotune,
+    feature_pass,
+    is_conv,
+    seeded,
+)
 from deft_clean.tes import tes_loss, text_logits
 
 
@@ -97,9 +105,10 @@ def finetune(
         if config.method == "tes"
         else None
     )
-    head = ClassifierHead(
-        _feature_dim(tower, built.image_size, device), len(manifest.class_ids), texts, config.tau
-    )
+    with seeded(config.seed):  # the head's initial weights follow --seed, as the tower's do
+        head = ClassifierHead(
+            _feature_dim(tower, built.image_size, device), len(manifest.class_ids), texts, config.tau
+        )
     images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
     images.channels_last = device.type == "cuda" and is_conv(tower)
     checkpoint = None

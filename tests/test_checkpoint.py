@@ -122,10 +122,10 @@ def test_a_killed_finetune_resumes_to_the_same_classifier(uninterrupted, tmp_pat
 
     data, csv, _ = uninterrupted
     options = stage_configs("finetune", model="test-tiny", device="cpu", epochs=3, batch_size=4, tune=tune)
-    torch.manual_seed(0)  # finetune's head starts from the global generator (as in a fresh process)
+    torch.manual_seed(1)  # --seed alone decides: the global generator's state does not matter
     finetune(data, csv, out=tmp_path / "whole", **options)
     out = tmp_path / "killed"
-    torch.manual_seed(0)
+    torch.manual_seed(2)
     with pytest.raises(KeyboardInterrupt):
         finetune(data, csv, out=out, reporter=KilledAtEpoch(3, "Fine-tuning (tes) epoch"), **options)
     assert not out.exists() and checkpoint_path(out).is_file()
