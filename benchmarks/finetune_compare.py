@@ -104,7 +104,7 @@ def main() -> None:
         config = FinetuneConfig(tune=args.tune, seed=args.seed, **extra, **parse_options(args.finetune_opts))
         result = finetune(
             data.root, labels_csv, flags=flags_file, out=work / name[0], test_dir=test_csv.parent,
-            test_csv=test_csv, finetune=config, **common,
+            test_csv=test_csv, finetune=config, overwrite=True, **common,
         )  # fmt: skip
         seconds = time.perf_counter() - started
         rows.append(

@@ -207,8 +207,15 @@ def call_detect(
     from deft_clean.detect import detect
 
     data = DataConfig(classes_file=str(classes_file))
+    # overwrite: a rerun of the same method replaces its cached flags
     return detect(
-        data_dir, labels_csv, out=out, data=data, backbone=backbone, detect=DetectConfig(**options)
+        data_dir,
+        labels_csv,
+        out=out,
+        overwrite=True,
+        data=data,
+        backbone=backbone,
+        detect=DetectConfig(**options),
     ).frame
 
 

@@ -88,7 +88,7 @@ def end_to_end(args: argparse.Namespace, batch_size: int) -> dict:
     csv = write_images(args.workdir / f"n{args.n}", args.n)
     started = time.perf_counter()
     result = detect(
-        csv.parent, csv, out=args.workdir / "flags.parquet",
+        csv.parent, csv, out=args.workdir / "flags.parquet", overwrite=True,
         backbone=BackboneConfig(model=args.model, pretrained=args.pretrained, device=args.device),
         detect=DetectConfig(peft=args.peft, batch_size=batch_size, epochs=args.epochs, warmup_epochs=1,
                             num_workers=args.num_workers),

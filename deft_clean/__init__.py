@@ -1,37 +1,60 @@
-"""deft-clean: find wrong labels in image datasets (DeFT) and train on what is left (TeS)."""
+"""deft-clean: find wrong labels in image datasets (DeFT) and train on what is left (TeS).
 
-from deft_clean.classifier import Classifier, load_classifier, predict
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig
-from deft_clean.data import load_manifest
-from deft_clean.deft_model import load_detector
-from deft_clean.detect import detect
-from deft_clean.embed import embed
-from deft_clean.errors import BackboneError, ConfigError, DataError, DeftCleanError, Problem
-from deft_clean.finetune import finetune
-from deft_clean.results import read_results
-from deft_clean.summary import DetectResult, DetectSummary
-from deft_clean.version import __version__
+The public names below are imported on first use (PEP 562), so ``import deft_clean`` and
+``deft-clean --version`` do not load torch; ``deft_clean.detect`` and the like are the functions,
+as they always were, even though submodules of the same name exist.
+"""
 
-__all__ = [
-    "BackboneConfig",
-    "BackboneError",
-    "Classifier",
-    "ConfigError",
-    "DataConfig",
-    "DataError",
-    "DeftCleanError",
-    "DetectConfig",
-    "DetectResult",
-    "DetectSummary",
-    "FinetuneConfig",
-    "Problem",
-    "__version__",
-    "detect",
-    "embed",
-    "finetune",
-    "load_classifier",
-    "load_detector",
-    "load_manifest",
-    "predict",
-    "read_results",
-]
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+from deft_clean.version import __version__ as __version__
+
+_EXPORTS = {
+    "Classifier": "classifier",
+    "load_classifier": "classifier",
+    "predict": "classifier",
+    "BackboneConfig": "config",
+    "DataConfig": "config",
+    "DetectConfig": "config",
+    "FinetuneConfig": "config",
+    "load_manifest": "data",
+    "load_detector": "deft_model",
+    "detect": "detect",
+    "embed": "embed",
+    "BackboneError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "DeftCleanError": "errors",
+    "OutputError": "errors",
+    "Problem": "errors",
+    "finetune": "finetune",
+    "read_results": "results",
+    "DetectResult": "summary",
+    "DetectSummary": "summary",
+}
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deft_clean' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"deft_clean.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """Keeps an exported function (``detect``) from being replaced by its submodule when that is imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -100,6 +100,20 @@ def print_error(error: DeftCleanError) -> None:
         console.print(f"[yellow]hint:[/yellow] {escape(error.hint)}")
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 class', '2 classes', '1 row', '0 rows'."""
+    plural = noun + ("es" if noun.endswith("s") else "s")
+    return f"{n} {noun if n == 1 else plural}"
+
+
+def print_interrupted() -> None:
+    """Ctrl-C: one line (no traceback); outputs are written atomically, so nothing partial is left."""
+    console.print(
+        "[bold red]interrupted:[/bold red] stopped by Ctrl-C; no output was written (detect keeps a "
+        "checkpoint of its last finished epoch: run it again with --resume to continue)."
+    )
+
+
 def print_backbones(rows: list[dict[str, Any]]) -> None:
     """``deft-clean backbones``: the registry as a table on stdout."""
     table = Table(title="Backbones (any name from open_clip.list_models() works too)")
@@ -138,7 +152,7 @@ def print_manifest_summary(manifest: Manifest, max_classes: int = 40) -> None:
         table.add_row(manifest.class_ids[k], manifest.class_names[k], str(counts[k]), str(skipped[k] or ""))
     console.print(table)
     console.print(
-        f"[bold green]ok:[/bold green] {len(manifest)} rows, {len(counts)} classes, "
+        f"[bold green]ok:[/bold green] {_count(len(manifest), 'row')}, {_count(len(counts), 'class')}, "
         f"{sum(skipped)} unreadable skipped (kept as status=unreadable); all checks passed."
     )
 

@@ -16,6 +16,7 @@ the three weight sources share one loader and one set of error messages.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from safetensors.torch import save_file
 from deft_clean import hub, offline
 from deft_clean.config import BackboneConfig, resolve_backbone
 from deft_clean.errors import BackboneError
-from deft_clean.files import atomic_folder, write_description
+from deft_clean.files import atomic_folder, check_output, releases_outputs, write_description
 from deft_clean.lora_targets import default_lora_targets
 from deft_clean.runtime import is_conv, resolve_device
 
@@ -143,7 +144,10 @@ def load_backbone_on(config: BackboneConfig) -> tuple[Backbone, torch.device]:
     return backbone, device
 
 
-def export_backbone(config: BackboneConfig, out_dir: Path, *, half: bool = False) -> Path:
+@releases_outputs
+def export_backbone(
+    config: BackboneConfig, out_dir: Path, *, half: bool = False, overwrite: bool = False
+) -> Path:
     """Write the backbone as an open_clip ``local-dir:`` folder, loadable with ``--pretrained local-dir:DIR``.
 
     ``out_dir`` gets ``open_clip_config.json`` (model and preprocess config, plus what deft-clean needs to
@@ -151,8 +155,10 @@ def export_backbone(config: BackboneConfig, out_dir: Path, *, half: bool = False
     ``open_clip_model.safetensors`` (fp16 when ``half``). An HF text tower's config and tokenizer files
     are saved into ``out_dir`` too and referred to by the relative path ".", so the folder is
     self-contained (the target machine needs transformers, not the offline PyPI packages). The folder
-    is written atomically. Returns ``out_dir``.
+    is written atomically (checked first: a non-empty folder is refused unless ``overwrite``). Returns
+    ``out_dir``.
     """
+    check_output(out_dir, overwrite=overwrite, kind="folder")
     config = resolve_backbone(config)
     plan = _plan(config)
     backbone = _build(plan, config.pretrained)
@@ -230,9 +236,11 @@ def _plan(config: BackboneConfig) -> _Plan:
     model_cfg = open_clip.get_model_config(config.model)
     if model_cfg is None:
         valid = [OFFLINE, TEST_TINY, *open_clip.list_models()]
+        near = difflib.get_close_matches(config.model, valid, n=3, cutoff=0.5)
+        guess = f"Did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
         raise BackboneError(
             f"Unknown backbone '{config.model}'.",
-            hint=f"Valid names: {', '.join(valid)}. See: deft-clean backbones",
+            hint=f"{guess}`deft-clean backbones` lists the built-in ones (and any open_clip name works).",
         )
     if pretrained is None:
         return _Plan(config.model, model_cfg, notes=(random_weights_note(config.model),))
@@ -379,6 +387,11 @@ def _load_checkpoint(model: torch.nn.Module, path: str, name: str) -> None:
             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}.",
             hint=hint,
         )
+
+
+def load_tokenizer(config: BackboneConfig) -> Callable[[list[str]], torch.Tensor]:
+    """The text tokenizer of the backbone ``config`` names, without building the model (for checks)."""
+    return _tokenizer(_plan(resolve_backbone(config)))
 
 
 def _tokenizer(plan: _Plan) -> Callable[[list[str]], torch.Tensor]:

@@ -38,7 +38,13 @@ from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, from_d
 from deft_clean.data import Manifest, has_loose_images, load_manifest, load_unlabelled
 from deft_clean.embed import image_tower
 from deft_clean.errors import ConfigError
-from deft_clean.files import atomic_folder, read_description, write_description
+from deft_clean.files import (
+    atomic_folder,
+    check_output,
+    read_description,
+    releases_outputs,
+    write_description,
+)
 from deft_clean.images import decode_square, square, to_rgb
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import base_frame, run_metadata, write_results
@@ -294,6 +300,7 @@ def evaluate(
     return classification_metrics(probs[readable], labels[readable], classifier.class_ids)
 
 
+@releases_outputs
 def predict(
     model: Classifier | str | Path,
     data_dir: str | Path,
@@ -303,6 +310,7 @@ def predict(
     out: str | Path | None = None,
     batch_size: int = 256,
     device: str | None = None,
+    overwrite: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> pd.DataFrame:
     """Class probabilities for every image of ``data_dir``: a plain folder of images (unlabelled), an
@@ -310,8 +318,12 @@ def predict(
 
     Columns: path, given_label (NA when unlabelled), status, predicted_label, predicted_prob, probs
     (list of K floats in the classifier's class order). Unreadable rows (``on_bad_image='skip'``) get
-    NA predictions. ``out`` writes the frame with ``results.write_results`` (atomic, with metadata).
+    NA predictions. ``out`` writes the frame with ``results.write_results`` (atomic, with metadata); it is
+    checked first (:func:`check_output`: an existing file is refused unless ``overwrite``).
     """
+    if out is not None:
+        inputs = [data_dir, labels_csv, data.classes_file, None if isinstance(model, Classifier) else model]
+        check_output(out, inputs=inputs, overwrite=overwrite)
     classifier = model if isinstance(model, Classifier) else load_classifier(model, device=device)
     manifest, labels = _image_set(classifier, data_dir, labels_csv, data, reporter)
     probs = _probabilities_of(classifier, manifest, batch_size, reporter)

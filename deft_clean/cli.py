@@ -2,7 +2,8 @@
 
 No logic lives here: options, defaults and rules come from the `deft_clean.config` dataclasses (the
 CLI builds them, they validate themselves), errors are `DeftCleanError`s mapped to one line and exit
-code 1 (data problems: a table, then exit 2).
+code 1 (data problems: a table, then exit 2; an output that cannot or must not be written: exit 2;
+Ctrl-C: one line, exit 130).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import typer
 
 from deft_clean._render import (
@@ -26,6 +28,7 @@ from deft_clean._render import (
     print_exported,
     print_finetune_summary,
     print_imported,
+    print_interrupted,
     print_manifest_summary,
     print_predict_summary,
     print_problems,
@@ -43,12 +46,12 @@ from deft_clean.config import (
     flag,
     resolve_backbone,
 )
-from deft_clean.data import load_manifest
 from deft_clean.detect import detect
 from deft_clean.embed import embed
-from deft_clean.errors import DataError, DeftCleanError
+from deft_clean.errors import DataError, DeftCleanError, OutputError
 from deft_clean.export import export_labels, import_review
 from deft_clean.finetune import finetune
+from deft_clean.preflight import check_dataset
 from deft_clean.report import build_report
 from deft_clean.version import __version__
 
@@ -61,6 +64,12 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output (never an input of the run).")
+]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue a killed run from its checkpoint (<out>.checkpoint).")
+]
 
 
 def _user_errors(func: F) -> F:
@@ -73,6 +82,12 @@ def _user_errors(func: F) -> F:
         except DataError as error:
             print_problems(error)
             raise typer.Exit(code=2) from None
+        except OutputError as error:
+            print_error(error)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            print_interrupted()
+            raise typer.Exit(code=130) from None
         except DeftCleanError as error:
             print_error(error)
             raise typer.Exit(code=1) from None
@@ -143,9 +158,18 @@ def config_options(*config_classes: type, only: set[str] | None = None) -> Calla
     return decorate
 
 
+_CHECKED = {f.name for f in dataclasses.fields(DataConfig)} | {
+    "model",
+    "pretrained",
+    "cache_dir",
+    "n_ctx",
+    "ctx_init",
+}
+
+
 @app.command()
 @_user_errors
-@config_options(DataConfig)
+@config_options(DataConfig, BackboneConfig, DetectConfig, only=_CHECKED)
 def check(
     data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
     labels_csv: Annotated[
@@ -154,9 +178,18 @@ def check(
     ] = None,
     *,
     data_config: DataConfig,
+    backbone_config: BackboneConfig,
+    detect_config: DetectConfig,
 ) -> None:
-    """Validate a labelled image set (every image is decoded) and count images per class; no model needed."""
-    print_manifest_summary(load_manifest(data_dir, labels_csv, config=data_config, reporter=RichReporter()))
+    """Validate a labelled image set (every image is decoded) and count images per class; no training.
+
+    Runs every check `detect` runs before training, for the --model and --n-ctx given.
+    """
+    manifest = check_dataset(
+        data_dir, labels_csv, data=data_config, backbone=backbone_config, detect=detect_config,
+        reporter=RichReporter(),
+    )  # fmt: skip
+    print_manifest_summary(manifest)
 
 
 @app.command("detect")
@@ -183,6 +216,8 @@ def detect_command(
     report: Annotated[
         bool, typer.Option("--report", help="Also write the HTML report beside the results (`report`).")
     ] = False,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -191,7 +226,8 @@ def detect_command(
     """Flag likely wrong labels with DeFT (dual text prompts + LoRA on a CLIP-style backbone)."""
     result = detect(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, detect=detect_config, out=out,
-        truth_csv=truth, save_model=save_model, reporter=RichReporter(),
+        truth_csv=truth, save_model=save_model, overwrite=overwrite, resume=resume,
+        reporter=RichReporter(),
     )  # fmt: skip
     print_detect_summary(result)
     if report:
@@ -211,6 +247,7 @@ def backbones_command() -> None:
 def export_backbone_command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write: config, weights, tokenizer.")],
     half: Annotated[bool, typer.Option("--half", help="Store the weights in fp16 (half the size).")] = False,
+    overwrite: Overwrite = False,
     *,
     backbone_config: BackboneConfig,
 ) -> None:
@@ -219,7 +256,10 @@ def export_backbone_command(
     This is how air-gapped machines get a backbone: export it where the weights are (e.g. the offline
     backbone, which is NOT aligned like CLIP, or a CLIP tag you downloaded), copy the folder over.
     """
-    print_exported(export_backbone(backbone_config, out, half=half), resolve_backbone(backbone_config).model)
+    print_exported(
+        export_backbone(backbone_config, out, half=half, overwrite=overwrite),
+        resolve_backbone(backbone_config).model,
+    )
 
 
 @app.command("finetune")
@@ -240,6 +280,8 @@ def finetune_command(
     test_csv: Annotated[
         Path | None, typer.Option("--test-csv", help="Labels CSV of --test-dir (omit: ImageFolder).")
     ] = None,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -248,14 +290,18 @@ def finetune_command(
     """Fine-tune a classifier (TeS or CE) on the rows a flags file marks clean, or on every row."""
     result = finetune(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, finetune=finetune_config,
-        flags=flags, out=out, test_dir=test_dir, test_csv=test_csv, reporter=RichReporter(),
+        flags=flags, out=out, test_dir=test_dir, test_csv=test_csv, overwrite=overwrite, resume=resume,
+        reporter=RichReporter(),
     )  # fmt: skip
     print_finetune_summary(result)
 
 
 @app.command("predict")
 @_user_errors
-@config_options(DataConfig, only={"image_col", "label_col"})
+@config_options(
+    DataConfig,
+    only={"image_col", "label_col", "on_bad_image", "max_image_pixels", "follow_links", "delimiter"},
+)
 def predict_command(
     out: Annotated[Path, typer.Option("--out", help="Predictions Parquet (atomic write, with metadata).")],
     model_dir: Annotated[Path, typer.Argument(help="Folder written by `deft-clean finetune --out`.")],
@@ -271,13 +317,14 @@ def predict_command(
     device: Annotated[
         str | None, typer.Option("--device", help="'cpu' or 'cuda[:N]' (default: as trained, 'auto').")
     ] = None,
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
 ) -> None:
     """Predict class probabilities for a folder of images with a fine-tuned classifier."""
     frame = predict(
         model_dir, data_dir, labels_csv, data=data_config, out=out, batch_size=batch_size, device=device,
-        reporter=RichReporter(),
+        overwrite=overwrite, reporter=RichReporter(),
     )  # fmt: skip
     print_predict_summary(frame, out)
 
@@ -287,7 +334,18 @@ def predict_command(
 @config_options(
     DataConfig,
     BackboneConfig,
-    only={"image_col", "label_col", "classes_file", "model", "pretrained", "device"},
+    only={
+        "image_col",
+        "label_col",
+        "classes_file",
+        "on_bad_image",
+        "max_image_pixels",
+        "follow_links",
+        "delimiter",
+        "model",
+        "pretrained",
+        "device",
+    },  # fmt: skip
 )
 def embed_command(
     out: Annotated[Path, typer.Option("--out", help="Features .npy, float32 (N, D), rows in input order.")],
@@ -299,6 +357,7 @@ def embed_command(
         bool, typer.Option("--pooled", help="A timm tower's pooled features, before its projection head.")
     ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
     backbone_config: BackboneConfig,
@@ -306,9 +365,11 @@ def embed_command(
     """Write frozen, L2-normalised features of every image (un-augmented) to a .npy file."""
     features = embed(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, out=out, pooled=pooled,
-        batch_size=batch_size, reporter=RichReporter(),
+        batch_size=batch_size, overwrite=overwrite, reporter=RichReporter(),
     )  # fmt: skip
-    typer.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out}")
+    skipped = int(np.isnan(features[:, 0]).sum()) if len(features) else 0
+    note = f" ({skipped} unreadable rows are NaN)" if skipped else ""
+    typer.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out}{note}")
 
 
 def _report(flags: Path, **kwargs: Any) -> None:

@@ -12,6 +12,7 @@ saved models (``to_dict``/``from_dict``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -34,6 +35,11 @@ def flag(name: str) -> str:
     return "--classes" if name == "classes_file" else "--" + name.replace("_", "-")
 
 
+def _finite(value: float) -> bool:
+    """False for nan and ±inf, which pass or fail comparisons in ways no rule intends."""
+    return math.isfinite(value)
+
+
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:
     """Refuse ``value`` of field ``name`` unless ``ok``, naming the option, the value and what works."""
     if not ok:
@@ -54,6 +60,13 @@ class DataConfig:
     max_image_pixels: int | None = _opt(
         178_956_970, "PIL decompression-bomb limit in pixels (raise it for huge scans)."
     )
+    follow_links: bool = _opt(
+        False,
+        "Accept image paths that are symlinks to readable files outside DATA_DIR (DVC, git-annex stores).",
+    )
+    delimiter: str | None = _opt(
+        None, "CSV field separator, one character or 'tab' (default: read from the header among , ; tab |)."
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -62,6 +75,14 @@ class DataConfig:
         _require(self.min_per_class >= 0, "min_per_class", self.min_per_class, ">= 0")
         pixels = self.max_image_pixels
         _require(pixels is None or pixels >= 1, "max_image_pixels", pixels, "of at least 1 (pixels)")
+        sep = self.delimiter
+        ok = sep is None or sep in ("tab", "\\t") or (len(sep) == 1 and sep not in '"\r\n')
+        _require(ok, "delimiter", sep, "of one character other than a quote, or 'tab'")
+
+    @property
+    def separator(self) -> str | None:
+        """The CSV delimiter (``--delimiter``; "tab" or a typed backslash-t mean a tab); None: detect it."""
+        return "\t" if self.delimiter in ("tab", "\\t") else self.delimiter
 
 
 @dataclass(frozen=True)
@@ -166,8 +187,13 @@ class DetectConfig:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "of at least 1")
         _require(self.n_ctx >= 1, "n_ctx", self.n_ctx, "of at least 1")
         _require(0.0 < self.threshold < 1.0, "threshold", self.threshold, "strictly between 0 and 1")
-        _require(self.lr > 0, "lr", self.lr, "above 0")
-        _require(self.adapter_lr is None or self.adapter_lr >= 0, "adapter_lr", self.adapter_lr, ">= 0")
+        _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "that is a finite positive number")
+        adapter_lr = self.adapter_lr
+        ok = adapter_lr is None or (_finite(adapter_lr) and adapter_lr >= 0)
+        _require(ok, "adapter_lr", adapter_lr, "that is a finite number >= 0")
+        _require(_finite(self.momentum) and self.momentum >= 0, "momentum", self.momentum, "finite and >= 0")
+        decay = self.weight_decay
+        _require(_finite(decay) and decay >= 0, "weight_decay", decay, "finite and >= 0")
         _require(self.lr_schedule in ("epoch", "step"), "lr_schedule", self.lr_schedule, "'epoch' or 'step'")
         _require(self.peft in ("lora", "vpt", "none"), "peft", self.peft, "'lora', 'vpt' or 'none'")
         _require(self.flag_rule in ("dual", "either"), "flag_rule", self.flag_rule, "'dual' or 'either'")
@@ -234,7 +260,8 @@ class FinetuneConfig:
         _require(self.tune in ("full", "lora", "linear"), "tune", self.tune, "'full', 'lora' or 'linear'")
         _require(self.epochs >= 1, "epochs", self.epochs, "of at least 1")
         _require(self.batch_size >= 2, "batch_size", self.batch_size, "of at least 2 (BatchNorm)")
-        _require(self.tau > 0, "tau", self.tau, "above 0")
+        _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "that is a finite positive number")
+        _require(_finite(self.tau) and self.tau > 0, "tau", self.tau, "that is a finite positive number")
         _require(0 <= self.lambda_v <= 1, "lambda_v", self.lambda_v, "in [0, 1]")
         _require(0 <= self.relabel_threshold <= 1, "relabel_threshold", self.relabel_threshold, "in [0, 1]")
         _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")

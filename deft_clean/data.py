@@ -31,7 +31,7 @@ from deft_clean.errors import DataError, Problem
 from deft_clean.image_tables import find_image_table, read_image_table
 from deft_clean.images import build_image_cache, decode_square, fits_in_ram
 from deft_clean.progress import Reporter, SilentReporter
-from deft_clean.tables import fail, read_classes, read_table
+from deft_clean.tables import fail, label_warnings, read_classes, read_table
 from deft_clean.validation import Decoder, Row, find_problems
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -136,7 +136,9 @@ def _read_inputs(
             rows, digest = read_image_folder(root)
             fingerprint = {"source": "imagefolder", "listing_sha256": digest}
         else:
-            rows, digest = read_table(labels_csv, image_col=config.image_col, label_col=config.label_col)
+            rows, digest = read_table(
+                labels_csv, image_col=config.image_col, label_col=config.label_col, delimiter=config.separator
+            )
             fingerprint = {"source": "csv", "csv": str(labels_csv), "csv_sha256": digest}
     except DataError as error:
         problems += error.problems
@@ -178,6 +180,7 @@ def _readable(
         max_pixels=config.max_image_pixels,
         decode=decode,
         num_workers=num_workers or None,
+        follow_links=config.follow_links,
         reporter=reporter,
     )
     if findings.problems:
@@ -207,6 +210,8 @@ def load_manifest(
     """
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
     root, rows, fingerprint, classes = _read_inputs(data_dir, csv_path, config, reporter)
+    for warning in label_warnings(rows, str(csv_path or data_dir)):
+        reporter.log(warning, level="warning")
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
     kept, decode = _keeper(len(rows), image_size)
     source = str(csv_path or data_dir)

@@ -20,11 +20,14 @@ import numpy as np
 import torch
 
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
+from deft_clean.checkpoint import Checkpoint, checkpoint_path
+from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone, to_dict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.embed import stage
 from deft_clean.errors import TrainingError
+from deft_clean.files import check_output, refuse_input, releases_outputs
+from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
 from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, seed_everything
@@ -41,6 +44,7 @@ from deft_clean.text_sampling import step_classes, to_local
 DEFAULT_OUT = "deft_results.parquet"
 
 
+@releases_outputs
 def detect(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -51,6 +55,8 @@ def detect(
     out: str | Path | None = None,
     truth_csv: str | Path | None = None,
     save_model: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> DetectResult:
     """Flag likely wrong labels in an image set; write the results (one row per input row) and return them.
@@ -60,14 +66,19 @@ def detect(
     or all rows) adds precision/recall/F1 of the flags to the summary. ``save_model`` writes the
     learned prompts and adapters (see :mod:`deft_clean.deft_model`). The result holds the table (its
     metadata in ``frame.attrs``, as :func:`deft_clean.results.read_results` returns it), the typed
-    summary and the path written.
+    summary and the path written. Outputs are checked before any work (:func:`check_output`): an existing
+    one is refused unless ``overwrite``, an input always. Each epoch ends with a checkpoint beside ``out``
+    (:mod:`deft_clean.checkpoint`); ``resume`` continues a killed run from it to the same result.
     """
     config, backbone = detect, resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
+    out_path = _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, overwrite)
     size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
         data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
     )
+    refuse_input(out_path, manifest.files(), what="an image")
+    refuse_unfit(manifest, backbone, config, source=str(labels_csv or data_dir))
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(config.seed)
     built, device = load_backbone_on(backbone)
@@ -83,7 +94,9 @@ def detect(
     with cuda_autotune(device, built.model.visual):
         trunk = trunk_cache(net, images, 2 * config.batch_size) if net.caches_features else None
         clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
-        history = train_detector(net, samples, config, trunk=trunk, reporter=reporter)
+        key = {"configs": [to_dict(c) for c in (data, backbone, config)], "input": manifest.fingerprint}
+        checkpoint = Checkpoint(checkpoint_path(out_path), key, resume=resume, reporter=reporter)
+        history = train_detector(net, samples, config, trunk=trunk, reporter=reporter, checkpoint=checkpoint)
         clock["trained"] = time.perf_counter()
         scores = score_detector(net, samples, config, trunk=trunk, reporter=reporter)
         clock["scored"] = time.perf_counter()
@@ -92,12 +105,37 @@ def detect(
     summary = run_summary(manifest, frame, history, clock, device, built, truth)
     configs = {"data": data, "backbone": backbone, "detect": config}
     metadata = run_metadata(manifest=manifest, configs=configs, extra={"detect": summary.to_dict()})
-    out_path = Path(out) if out is not None else default_out(labels_csv)
     write_results(frame, out_path, metadata=metadata)
+    checkpoint.remove()
     if save_model is not None:
         _save(net, save_model, backbone, config, manifest)
     frame.attrs.update(metadata, out=str(out_path))
     return DetectResult(frame, summary, out_path)
+
+
+def _check_outputs(
+    data_dir: str | Path,
+    labels_csv: str | Path | None,
+    data: DataConfig,
+    out: str | Path | None,
+    truth_csv: str | Path | None,
+    save_model: str | Path | None,
+    overwrite: bool,
+) -> Path:
+    """The results path, after :func:`check_output` accepted it and ``save_model`` (sized from the CSV)."""
+    inputs = [data_dir, labels_csv, truth_csv, data.classes_file]
+    table_bytes = (
+        Path(labels_csv).stat().st_size if labels_csv is not None and Path(labels_csv).is_file() else 0
+    )
+    out_path = check_output(
+        out if out is not None else default_out(labels_csv), inputs=inputs, overwrite=overwrite,
+        estimated_bytes=2 * table_bytes,
+    )  # fmt: skip
+    if save_model is not None:
+        check_output(
+            save_model, inputs=[*inputs, out_path], overwrite=overwrite, kind="folder", option="--save-model"
+        )
+    return out_path
 
 
 def _refuse_failed_training(
@@ -184,12 +222,14 @@ def train_detector(
     *,
     trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),
+    checkpoint: Checkpoint | None = None,
 ) -> list[dict[str, float]]:
     """Train prompts and tuning on the given labels; returns per-epoch dicts (loss, ce, neg, selected, img_s).
 
     Warm-up epochs: CE on every sample. Later epochs: CE on the samples the current model calls clean
     (in the same batch), pseudo-labels for the rest in the negative-prompt loss (:func:`deft_loss`).
     ``trunk``: features from :func:`trunk_cache` when the tower is frozen (computed here if not given).
+    ``checkpoint``: saved after every epoch, and the epochs it holds are skipped when resuming.
     """
     device, n = data.device, len(data)
     cpu_gen = torch.Generator().manual_seed(config.seed)
@@ -200,9 +240,10 @@ def train_detector(
     if trunk is None and net.caches_features:
         trunk = trunk_cache(net, data.images, 2 * config.batch_size)
     steps = math.ceil(n / config.batch_size)
-    history = []
+    generators = [cpu_gen, dev_gen]
+    start, history = checkpoint.restore(net, optimizer, generators) if checkpoint else (0, [])
     net.train()
-    for epoch in range(config.epochs):
+    for epoch in range(start, config.epochs):
         order = torch.randperm(n, generator=cpu_gen)
         totals = torch.zeros(4, device=device)  # sums of loss, ce, neg over samples; selected count
         started = time.perf_counter()
@@ -233,6 +274,8 @@ def train_detector(
             }
             reporter.advance(len(index), loss=record["loss"], img_s=record["img_s"])
         history.append(record)
+        if checkpoint is not None:
+            checkpoint.save(epoch + 1, history, net, optimizer, generators)
     net.eval()
     return history
 

@@ -21,7 +21,7 @@ import torch
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.config import BackboneConfig, DataConfig
 from deft_clean.data import Manifest, load_manifest
-from deft_clean.files import atomic_file
+from deft_clean.files import atomic_file, check_output, releases_outputs
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.runtime import StagedImages, feature_pass
 
@@ -96,6 +96,7 @@ def embed_images(
     return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
 
+@releases_outputs
 def embed(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -105,17 +106,23 @@ def embed(
     out: str | Path | None = None,
     pooled: bool = False,
     batch_size: int = 256,
+    overwrite: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> np.ndarray:
     """Read and validate a labelled image set, build the backbone, return :func:`embed_images` (N, D).
 
+    Rows skipped as unreadable (``on_bad_image='skip'``) are NaN.
     ``out`` also saves the array as ``.npy`` (atomically); rows follow the input order of ``labels_csv``
-    (or the ImageFolder listing).
+    (or the ImageFolder listing); it is checked first (:func:`check_output`: an existing file is refused
+    unless ``overwrite``).
     """
+    if out is not None:
+        check_output(out, inputs=[data_dir, labels_csv, data.classes_file], overwrite=overwrite)
     size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(data_dir, labels_csv, config=data, image_size=size, reporter=reporter)
     built, _ = load_backbone_on(backbone)
     features = embed_images(manifest, built, batch_size=batch_size, pooled=pooled, reporter=reporter)
+    features[~manifest.readable] = np.nan  # rows skipped with on_bad_image='skip': no features
     if out is not None:
         with atomic_file(out) as partial, open(partial, "wb") as handle:
             np.save(handle, features)

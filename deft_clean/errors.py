@@ -65,6 +65,10 @@ class ConfigError(DeftCleanError):
     """An option value is invalid or options contradict each other."""
 
 
+class OutputError(DeftCleanError):
+    """An output cannot or must not be written (exists, is an input, unwritable, no room); exit code 2."""
+
+
 class BackboneError(DeftCleanError):
     """A backbone cannot be built or its weights cannot be loaded."""
 

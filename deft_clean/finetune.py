@@ -24,14 +24,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from deft_clean.backbone import Backbone, input_size
+from deft_clean.checkpoint import Checkpoint, checkpoint_path
 from deft_clean.classifier import Classifier, build_tower, changed_tower_keys, classifier_info, evaluate
-from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone, to_dict
 from deft_clean.data import Manifest, load_manifest
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
+from deft_clean.files import check_output, releases_outputs
+from deft_clean.offline import OFFLINE_NOTE
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import confident_suggestions, read_results
-from deft_clean.runtime import StagedImages, autocast, cosine_lr, cuda_autotune, feature_pass, is_conv
+from deft_clean.runtime import (
+    StagedImages,
+    autocast,
+    cosine_lr,
+    cuda_autotune,
+    feature_pass,
+    is_conv,
+    seeded,
+)
 from deft_clean.tes import tes_loss, text_logits
 
 
@@ -47,6 +58,7 @@ class FinetuneResult:
     out_dir: Path | None
 
 
+@releases_outputs
 def finetune(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -58,14 +70,21 @@ def finetune(
     out: str | Path | None = None,
     test_dir: str | Path | None = None,
     test_csv: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> FinetuneResult:
     """Train a classifier on ``data_dir`` (rows a ``flags`` file marks clean, or all rows).
 
     ``backbone.model`` None: the backbone recorded in the flags file (else the default). ``out`` saves
-    the classifier (and ``metrics.json`` when ``test_dir`` is given).
+    the classifier (and ``metrics.json`` when ``test_dir`` is given); it is checked before any work
+    (:func:`check_output`: an existing non-empty folder is refused unless ``overwrite``). With ``out``,
+    each epoch ends with a checkpoint beside it; ``resume`` continues a killed run from it.
     """
     config = finetune
+    if out is not None:
+        inputs = [data_dir, labels_csv, flags, test_dir, test_csv, data.classes_file]
+        check_output(out, inputs=inputs, overwrite=overwrite, kind="folder")
     flags_df = read_results(flags) if flags is not None else None
     recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
     bcfg = resolve_backbone(backbone, recorded)
@@ -78,20 +97,27 @@ def finetune(
     )
     built, tower = build_tower(bcfg, config)  # load_classifier rebuilds it the same way
     for note in built.notes:
-        reporter.log(note, "warning")
+        if note != OFFLINE_NOTE:  # that one is about detection; TeS trains the towers it needs anyway
+            reporter.log(note, "warning")
     device = next(tower.parameters()).device
     texts = (
         text_classifier(built, manifest.prompt_names(), config.template_list)
         if config.method == "tes"
         else None
     )
-    head = ClassifierHead(
-        _feature_dim(tower, built.image_size, device), len(manifest.class_ids), texts, config.tau
-    )
+    with seeded(config.seed):  # the head's initial weights follow --seed, as the tower's do
+        head = ClassifierHead(
+            _feature_dim(tower, built.image_size, device), len(manifest.class_ids), texts, config.tau
+        )
     images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
     images.channels_last = device.type == "cuda" and is_conv(tower)
+    checkpoint = None
+    if out is not None:
+        key = {"configs": [to_dict(c) for c in (data, bcfg, config)], "input": manifest.fingerprint}
+        key.update(flags=None if flags is None else str(flags), rows=len(rows))
+        checkpoint = Checkpoint(checkpoint_path(Path(out)), key, resume=resume, reporter=reporter)
     with cuda_autotune(device, tower):
-        _train(tower, head.to(device), images, torch.from_numpy(labels), config, reporter)
+        _train(tower, head.to(device), images, torch.from_numpy(labels), config, reporter, checkpoint)
     info = classifier_info(built, bcfg, config, manifest)
     info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}
     info["training"].update(fingerprint=manifest.fingerprint, flags=None if flags is None else str(flags))
@@ -103,6 +129,8 @@ def finetune(
     if out is not None:
         extra = {"metrics.json": json.dumps(metrics, indent=2) + "\n"} if metrics is not None else {}
         classifier.save(out, extra_files=extra)
+    if checkpoint is not None:
+        checkpoint.remove()
     return FinetuneResult(
         classifier, len(rows), n_dropped, n_relabelled, metrics, None if out is None else Path(out)
     )
@@ -259,14 +287,16 @@ def _train(
     labels: torch.Tensor,
     cfg: FinetuneConfig,
     reporter: Reporter,
+    checkpoint: Checkpoint | None = None,
 ) -> None:
     """SGD over the staged ``images`` (N samples) with ``labels`` (N,); TeS or CE per ``cfg.method``.
 
-    The loss is read back once per epoch (no host sync per step).
+    The loss is read back once per epoch (no host sync per step). ``checkpoint``: saved after every
+    epoch; the epochs it holds are skipped when resuming.
     """
     device = next(head.parameters()).device
     labels = labels.to(device)
-    features_of = _feature_source(tower, images, cfg, reporter)
+    features_of, augment_gen = _feature_source(tower, images, cfg, reporter)
     params = [p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(labels)
@@ -276,8 +306,10 @@ def _train(
     order_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     tower.train(cfg.tune != "linear")
     head.train()
-    step = 0
-    for epoch in range(cfg.epochs):
+    net, generators = nn.ModuleDict({"tower": tower, "head": head}), [order_gen, augment_gen]
+    start, _ = checkpoint.restore(net, optimizer, generators) if checkpoint else (0, [])
+    step = start * steps_per_epoch
+    for epoch in range(start, cfg.epochs):
         order = torch.randperm(n, generator=order_gen, device=device)
         running = torch.zeros((), device=device)
         with reporter.task(
@@ -303,23 +335,26 @@ def _train(
                 step += 1
                 reporter.advance(len(idx))
             reporter.advance(0, loss=float(running / max(steps_per_epoch, 1)))  # one sync per epoch
+        if checkpoint is not None:
+            checkpoint.save(epoch + 1, [], net, optimizer, generators)
     tower.eval()
     head.eval()
 
 
 def _feature_source(
     tower: nn.Module, images: StagedImages, cfg: FinetuneConfig, reporter: Reporter
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function: batch indices (B,) on the device -> training features (B, E).
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Generator]:
+    """A function: batch indices (B,) on the device -> training features (B, E); and the generator of
+    its augmentations (part of a checkpoint).
 
     ``--tune linear``: the frozen features, computed once by the one feature pass. Otherwise each call
     crops/flips/normalises the batch on the device and runs the tower.
     """
+    generator = torch.Generator(device=images.device).manual_seed(cfg.seed + 1)
     if cfg.tune == "linear":
         tower.eval()
         features = feature_pass(tower, images, batch_size=256, reporter=reporter)  # (N, E) float32
-        return lambda idx: features[idx]
+        return (lambda idx: features[idx]), generator
     if images.channels_last:
         tower.to(memory_format=torch.channels_last)
-    generator = torch.Generator(device=images.device).manual_seed(cfg.seed + 1)
-    return lambda idx: tower(images.images_at(idx, train=True, generator=generator))
+    return (lambda idx: tower(images.images_at(idx, train=True, generator=generator))), generator

@@ -224,15 +224,21 @@ class DualPromptLearner(nn.Module):
         return torch.cat([pos for pos, _ in parts]), torch.cat([neg for _, neg in parts])
 
 
+def too_long_names(names: list[str], end: torch.Tensor, n_ctx: int, length: int) -> list[tuple[str, int]]:
+    """(name, tokens needed) of each class whose prompt's end token would fall off the context window."""
+    return [(names[i], int(end[i]) + 1 + n_ctx) for i in range(len(names)) if int(end[i]) + n_ctx >= length]
+
+
+LENGTH_HINT = "Use fewer context vectors (--n-ctx) or shorter class names (in the --classes file)."
+
+
 def _check_length(names: list[str], end: torch.Tensor, n_ctx: int, length: int) -> None:
     """Refuse prompts whose end token would fall off the text tower's context window."""
-    too_long = [
-        (names[i], int(end[i]) + 1 + n_ctx) for i in range(len(names)) if int(end[i]) + n_ctx >= length
-    ]
+    too_long = too_long_names(names, end, n_ctx, length)
     if too_long:
         name, needed = too_long[0]
         raise ConfigError(
             f"Class name {name!r} needs {needed} tokens with {n_ctx} context vectors; the text tower takes "
             f"{length} ({len(too_long)} class name(s) too long).",
-            hint="Use fewer context vectors (--n-ctx) or shorter class names (in the --classes file).",
+            hint=LENGTH_HINT,
         )

@@ -44,18 +44,25 @@ class Findings:
     readable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
-def _outside(root: Path, path: str) -> str | None:
-    """Why ``path`` is not safely inside ``root`` (absolute, '..' or a symlink out), else None."""
+def _outside(root: Path, path: str, follow_links: bool = False) -> tuple[str, str] | None:
+    """(why, fix) when ``path`` is not safely inside ``root`` (absolute, '..' or a symlink out), else None.
+
+    ``follow_links``: a path inside ``root`` that is a symlink (or under one) to a readable file elsewhere
+    is accepted (data sets kept as links into a store, e.g. DVC or git-annex); never by default."""
+    relative = "Use a path relative to DATA_DIR."
     if not path:
-        return "empty image path"
+        return "empty image path", "Fill in the path."
     if os.path.isabs(path) or Path(path).drive:
-        return "absolute path refused; paths must be relative to DATA_DIR"
+        return "absolute path refused; paths must be relative to DATA_DIR", relative
     resolved = (root / path).resolve()
     if resolved.is_relative_to(root):
         return None
     if ".." in Path(path).parts:
-        return "path leaves DATA_DIR through '..'"
-    return f"symlink points outside DATA_DIR (to '{resolved}')"
+        return "path leaves DATA_DIR through '..'", relative
+    if follow_links and resolved.is_file() and os.access(resolved, os.R_OK):
+        return None
+    fix = "Copy the file into DATA_DIR, or pass --follow-links to allow links to files outside it."
+    return f"the path is inside DATA_DIR but is a symlink to '{resolved}', outside it", fix
 
 
 def _near_names(file: Path, listings: dict[Path, list[str]]) -> str:
@@ -72,6 +79,10 @@ def _file_problem(root: Path, path: str, listings: dict[Path, list[str]]) -> Pro
     file = root / path
     fix = f"Paths are relative to DATA_DIR ({root})."
     if not file.exists():
+        if "\\" in path:
+            posix = path.replace("\\", "/")
+            found = " (that file exists)" if (root / posix).exists() else ""
+            fix += f" Separate folders with '/', not a Windows '\\': '{posix}'{found}."
         return Problem(
             "missing_file", "image file not found", path=path, fix=fix + _near_names(file, listings)
         )
@@ -121,7 +132,9 @@ def _key(path: str) -> str:
     return posixpath.normpath(path.replace("\\", "/"))
 
 
-def _row_problems(rows: list[Row], root: Path, class_ids: list[str]) -> tuple[list[Problem], dict[str, int]]:
+def _row_problems(
+    rows: list[Row], root: Path, class_ids: list[str], follow_links: bool = False
+) -> tuple[list[Problem], dict[str, int]]:
     """Label, path-safety and duplicate checks; returns problems and {normalised path: first row index}."""
     known = set(class_ids)
     problems: list[Problem] = []
@@ -137,9 +150,9 @@ def _row_problems(rows: list[Row], root: Path, class_ids: list[str]) -> tuple[li
             problems.append(
                 Problem("unknown_label", f"label '{row.label}' is not in --classes", **where, fix=fix)
             )
-        reason = _outside(root, row.path)
-        if reason is not None:
-            problems.append(Problem("unsafe_path", reason, **where, fix="Use a path relative to DATA_DIR."))
+        outside = _outside(root, row.path, follow_links)
+        if outside is not None:
+            problems.append(Problem("unsafe_path", outside[0], **where, fix=outside[1]))
             continue
         key = _key(row.path)
         if key in first:
@@ -185,6 +198,7 @@ def find_problems(
     max_pixels: int | None = None,
     num_workers: int | None = None,
     decode: Decoder | None = None,
+    follow_links: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> Findings:
     """Check every row at once; return all problems (row-ordered) and the readable mask.
@@ -195,8 +209,9 @@ def find_problems(
     go to ``Findings.skipped`` and their rows get ``readable=False`` instead of blocking. ``decode``:
     how each image is decoded, called once per distinct file with its row index (``data`` passes one
     that keeps the pixels, so the image cache needs no second decode); default: a cheap full decode.
+    ``follow_links``: accept symlinks out of ``root`` to readable files (``--follow-links``).
     """
-    problems, first = _row_problems(rows, root, class_ids)
+    problems, first = _row_problems(rows, root, class_ids, follow_links)
     listings: dict[Path, list[str]] = {}
     bad: list[Problem] = []
     to_decode: list[tuple[int, Row]] = []

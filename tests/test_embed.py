@@ -124,6 +124,6 @@ def test_cli_embed_writes_npy(image_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert np.load(out).shape[0] == 6 and f"wrote 6 x {np.load(out).shape[1]} features" in result.output
     missing = CliRunner().invoke(
-        app, ["embed", str(tmp_path / "nope"), "--out", str(out), "--model", "test-tiny"]
+        app, ["embed", str(tmp_path / "nope"), "--out", str(tmp_path / "g.npy"), "--model", "test-tiny"]
     )
     assert missing.exit_code == 2 and "nope" in missing.output

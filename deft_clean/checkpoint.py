@@ -1,0 +1,130 @@
+"""Epoch checkpoints of a training run, so a killed run continues (``--resume``) instead of starting over.
+
+At the end of every epoch, ``detect`` and ``finetune`` write ``<out>.checkpoint`` beside their output
+(atomically, under the output's lock): the tensors training changed (prompts, adapters, heads, a tuned
+tower, BatchNorm statistics, and frozen weights that moved anyway: peft merges LoRA into
+``nn.MultiheadAttention`` weights in place at every forward and the rounding drifts; the rest of the
+backbone is rebuilt from its config), the optimizer state, the states of the run's random generators,
+the epoch and the history so far, and a key naming the run (configs and input fingerprint). With
+``--resume``, a checkpoint whose key matches is loaded and training continues at the next epoch; the
+result is the same as a run that was never interrupted (same tensors, generator states and optimizer
+state). The checkpoint is removed once the output is written. A checkpoint of another run (other
+options or data) is refused with a message rather than silently mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deft_clean.errors import ConfigError
+from deft_clean.files import atomic_file
+from deft_clean.progress import Reporter, SilentReporter
+
+FORMAT_VERSION = 1
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where the checkpoint of the run writing ``out`` lives: ``<out>.checkpoint``, beside it."""
+    return out.with_name(out.name + ".checkpoint")
+
+
+class Checkpoint:
+    """Saves and restores the training state of one run at epoch ends (see the module docstring).
+
+    ``key``: JSON-safe description of the run (configs, input fingerprint); a checkpoint is only
+    resumed when its key equals this one. ``resume``: load an existing checkpoint; otherwise one left
+    by an earlier run is replaced (with a notice saying ``--resume`` would have continued it).
+    """
+
+    def __init__(
+        self, path: Path, key: dict[str, Any], *, resume: bool, reporter: Reporter = SilentReporter()
+    ) -> None:
+        self.path, self.resume, self.reporter = Path(path), resume, reporter
+        self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        self._frozen: dict[str, float] = {}  # sums of the frozen tensors (and buffers) before training
+
+    def _moved(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors to save: trainable parameters, and frozen parameters or buffers (BatchNorm
+        statistics) whose values changed since the start."""
+        return {
+            name: t.detach().cpu().clone()
+            for name, t in _tensors(net)
+            if t.requires_grad or _sum(t) != self._frozen.get(name)
+        }
+
+    def restore(
+        self, net: nn.Module, optimizer: torch.optim.Optimizer, generators: list[torch.Generator]
+    ) -> tuple[int, list[dict[str, float]]]:
+        """(epochs already done, their history): from the checkpoint when resuming, else (0, [])."""
+        self._frozen = {name: _sum(t) for name, t in _tensors(net) if not t.requires_grad}
+        if not self.path.is_file():
+            if self.resume:
+                self.reporter.log(f"no checkpoint at {self.path}; starting from epoch 1", level="warning")
+            return 0, []
+        if not self.resume:
+            self.reporter.log(
+                f"{self.path} holds an interrupted run; starting over (pass --resume to continue it)",
+                level="warning",
+            )
+            return 0, []
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("format_version") != FORMAT_VERSION or state.get("key") != self.key:
+            raise ConfigError(
+                f"The checkpoint {self.path} belongs to another run (other options, backbone or data).",
+                hint="Run with the options of the interrupted run, or delete the checkpoint to start over.",
+            )
+        tensors = dict(_tensors(net))
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                tensors[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        for generator, saved in zip(generators, state["generators"], strict=True):
+            generator.set_state(saved)
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.reporter.log(f"resumed from {self.path} after epoch {state['epoch']}")
+        return int(state["epoch"]), list(state["history"])
+
+    def save(
+        self,
+        epoch: int,
+        history: list[dict[str, float]],
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generators: list[torch.Generator],
+    ) -> None:
+        """Write the state after ``epoch`` epochs, atomically (a kill while writing keeps the last one)."""
+        state = {
+            "format_version": FORMAT_VERSION,
+            "key": self.key,
+            "epoch": epoch,
+            "history": history,
+            "params": self._moved(net),
+            "optimizer": optimizer.state_dict(),
+            "generators": [generator.get_state() for generator in generators],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        with atomic_file(self.path) as partial:
+            torch.save(state, partial)
+
+    def remove(self) -> None:
+        """Delete the checkpoint (the run finished and its results are written)."""
+        self.path.unlink(missing_ok=True)
+
+
+def _tensors(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``net`` by name."""
+    return [*net.named_parameters(), *net.named_buffers()]
+
+
+def _sum(parameter: torch.Tensor) -> float:
+    """A checksum of a parameter's values (float64 sum): equal for unchanged values."""
+    with torch.no_grad():
+        return float(parameter.detach().double().sum())
