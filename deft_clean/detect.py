@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
+from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, score_pass, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.embed import stage
@@ -61,17 +63,18 @@ def detect(
     metadata in ``frame.attrs``, as :func:`deft_clean.results.read_results` returns it), the typed
     summary and the path written.
     """
-    config, backbone = detect, resolve_backbone(backbone)
+    backbone = resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
     size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
-        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
+        data_dir, labels_csv, config=data, image_size=size, num_workers=detect.num_workers, reporter=reporter
     )
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
-    seed_everything(config.seed)
+    seed_everything(detect.seed)
     built, device = load_backbone_on(backbone)
-    for note in built.notes:
-        reporter.log(note, level="warning")
+    config, choices = detect.resolved(cuda=device.type == "cuda")
+    for note in [*built.notes, *choices]:
+        reporter.log(note, level="warning" if note in built.notes else "info")
     rows = np.flatnonzero(manifest.readable)
     images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
     samples = LabelledImages(images, manifest.labels[rows])
@@ -82,10 +85,8 @@ def detect(
     with cuda_autotune(device, built.model.visual):
         trunk = trunk_cache(net, images, 2 * config.batch_size) if net.caches_features else None
         clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
-        history = train_detector(net, samples, config, trunk=trunk, reporter=reporter)
-        clock["trained"] = time.perf_counter()
-        scores = score_detector(net, samples, config, trunk=trunk, reporter=reporter)
-        clock["scored"] = time.perf_counter()
+        scores, history = fit_and_score(net, samples, config, trunk=trunk, reporter=reporter)
+        clock["trained"] = clock["scored"] = time.perf_counter()  # scoring passes run inside training
     _refuse_failed_training(history, scores, samples, net, built, config)
     frame = result_frame(manifest, rows, scores)
     summary = run_summary(manifest, frame, history, clock, device, built, truth)
@@ -107,14 +108,16 @@ def _refuse_failed_training(
     backbone: Backbone,
     config: DetectConfig,
 ) -> None:
-    """Raise TrainingError (nothing is written) when :func:`training_failure` finds a failed model."""
-    failure = training_failure(
-        history,
-        scores.predicted,
-        samples.labels_np,
-        num_classes=net.prompts.n_cls,
-        collapse=not backbone.random_weights,
-    )
+    """Raise TrainingError (nothing is written) when :func:`training_failure` finds a fold's model failed."""
+    failure = None
+    for fold in sorted({record["fold"] for record in history}):
+        failure = failure or training_failure(
+            [record for record in history if record["fold"] == fold],
+            scores.predicted,
+            samples.labels_np,
+            num_classes=net.prompts.n_cls,
+            collapse=not backbone.random_weights,
+        )
     if failure is not None:
         raise TrainingError(
             f"DeFT training failed: {failure}. No results were written.",
@@ -148,12 +151,34 @@ def default_out(labels_csv: str | Path | None) -> Path:
 class LabelledImages:
     """The staged images of the readable rows and their given labels ``labels_np`` (N,), on the device too."""
 
-    def __init__(self, images: StagedImages, labels_np: np.ndarray) -> None:
+    def __init__(self, images: StagedImages | _Subset, labels_np: np.ndarray) -> None:
         self.images, self.labels_np, self.device = images, labels_np, images.device
         self.labels = torch.from_numpy(labels_np).to(images.device)
+        self.index = getattr(images, "index", np.arange(len(labels_np)))  # samples of the full set held here
 
     def __len__(self) -> int:
         return len(self.labels_np)
+
+    def subset(self, index: np.ndarray) -> LabelledImages:
+        """The samples ``index`` (M,) of this set (a view: nothing is copied or moved)."""
+        return LabelledImages(_Subset(self.images, np.asarray(index)), self.labels_np[index])
+
+
+class _Subset:
+    """Some samples of a :class:`StagedImages`: sample ``i`` here is sample ``index[i]`` there."""
+
+    def __init__(self, images: StagedImages | _Subset, index: np.ndarray) -> None:
+        self.images, self.device = images, images.device
+        self.index = getattr(images, "index", np.arange(len(images)))[index]
+        self._local = torch.from_numpy(index)
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+    def images_at(
+        self, index: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return self.images.images_at(self._local[index.cpu()], train=train, generator=generator)
 
 
 def trunk_cache(net: DeftModel, images: StagedImages, batch_size: int) -> torch.Tensor:
@@ -183,12 +208,14 @@ def train_detector(
     *,
     trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),
+    after_epoch: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train prompts and tuning on the given labels; returns per-epoch dicts (loss, ce, neg, selected, img_s).
 
     Warm-up epochs: CE on every sample. Later epochs: CE on the samples the current model calls clean
     (in the same batch), pseudo-labels for the rest in the negative-prompt loss (:func:`deft_loss`).
     ``trunk``: features from :func:`trunk_cache` when the tower is frozen (computed here if not given).
+    ``after_epoch(epoch)`` (0-based) runs after each epoch with the model in eval mode.
     """
     device, n = data.device, len(data)
     cpu_gen = torch.Generator().manual_seed(config.seed)
@@ -232,6 +259,10 @@ def train_detector(
             }
             reporter.advance(len(index), loss=record["loss"], img_s=record["img_s"])
         history.append(record)
+        if after_epoch is not None:
+            net.eval()
+            after_epoch(epoch)
+            net.train()
     net.eval()
     return history
 
@@ -266,7 +297,71 @@ def _train_step(
     return torch.stack([loss.detach() * count, ce.detach() * count, neg.detach() * count, chosen])
 
 
-@torch.no_grad()
+def fit_and_score(
+    net: DeftModel,
+    samples: LabelledImages,
+    config: DetectConfig,
+    *,
+    trunk: torch.Tensor | None = None,
+    reporter: Reporter = SilentReporter(),
+) -> tuple[Scores, list[dict[str, float]]]:
+    """Train and score under ``config.scoring`` (:mod:`deft_clean.crossfit`): one model on every row, or
+    one per fold restarted from the same weights, each scoring only rows it did not train on. Scores are
+    averaged over each model's epochs after warm-up. Returns the scores and the per-epoch records (with
+    the ``fold`` they belong to)."""
+    folds = config.folds if config.scoring == "crossfit" else 1
+    fold = fold_plan(samples.labels_np, folds, config.seed)
+    initial = net.trainable_state()
+    average = EpochAverage.empty(len(samples), net.prompts.n_cls)
+    first_scored = min(config.warmup_epochs, config.epochs - 1)  # the last epoch at least
+    history: list[dict[str, float]] = []
+    for k in np.unique(fold):
+        scored = np.flatnonzero(fold == k)
+        train = np.arange(len(samples)) if k == IN_SAMPLE else np.flatnonzero(fold != k)
+        net.restore(initial)
+        part, target = EpochAverage.empty(len(scored), net.prompts.n_cls), samples.subset(scored)
+
+        def after_epoch(epoch: int, part: EpochAverage = part, target: LabelledImages = target) -> None:
+            if epoch >= first_scored:
+                _score_into(net, target, _rows(trunk, target.index), part, 2 * config.batch_size)
+
+        if k != IN_SAMPLE:
+            reporter.log(
+                f"Cross-fitting: fold {k + 1}/{folds} trains on {len(train)} rows, scores {len(scored)}."
+            )
+        records = train_detector(
+            net,
+            samples.subset(train),
+            config,
+            trunk=_rows(trunk, train),
+            reporter=reporter,
+            after_epoch=after_epoch,
+        )
+        history += [dict(record, fold=int(k)) for record in records]
+        mean = part.mean()
+        average.probs[scored], average.p_clean[scored], average.margin[scored] = (
+            mean.probs,
+            mean.p_clean,
+            mean.margin,
+        )
+    return verdict(average, samples.labels_np, fold, config), history
+
+
+def _rows(trunk: torch.Tensor | None, index: np.ndarray) -> torch.Tensor | None:
+    return None if trunk is None else trunk[torch.from_numpy(index).to(trunk.device)]
+
+
+def _score_into(
+    net: DeftModel, data: LabelledImages, trunk: torch.Tensor | None, average: EpochAverage, batch: int
+) -> None:
+    """Add one un-augmented pass of ``net`` over ``data`` to ``average``."""
+
+    def similarities(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return net.similarities(_features(net, data, index, trunk, train=False, generator=None))
+
+    score_pass(similarities, len(data), data.labels, average, net.scale, batch)
+
+
 def score_detector(
     net: DeftModel,
     data: LabelledImages,
@@ -275,40 +370,12 @@ def score_detector(
     trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),
 ) -> Scores:
-    """Score every readable image once, un-augmented, with the final model (no training, no selection).
-
-    Flags follow ``config.flag_rule``: the clean rule of training (``dual``), or that rule OR the positive
-    prompts' prediction differing from the given label (``either``); scores and ranks are the same.
-    """
+    """Score every readable image once, un-augmented, with ``net`` as it is (e.g. a saved detector)."""
     net.eval()
     if trunk is None and net.caches_features:
         trunk = trunk_cache(net, data.images, 2 * config.batch_size)
-    parts: list[torch.Tensor] = []
-    batch = 2 * config.batch_size
+    average = EpochAverage.empty(len(data), net.prompts.n_cls)
     with reporter.task("Scoring", total=len(data)):
-        for start in range(0, len(data), batch):
-            index = torch.arange(start, min(start + batch, len(data)))
-            labels = data.labels[index.to(data.device)]
-            with autocast(data.device):
-                s_pos, s_neg = net.similarities(
-                    _features(net, data, index, trunk, train=False, generator=None)
-                )
-            s_pos, s_neg = s_pos.float(), s_neg.float()
-            p_all = clean_probability(s_pos, s_neg)  # (B, K)
-            rows = torch.arange(len(index), device=data.device)
-            clean = select_clean(p_all, labels, threshold=config.threshold, strict=config.strict)
-            margin = (s_pos - s_neg)[rows, labels] / net.scale
-            prob, predicted = torch.softmax(s_pos, dim=1).max(dim=1)
-            noisy = ~clean | (predicted != labels) if config.flag_rule == "either" else ~clean
-            parts.append(
-                torch.stack([p_all[rows, labels], margin, noisy.float(), predicted.float(), prob], 1)
-            )
-            reporter.advance(len(index))
-    table = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, 5), np.float32)
-    return Scores(
-        p_clean=table[:, 0].astype(np.float32),
-        margin=table[:, 1].astype(np.float32),
-        is_noisy=table[:, 2] > 0.5,
-        predicted=table[:, 3].round().astype(np.int64),
-        predicted_prob=table[:, 4].astype(np.float32),
-    )
+        _score_into(net, data, trunk, average, 2 * config.batch_size)
+        reporter.advance(len(data))
+    return verdict(average, data.labels_np, np.full(len(data), IN_SAMPLE), config)
