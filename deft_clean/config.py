@@ -21,11 +21,13 @@ from deft_clean.errors import ConfigError
 T = TypeVar("T")
 DEFAULT_MODEL = "offline"
 CONV_ADAPTER_LR_FACTOR = 0.1  # frozen BatchNorm cannot renormalise LoRA's change in a conv tower
-# DeFT's batch and lr when not given: a frozen tower trains only the heads and prompts, and 4x fewer,
-# 4x larger steps scored better and cost a quarter (fewer steps memorise fewer noisy labels; the step
-# count, not the row count, sets the cost: docs/benchmarks.md); a tuned tower keeps the authors' values.
-FROZEN_BATCH, FROZEN_LR = 256, 0.12
+# DeFT's batch and lr when not given. A tuned tower keeps the authors' 64 / 0.03. A frozen tower trains
+# only the heads and prompts, and its cost is the number of steps (the text tower runs every step): on
+# 2,000 CIFAR-10 images 4x larger steps (256, lr 0.06) scored as well or better at a quarter of the cost,
+# while lr 0.12 collapsed at 60% noise; on 300 images 256 left too few steps. So a frozen tower takes
+# about 8 steps per epoch: batch = rows / 8 within [64, 256], lr growing with its square root.
 TUNED_BATCH, TUNED_LR = 64, 0.03
+FROZEN_MAX_BATCH, FROZEN_STEPS = 256, 8
 TEMPLATE_EXAMPLE = "--templates 'a photo of a {}.|a blurry photo of a {}.'"
 
 
@@ -134,10 +136,12 @@ class DetectConfig:
     epochs: int = _opt(10, "Training epochs.")
     warmup_epochs: int = _opt(1, "Epochs that train on all samples before clean selection starts.")
     batch_size: int | None = _opt(
-        None, f"Batch size (default: {FROZEN_BATCH} for a frozen tower, {TUNED_BATCH} for a tuned one)."
+        None,
+        f"Batch size (default: {TUNED_BATCH} for a tuned tower; for a frozen one, rows / {FROZEN_STEPS} "
+        f"within [{TUNED_BATCH}, {FROZEN_MAX_BATCH}]).",
     )
     lr: float | None = _opt(
-        None, f"SGD learning rate, cosine schedule (default: {FROZEN_LR} frozen tower, {TUNED_LR} tuned)."
+        None, f"SGD learning rate, cosine schedule (default: {TUNED_LR} x sqrt(batch size / {TUNED_BATCH}))."
     )
     adapter_lr: float | None = _opt(
         None, "Peak lr of the image-tower adapters (default: --lr; --lr / 10 for convolutional towers)."
@@ -196,10 +200,10 @@ class DetectConfig:
         _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
 
-    def resolved(self, cuda: bool) -> tuple[DetectConfig, list[str]]:
-        """This config with 'auto' and unset values decided for the device (``cuda``), and one line per
-        decision for the run's log. ``--peft auto``: LoRA on CUDA; on a CPU a frozen tower, as LoRA
-        trains about 14 times slower there for about the same F1 (2,000 CIFAR-10 images; benchmarks.md)."""
+    def resolved(self, cuda: bool, rows: int) -> tuple[DetectConfig, list[str]]:
+        """This config with 'auto' and unset values decided for the device (``cuda``) and the number of
+        rows, and one line per decision for the run's log. ``--peft auto``: LoRA on CUDA; on a CPU a frozen
+        tower, as LoRA trains about 14 times slower there for about the same F1 (docs/benchmarks.md)."""
         notes = []
         peft = self.peft
         if peft == "auto":
@@ -210,12 +214,19 @@ class DetectConfig:
                 else "no GPU: LoRA would train ~14x slower on a CPU for about the same F1"
             )
             notes.append(f"--peft auto chose '{peft}' ({why}; pass --peft to choose).")
-        frozen = peft == "none"
-        batch = self.batch_size or (FROZEN_BATCH if frozen else TUNED_BATCH)
-        lr = self.lr or (FROZEN_LR if frozen else TUNED_LR)
+        batch = self.batch_size
+        if batch is None:
+            batch = (
+                min(max(rows // FROZEN_STEPS, TUNED_BATCH), FROZEN_MAX_BATCH)
+                if peft == "none"
+                else TUNED_BATCH
+            )
+        lr = self.lr or round(TUNED_LR * (batch / TUNED_BATCH) ** 0.5, 4)
         if self.batch_size is None or self.lr is None:
-            tower = "frozen" if frozen else "tuned"
-            notes.append(f"Batch size {batch}, lr {lr}: the defaults for a {tower} image tower.")
+            tower = "frozen" if peft == "none" else "tuned"
+            notes.append(
+                f"Batch size {batch}, lr {lr}: the defaults for a {tower} image tower and {rows} rows."
+            )
         return dataclasses.replace(self, peft=peft, batch_size=batch, lr=lr), notes
 
     @property

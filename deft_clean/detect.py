@@ -72,7 +72,7 @@ def detect(
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(detect.seed)
     built, device = load_backbone_on(backbone)
-    config, choices = detect.resolved(cuda=device.type == "cuda")
+    config, choices = detect.resolved(cuda=device.type == "cuda", rows=int(manifest.readable.sum()))
     for note in [*built.notes, *choices]:
         reporter.log(note, level="warning" if note in built.notes else "info")
     rows = np.flatnonzero(manifest.readable)

@@ -244,12 +244,16 @@ def test_fold_plan_is_stratified_and_seeded():
     assert (fold_plan(labels, 1, seed=1) == -1).all()
 
 
-def test_auto_settings_follow_the_device():
-    cpu, notes = DetectConfig().resolved(cuda=False)
-    assert (cpu.peft, cpu.batch_size, cpu.lr) == ("none", 256, 0.12) and "chose 'none'" in notes[0]
-    gpu, _ = DetectConfig().resolved(cuda=True)
+def test_auto_settings_follow_the_device_and_the_rows():
+    cpu, notes = DetectConfig().resolved(cuda=False, rows=2000)
+    assert (cpu.peft, cpu.batch_size, cpu.lr) == ("none", 250, 0.0593) and "chose 'none'" in notes[0]
+    small, _ = DetectConfig().resolved(cuda=False, rows=300)  # a frozen tower keeps ~8 steps per epoch
+    assert (small.batch_size, small.lr) == (64, 0.03)
+    huge, _ = DetectConfig().resolved(cuda=False, rows=50_000)
+    assert (huge.batch_size, huge.lr) == (256, 0.06)
+    gpu, _ = DetectConfig().resolved(cuda=True, rows=2000)
     assert (gpu.peft, gpu.batch_size, gpu.lr) == ("lora", 64, 0.03)
-    kept, notes = DetectConfig(peft="vpt", batch_size=32, lr=0.01).resolved(cuda=False)
+    kept, notes = DetectConfig(peft="vpt", batch_size=32, lr=0.01).resolved(cuda=False, rows=2000)
     assert (kept.peft, kept.batch_size, kept.lr) == ("vpt", 32, 0.01) and notes == []
 
 
