@@ -68,6 +68,7 @@ def ceiling(
     """
     torch.manual_seed(0)
     backbone, device = load_backbone_on(backbone_config)
+    config, _ = config.resolved(cuda=device.type == "cuda", rows=config.batch_size * steps)  # 'auto' values
     size, batch = backbone.image_size, config.batch_size
     cache = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     rows = np.arange(batch * steps) % batch  # every step reads the same resident batch
