@@ -220,7 +220,7 @@ def call_detect(
 
 
 def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
-    """``deft_clean.detect`` with the harness's backbone and ``--deft-opts``; reads is_noisy and p_clean."""
+    """``deft_clean.detect`` with the harness's backbone and ``--deft-opts``: is_noisy and noise_rank."""
     options = {"seed": ctx.seed, **ctx.deft_options}
     # Kept beside the materialised dataset (the cache, not the results): other rules and thresholds
     # can be read from the same run later, and finetune_compare can reuse it (--flags).
@@ -238,7 +238,9 @@ def run_deft(ctx: Context, noisy: NoisySet) -> list[Row]:
     if "path" in frame.columns:  # align on path in case the tool reorders rows
         frame = frame.set_index("path").loc[list(ctx.dataset.paths)].reset_index()
     flags = frame["is_noisy"].to_numpy(dtype=bool)
-    scores = 1.0 - frame["p_clean"].to_numpy(dtype=np.float64)
+    scores = -frame["noise_rank"].to_numpy(
+        dtype=np.float64
+    )  # the product's own ranking (rank 1 = most wrong)
     # The same run, read with the classifier rule instead of the dual-prompt one: flag when the positive
     # prompts' prediction differs from the given label (the ranking is unchanged).
     mismatch = (frame["predicted_label"].astype(str) != frame["given_label"].astype(str)).to_numpy()

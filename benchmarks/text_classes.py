@@ -37,10 +37,11 @@ from benchmarks.metrics import detection_metrics
 from deft_clean.backbone import load_backbone
 from deft_clean.config import BackboneConfig, DetectConfig
 from deft_clean.deft_model import DeftModel
-from deft_clean.detect import LabelledImages, score_detector, train_detector
+from deft_clean.detect import score_detector
 from deft_clean.results import Scores
 from deft_clean.runtime import StagedImages
 from deft_clean.text_sampling import step_classes
+from deft_clean.training import LabelledImages, train_detector
 
 DEFAULT_OUT = Path("runs/text_classes")
 OFF = 1_000_000  # a --text-classes above any K: every class encoded, the full softmax

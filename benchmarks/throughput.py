@@ -6,7 +6,7 @@
     training epochs' images/s come from the run's own metadata.
 
 The goal is (b) ≥ 70% of (a). Both use only deft-clean's public functions (``detect``, and for the
-ceiling ``detect.train_detector`` on images staged by ``runtime.StagedImages``). Images are synthetic
+ceiling ``training.train_detector`` on images staged by ``runtime.StagedImages``). Images are synthetic
 (speed does not depend on pixel values, nor on weight values, so random-weight architectures are
 fine); everything is written under ``--workdir`` (default: the system temp folder), the record also
 to ``--json`` when given::
@@ -35,8 +35,9 @@ from PIL import Image
 from deft_clean.backbone import load_backbone_on
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig
 from deft_clean.deft_model import DeftModel
-from deft_clean.detect import LabelledImages, detect, train_detector
+from deft_clean.detect import detect
 from deft_clean.runtime import StagedImages
+from deft_clean.training import LabelledImages, train_detector
 
 
 def write_images(root: Path, n: int, *, classes: int = 10, size: int = 32, seed: int = 0) -> Path:
@@ -68,6 +69,7 @@ def ceiling(
     """
     torch.manual_seed(0)
     backbone, device = load_backbone_on(backbone_config)
+    config, _ = config.resolved(cuda=device.type == "cuda", rows=config.batch_size * steps)  # 'auto' values
     size, batch = backbone.image_size, config.batch_size
     cache = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     rows = np.arange(batch * steps) % batch  # every step reads the same resident batch

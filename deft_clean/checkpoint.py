@@ -25,7 +25,7 @@ from deft_clean.errors import ConfigError
 from deft_clean.files import atomic_file
 from deft_clean.progress import Reporter, SilentReporter
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: riders (state kept outside the model)
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -39,6 +39,8 @@ class Checkpoint:
     ``key``: JSON-safe description of the run (configs, input fingerprint); a checkpoint is only
     resumed when its key equals this one. ``resume``: load an existing checkpoint; otherwise one left
     by an earlier run is replaced (with a notice saying ``--resume`` would have continued it).
+    ``riders``: objects whose attributes are saved with every epoch and restored in place (detect's
+    running average of the scores), so state kept outside the model resumes too.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Checkpoint:
         self.path, self.resume, self.reporter = Path(path), resume, reporter
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
         self._frozen: dict[str, float] = {}  # sums of the frozen tensors (and buffers) before training
+        self.riders: dict[str, Any] = {}
 
     def _moved(self, net: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors to save: trainable parameters, and frozen parameters or buffers (BatchNorm
@@ -85,6 +88,8 @@ class Checkpoint:
         optimizer.load_state_dict(state["optimizer"])
         for generator, saved in zip(generators, state["generators"], strict=True):
             generator.set_state(saved)
+        for name, values in state["riders"].items():
+            vars(self.riders[name]).update(values)
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -108,6 +113,7 @@ class Checkpoint:
             "params": self._moved(net),
             "optimizer": optimizer.state_dict(),
             "generators": [generator.get_state() for generator in generators],
+            "riders": {name: dict(vars(rider)) for name, rider in self.riders.items()},
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }

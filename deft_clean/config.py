@@ -22,6 +22,13 @@ from deft_clean.errors import ConfigError
 T = TypeVar("T")
 DEFAULT_MODEL = "offline"
 CONV_ADAPTER_LR_FACTOR = 0.1  # frozen BatchNorm cannot renormalise LoRA's change in a conv tower
+# DeFT's batch and lr when not given. A tuned tower keeps the authors' 64 / 0.03. A frozen tower trains
+# only the heads and prompts, and its cost is the number of steps (the text tower runs every step): on
+# 2,000 CIFAR-10 images 4x larger steps (256, lr 0.06) scored as well or better at a quarter of the cost,
+# while lr 0.12 collapsed at 60% noise; on 300 images 256 left too few steps. So a frozen tower takes
+# about 8 steps per epoch: batch = rows / 8 within [64, 256], lr growing with its square root.
+TUNED_BATCH, TUNED_LR = 64, 0.03
+FROZEN_MAX_BATCH, FROZEN_STEPS = 256, 8
 TEMPLATE_EXAMPLE = "--templates 'a photo of a {}.|a blurry photo of a {}.'"
 
 
@@ -137,8 +144,10 @@ class DetectConfig:
     n_ctx: int = _opt(16, "Number of learnable context vectors per prompt.")
     ctx_init: str | None = _opt(None, "Initialise the contexts from this phrase, e.g. 'a photo of a'.")
     class_specific_ctx: bool = _opt(False, "Learn one context per class instead of one shared context.")
-    peft: Literal["lora", "vpt", "none"] = _opt(
-        "lora", "Image-tower tuning: 'lora', 'vpt' (deep visual prompts) or 'none' (frozen)."
+    peft: Literal["auto", "lora", "vpt", "none"] = _opt(
+        "auto",
+        "Image-tower tuning: 'lora', 'vpt' (deep visual prompts), 'none' (frozen) or 'auto' (LoRA on CUDA, "
+        "none on a CPU, where LoRA trains about 14 times slower for the same F1: docs/benchmarks.md).",
     )
     lora_rank: int = _opt(8, "LoRA rank.")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / rank).")
@@ -147,8 +156,14 @@ class DetectConfig:
     vpt_len: int = _opt(20, "Visual prompt tokens per layer for --peft vpt.")
     epochs: int = _opt(10, "Training epochs.")
     warmup_epochs: int = _opt(1, "Epochs that train on all samples before clean selection starts.")
-    batch_size: int = _opt(64, "Batch size.")
-    lr: float = _opt(0.03, "SGD learning rate (cosine schedule).")
+    batch_size: int | None = _opt(
+        None,
+        f"Batch size (default: {TUNED_BATCH} for a tuned tower; for a frozen one, rows / {FROZEN_STEPS} "
+        f"within [{TUNED_BATCH}, {FROZEN_MAX_BATCH}]).",
+    )
+    lr: float | None = _opt(
+        None, f"SGD learning rate, cosine schedule (default: {TUNED_LR} x sqrt(batch size / {TUNED_BATCH}))."
+    )
     adapter_lr: float | None = _opt(
         None, "Peak lr of the image-tower adapters (default: --lr; --lr / 10 for convolutional towers)."
     )
@@ -165,10 +180,11 @@ class DetectConfig:
         "confident sample, so the selection cannot shrink to one class; 'off': the paper's plain average; "
         "'auto': on when the image tower is tuned (LoRA, VPT), off for --peft none (docs/benchmarks.md).",
     )
-    flag_rule: Literal["either", "dual"] = _opt(
-        "either",
-        "Final flags: 'either' (the dual-prompt rule above, or the positive prompts predict another class) "
-        "or 'dual' (the paper's rule alone: more precise, fewer caught; see docs/benchmarks.md).",
+    flag_rule: Literal["margin", "dual"] = _opt(
+        "margin",
+        "Final flags: 'margin' (the clean score is below 0: the positive prompts, averaged over the epochs "
+        "after warm-up, predict another class) or 'dual' (the paper's p_clean rule: fewer caught). "
+        "noise_rank follows the score that decides the flag.",
     )
     text_classes: int = _opt(
         128,
@@ -176,6 +192,12 @@ class DetectConfig:
         "given and complementary labels plus a uniform sample of the others, so a step costs the same "
         "however many classes there are. With at most this many classes, every class is encoded.",
     )
+    scoring: Literal["insample", "crossfit"] = _opt(
+        "insample",
+        "Which model scores a row: 'insample' (the one model trained on every row) or 'crossfit' (the "
+        "model of the other --folds - 1 folds, which never saw the row's label; costs --folds - 1 fits).",
+    )
+    folds: int = _opt(5, "Folds for --scoring crossfit.")
     seed: int = _opt(0, "Random seed.")
     num_workers: int = _opt(0, "Threads decoding the images, once per run (0: automatic).")
 
@@ -184,25 +206,62 @@ class DetectConfig:
         _require(
             0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs, "in 0..--epochs"
         )
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, "of at least 1")
+        _require(
+            self.batch_size is None or self.batch_size >= 1, "batch_size", self.batch_size, "of at least 1"
+        )
         _require(self.n_ctx >= 1, "n_ctx", self.n_ctx, "of at least 1")
         _require(0.0 < self.threshold < 1.0, "threshold", self.threshold, "strictly between 0 and 1")
-        _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "that is a finite positive number")
+        lr_ok = self.lr is None or (_finite(self.lr) and self.lr > 0)
+        _require(lr_ok, "lr", self.lr, "that is a finite positive number")
         adapter_lr = self.adapter_lr
         ok = adapter_lr is None or (_finite(adapter_lr) and adapter_lr >= 0)
         _require(ok, "adapter_lr", adapter_lr, "that is a finite number >= 0")
         _require(_finite(self.momentum) and self.momentum >= 0, "momentum", self.momentum, "finite and >= 0")
         decay = self.weight_decay
         _require(_finite(decay) and decay >= 0, "weight_decay", decay, "finite and >= 0")
+        _require(self.folds >= 2, "folds", self.folds, "of at least 2")
+        _require(
+            self.scoring in ("insample", "crossfit"), "scoring", self.scoring, "'insample' or 'crossfit'"
+        )
         _require(self.lr_schedule in ("epoch", "step"), "lr_schedule", self.lr_schedule, "'epoch' or 'step'")
-        _require(self.peft in ("lora", "vpt", "none"), "peft", self.peft, "'lora', 'vpt' or 'none'")
-        _require(self.flag_rule in ("dual", "either"), "flag_rule", self.flag_rule, "'dual' or 'either'")
+        peft = self.peft
+        _require(peft in ("auto", "lora", "vpt", "none"), "peft", peft, "'auto', 'lora', 'vpt' or 'none'")
+        _require(self.flag_rule in ("margin", "dual"), "flag_rule", self.flag_rule, "'margin' or 'dual'")
         balance = self.class_balance
         _require(balance in ("auto", "on", "off"), "class_balance", balance, "'auto', 'on' or 'off'")
         _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
         _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
         _require(self.text_classes >= 2, "text_classes", self.text_classes, "of at least 2")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
+
+    def resolved(self, cuda: bool, rows: int) -> tuple[DetectConfig, list[str]]:
+        """This config with 'auto' and unset values decided for the device (``cuda``) and the number of
+        rows, and one line per decision for the run's log. ``--peft auto``: LoRA on CUDA; on a CPU a frozen
+        tower, as LoRA trains about 14 times slower there for about the same F1 (docs/benchmarks.md)."""
+        notes = []
+        peft = self.peft
+        if peft == "auto":
+            peft = "lora" if cuda else "none"
+            why = (
+                "a GPU is in use"
+                if cuda
+                else "no GPU: LoRA would train ~14x slower on a CPU for about the same F1"
+            )
+            notes.append(f"--peft auto chose '{peft}' ({why}; pass --peft to choose).")
+        batch = self.batch_size
+        if batch is None:
+            batch = (
+                min(max(rows // FROZEN_STEPS, TUNED_BATCH), FROZEN_MAX_BATCH)
+                if peft == "none"
+                else TUNED_BATCH
+            )
+        lr = self.lr or round(TUNED_LR * (batch / TUNED_BATCH) ** 0.5, 4)
+        if self.batch_size is None or self.lr is None:
+            tower = "frozen" if peft == "none" else "tuned"
+            notes.append(
+                f"Batch size {batch}, lr {lr}: the defaults for a {tower} image tower and {rows} rows."
+            )
+        return dataclasses.replace(self, peft=peft, batch_size=batch, lr=lr), notes
 
     @property
     def balances(self) -> bool:

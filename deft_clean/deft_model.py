@@ -84,6 +84,18 @@ class DeftModel(nn.Module):
         groups = [{"params": rest, "lr": config.lr, "peak_lr": config.lr}]
         return groups + ([{"params": adapters, "lr": peak, "peak_lr": peak}] if adapters else [])
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of every trained parameter (prompts, heads, adapters), to restart from with :meth:`restore`
+        (cross-fitting trains one model per fold from the same initial weights)."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the trained parameters back to ``state`` (from :meth:`trainable_state`)."""
+        params = dict(self.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value)
+
     @property
     def caches_features(self) -> bool:
         """True when the image tower's trunk is frozen: its features can be computed once."""

@@ -5,8 +5,8 @@ dtype and meaning (docs/output-schema.md is generated from :func:`schema_markdow
 its own provenance as JSON under the ``deft_clean`` key of the Arrow schema metadata: schema version,
 package versions, every stage config, the class list and the input fingerprint.
 
-Score direction: **low ``p_clean`` (and low ``margin``) = likely mislabeled**; ``noise_rank`` 1 is the
-row most likely to carry a wrong label.
+Score direction: **low ``clean_score``, ``p_clean`` (and ``margin``) = likely mislabeled**; ``noise_rank``
+1 is the row most likely to carry a wrong label.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from deft_clean.version import __version__
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"deft_clean"
-SCORE_DIRECTION = "Low p_clean (and low margin) = likely mislabeled; noise_rank 1 = most likely wrong."
+SCORE_DIRECTION = (
+    "Low clean_score (and low p_clean, margin) = likely mislabeled; noise_rank 1 = most likely wrong."
+)
 
 COLUMNS: dict[str, tuple[str, str]] = {
     "path": ("string", "Image path as given in the labels CSV (ImageFolder: relative to DATA_DIR)."),
@@ -42,14 +44,20 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "status": ("string", "'ok', or 'unreadable' for a row skipped with --on-bad-image skip (no scores)."),
     "is_noisy": (
         "boolean",
-        "True when the given label is judged wrong: p_clean <= --threshold (with --strict, also when "
-        "another class has a higher p_clean) or, with the default --flag-rule either, predicted_label "
-        "differs from it (--flag-rule dual: the p_clean rule alone). NA for unreadable rows.",
+        "True when the given label is judged wrong: with the default --flag-rule margin, clean_score < 0 "
+        "(another class is more probable); with --flag-rule dual, p_clean <= --threshold (with --strict, "
+        "also when another class has a higher p_clean). NA for unreadable rows.",
+    ),
+    "clean_score": (
+        "float32",
+        "P(given label) - max P(other class), the positive prompts' class probabilities averaged over the "
+        "epochs after warm-up, in [-1, 1]. Below 0 = another class is more probable (flagged under "
+        "--flag-rule margin). NaN for unreadable rows.",
     ),
     "p_clean": (
         "float32",
-        "Probability that the given label is correct (positive vs negative prompt of that class). "
-        "Low = likely mislabeled. NaN for unreadable rows.",
+        "Probability that the given label is correct (positive vs negative prompt of that class), "
+        "averaged like clean_score. Low = likely mislabeled. NaN for unreadable rows.",
     ),
     "margin": (
         "float32",
@@ -58,7 +66,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     ),
     "predicted_label": (
         "category",
-        "Class whose positive prompt matches the image best (predict: top class).",
+        "Class whose positive prompt matches the image best (averaged like clean_score; predict: top class).",
     ),
     "predicted_prob": (
         "float32",
@@ -71,7 +79,15 @@ COLUMNS: dict[str, tuple[str, str]] = {
     ),
     "noise_rank": (
         "Int64",
-        "1 = most likely mislabeled (rows ordered by p_clean, ascending); NA if unreadable.",
+        "1 = most likely mislabeled: rows ordered by the score that decides the flag (clean_score, or "
+        "p_clean under --flag-rule dual), ascending, so every flagged row ranks before every kept row. "
+        "NA if unreadable.",
+    ),
+    "fold": (
+        "Int64",
+        "Which model scored the row: -1 = the one model trained on every row (--scoring insample); "
+        "0..K-1 = the model of the other folds, which never saw this row's label (--scoring crossfit). "
+        "NA if unreadable.",
     ),
     "probs": (
         "object",
@@ -106,13 +122,16 @@ def base_frame(manifest: Manifest) -> pd.DataFrame:
 
 @dataclass
 class Scores:
-    """Per readable row (N,): the final model's verdict on its given label."""
+    """Per readable row (N,): the scoring model's verdict on its given label."""
 
     p_clean: np.ndarray  # float32, P(given label is right)
     margin: np.ndarray  # float32, cos⁺ − cos⁻ of the given label
     is_noisy: np.ndarray  # bool
     predicted: np.ndarray  # int64, argmax s⁺
     predicted_prob: np.ndarray  # float32, softmax(s⁺) at the argmax
+    clean_score: np.ndarray | None = None  # float32, P(given) − max P(other); None: NaN in the table
+    fold: np.ndarray | None = None  # int64, the model that scored the row (-1: in-sample); None: -1
+    rank_key: np.ndarray | None = None  # the score that decides the flag, low = wrong; None: p_clean
 
 
 def result_frame(manifest: Manifest, rows: np.ndarray, scores: Scores) -> pd.DataFrame:
@@ -121,14 +140,20 @@ def result_frame(manifest: Manifest, rows: np.ndarray, scores: Scores) -> pd.Dat
     n, ids = len(manifest), np.asarray(manifest.class_ids, dtype=object)
     given = manifest.labels[rows]
     suggested = suggest_labels(given, scores.predicted, scores.is_noisy)
+    count = len(scores.p_clean)
+    clean = scores.clean_score if scores.clean_score is not None else np.full(count, np.nan, np.float32)
+    fold = scores.fold if scores.fold is not None else np.full(count, -1, np.int64)
+    key = scores.rank_key if scores.rank_key is not None else scores.p_clean
     columns = {
         "is_noisy": (pd.array([pd.NA] * n, dtype="boolean"), scores.is_noisy),
+        "clean_score": (np.full(n, np.nan, np.float32), clean),
         "p_clean": (np.full(n, np.nan, np.float32), scores.p_clean),
         "margin": (np.full(n, np.nan, np.float32), scores.margin),
         "predicted_label": (np.full(n, None, object), ids[scores.predicted]),
         "predicted_prob": (np.full(n, np.nan, np.float32), scores.predicted_prob),
         "suggested_label": (np.full(n, None, object), ids[suggested]),
-        "noise_rank": (pd.array([pd.NA] * n, dtype="Int64"), noise_rank(scores.p_clean, scores.margin)),
+        "noise_rank": (pd.array([pd.NA] * n, dtype="Int64"), noise_rank(key, scores.margin)),
+        "fold": (pd.array([pd.NA] * n, dtype="Int64"), fold),
     }
     for name, (column, values) in columns.items():
         column[rows] = values

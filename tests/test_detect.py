@@ -9,6 +9,7 @@ well; seed 5 fails to place one class's positive prompt).
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,15 @@ from PIL import Image
 
 from deft_clean.backbone import load_backbone
 from deft_clean.config import BackboneConfig, DetectConfig
+from deft_clean.crossfit import fold_plan
 from deft_clean.data import load_manifest
 from deft_clean.deft_model import DeftModel, load_detector
-from deft_clean.detect import LabelledImages, default_out, detect, score_detector
+from deft_clean.detect import default_out, detect, score_detector
 from deft_clean.errors import ConfigError, TrainingError
+from deft_clean.progress import SilentReporter
 from deft_clean.results import COLUMNS, read_results
 from deft_clean.runtime import StagedImages
+from deft_clean.training import LabelledImages, train_detector
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 BEHAVIOUR = dict(
@@ -103,13 +107,18 @@ def test_results_file_schema_order_and_columns(behaviour):
     pd.testing.assert_series_equal(written["p_clean"], frame["p_clean"])
     assert sorted(written["noise_rank"].tolist()) == list(range(1, len(written) + 1))
     by_rank = written.sort_values("noise_rank")
-    assert by_rank["p_clean"].is_monotonic_increasing
-    assert (written["is_noisy"] == (written["p_clean"] <= 0.5)).all()
+    assert by_rank["clean_score"].is_monotonic_increasing  # ranks follow the score that decides the flag
+    ranked_flags = by_rank["is_noisy"].to_numpy(dtype=bool)
+    assert ranked_flags[: ranked_flags.sum()].all()  # every flagged row ranks before every kept row
+    assert (written["is_noisy"] == (written["clean_score"] < 0)).all() and written["clean_score"].between(
+        -1, 1
+    ).all()
     noisy = written["is_noisy"].to_numpy(dtype=bool)
+    assert (written["predicted_label"].astype(str) != written["given_label"].astype(str))[noisy].all()
     expected = np.where(noisy, written["predicted_label"].astype(str), written["given_label"].astype(str))
     assert (written["suggested_label"].astype(str).to_numpy() == expected).all()
     assert ((written["predicted_prob"] > 0.25) & (written["predicted_prob"] <= 1)).all()
-    assert written["margin"].between(-2, 2).all() and ((written["margin"] < 0) == noisy).all()
+    assert written["margin"].between(-2, 2).all() and (written["fold"] == -1).all()  # in-sample: one model
 
 
 def test_metadata_counts_and_timings(behaviour):
@@ -175,19 +184,78 @@ def test_lora_detector_saves_and_reloads(tmp_path):
     np.testing.assert_allclose(rescored.p_clean, frame["p_clean"].to_numpy(), atol=1e-5)
 
 
-def test_flag_rule_either_adds_rows_predicted_as_another_class(tmp_path):
+def test_flag_rule_dual_flags_and_ranks_by_p_clean(tmp_path):
     root, labels, _ = make_dataset(tmp_path / "d", per_class=6)
-    dual, either = (
+    margin, dual = (
         detect(
             root, labels, out=tmp_path / f"{rule}.parquet", **stage_configs("detect", flag_rule=rule, **QUICK)
         ).frame
-        for rule in ("dual", "either")
+        for rule in ("margin", "dual")
     )
-    pd.testing.assert_series_equal(dual["p_clean"], either["p_clean"])  # same model, same scores
-    mismatch = (either["predicted_label"].astype(str) != either["given_label"].astype(str)).to_numpy()
-    expected = dual["is_noisy"].to_numpy(bool) | mismatch
-    np.testing.assert_array_equal(either["is_noisy"].to_numpy(bool), expected)
-    assert mismatch.any() and expected.sum() > dual["is_noisy"].sum()  # the rule changed something here
+    pd.testing.assert_series_equal(margin["p_clean"], dual["p_clean"])  # same model, same scores
+    np.testing.assert_array_equal(dual["is_noisy"].to_numpy(bool), (dual["p_clean"] <= 0.5).to_numpy())
+    np.testing.assert_array_equal(margin["is_noisy"].to_numpy(bool), (margin["clean_score"] < 0).to_numpy())
+    for frame, key in ((margin, "clean_score"), (dual, "p_clean")):
+        assert frame.sort_values("noise_rank")[key].is_monotonic_increasing
+    assert (margin["is_noisy"] != dual["is_noisy"]).any()  # the rule changed something here
+
+
+class _Log(SilentReporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.lines.append(message)
+
+
+def test_crossfit_never_scores_a_row_with_a_model_that_saw_its_label(tmp_path, monkeypatch):
+    root, labels, _ = make_dataset(tmp_path / "d", per_class=6)
+    trained_on = []  # the samples each fold model trains on, in call order (fold 0, 1, 2)
+
+    def recording(net, data, config, **kwargs):
+        trained_on.append(set(data.index.tolist()))
+        return train_detector(net, data, config, **kwargs)
+
+    monkeypatch.setattr(importlib.import_module("deft_clean.detect"), "train_detector", recording)
+    log = _Log()
+    options = dict(QUICK, scoring="crossfit", folds=3, peft="auto")
+    frame = detect(
+        root, labels, out=tmp_path / "r.parquet", reporter=log, **stage_configs("detect", **options)
+    ).frame
+    fold = frame["fold"].to_numpy(dtype=np.int64)
+    assert sorted(set(fold)) == [0, 1, 2] and len(trained_on) == 3
+    for k, seen in enumerate(trained_on):
+        scored = set(np.flatnonzero(fold == k).tolist())
+        assert scored and not (seen & scored)  # the fold's model never saw the labels of the rows it scored
+        assert seen | scored == set(range(len(frame)))  # and trained on every other row
+    assert frame.attrs["configs"]["detect"]["scoring"] == "crossfit" and {
+        e["fold"] for e in frame.attrs["detect"]["epochs"]
+    } == {0, 1, 2}
+    assert frame.attrs["configs"]["detect"]["peft"] == "none"  # auto on a CPU, recorded as what ran
+    assert any("--peft auto chose 'none'" in line for line in log.lines)
+
+
+def test_fold_plan_is_stratified_and_seeded():
+    labels = np.repeat(np.arange(3), [9, 6, 4])
+    fold = fold_plan(labels, 3, seed=1)
+    for k in range(3):
+        counts = np.bincount(fold[labels == k], minlength=3)
+        assert counts.max() - counts.min() <= 1  # each class dealt evenly over the folds
+    np.testing.assert_array_equal(fold, fold_plan(labels, 3, seed=1))
+    assert (fold_plan(labels, 1, seed=1) == -1).all()
+
+
+def test_auto_settings_follow_the_device_and_the_rows():
+    cpu, notes = DetectConfig().resolved(cuda=False, rows=2000)
+    assert (cpu.peft, cpu.batch_size, cpu.lr) == ("none", 250, 0.0593) and "chose 'none'" in notes[0]
+    small, _ = DetectConfig().resolved(cuda=False, rows=300)  # a frozen tower keeps ~8 steps per epoch
+    assert (small.batch_size, small.lr) == (64, 0.03)
+    huge, _ = DetectConfig().resolved(cuda=False, rows=50_000)
+    assert (huge.batch_size, huge.lr) == (256, 0.06)
+    gpu, _ = DetectConfig().resolved(cuda=True, rows=2000)
+    assert (gpu.peft, gpu.batch_size, gpu.lr) == ("lora", 64, 0.03)
+    kept, notes = DetectConfig(peft="vpt", batch_size=32, lr=0.01).resolved(cuda=False, rows=2000)
+    assert (kept.peft, kept.batch_size, kept.lr) == ("vpt", 32, 0.01) and notes == []
 
 
 def test_truth_for_some_rows_only(tmp_path):
@@ -276,7 +344,7 @@ def test_adapters_get_their_own_learning_rate():
     prompts_only = DeftModel(
         load_backbone(BackboneConfig(model="test-tiny")), ["a", "b"], DetectConfig(peft="none")
     )
-    assert [g["peak_lr"] for g in prompts_only.param_groups(DetectConfig(peft="none"))] == [0.03]
+    assert [g["peak_lr"] for g in prompts_only.param_groups(DetectConfig(peft="none", lr=0.03))] == [0.03]
 
 
 def test_cli_detect_reports_bad_options(tmp_path):

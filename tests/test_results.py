@@ -37,12 +37,14 @@ def manifest(tmp_path: Path) -> Manifest:
 def scored(manifest: Manifest) -> pd.DataFrame:
     frame = base_frame(manifest)
     frame["is_noisy"] = pd.array([False, True, None, False], dtype="boolean")
+    frame["clean_score"] = np.array([0.5, -0.4, np.nan, 0.1])
     frame["p_clean"] = np.array([0.9, 0.1, np.nan, 0.7])
     frame["margin"] = [0.2, -0.3, np.nan, 0.05]
     frame["predicted_label"] = ["7", "12", None, "7"]
     frame["predicted_prob"] = [0.8, 0.6, np.nan, 0.5]
     frame["suggested_label"] = [None, "12", None, None]
     frame["noise_rank"] = pd.array([2, 1, None, 3], dtype="Int64")
+    frame["fold"] = pd.array([-1, -1, None, -1], dtype="Int64")
     return frame
 
 

@@ -15,10 +15,10 @@ import torch
 from deft_clean.backbone import load_backbone
 from deft_clean.config import BackboneConfig, DetectConfig
 from deft_clean.deft_model import DeftModel
-from deft_clean.detect import _train_step
 from deft_clean.errors import ConfigError
 from deft_clean.scoring import clean_probability, complementary_labels, deft_loss, select_clean
 from deft_clean.text_sampling import step_classes, to_local
+from deft_clean.training import _train_step
 
 BATCH = 6
 

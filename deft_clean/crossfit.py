@@ -1,0 +1,132 @@
+"""Which model scores which row, and the score itself: in-sample or cross-fitted DeFT, epoch-averaged.
+
+``--scoring insample`` (default): one model trains on every row and scores every row. ``--scoring
+crossfit``: the rows are split into ``--folds`` K folds stratified by given label; for each fold a model
+restarted from the same initial weights trains on the other K-1 folds and scores only this fold, so no
+row is scored by a model that saw its label (cost: K-1 times one fit). Measured on 2,000 CIFAR-10
+images (docs/benchmarks.md), cross-fitting ranked worse than the in-sample score below: DeFT's clean
+selection already keeps suspect rows out of the classification loss, and a fold model sees fewer rows.
+
+Either way a row's score is averaged over the scoring model's post-warm-up epochs (each such epoch ends
+with an un-augmented pass over the rows that model scores): the positive prompts' class probabilities
+are averaged over those epochs, and the *clean score* is ``P(given) - max P(other class)`` of the average,
+in [-1, 1] (the area-under-the-margin idea of Pleiss et al., 2020). It is negative exactly when the
+averaged prediction is another class, which is the default flag (``--flag-rule margin``), so ranks and
+flags tell one story.
+Averaging over epochs reads the model before it memorises the noisy labels of the last epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deft_clean.config import DetectConfig
+from deft_clean.results import Scores
+from deft_clean.runtime import autocast
+from deft_clean.scoring import clean_probability
+
+IN_SAMPLE = -1  # the fold column's value for rows scored by the one model that trained on every row
+
+
+def fold_plan(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N,) int fold of each row: within each given class the rows are shuffled (seeded) and dealt to the
+    folds in turn, so every fold holds about 1/K of each class. ``folds`` 1 means in-sample (all -1)."""
+    if folds <= 1:
+        return np.full(len(labels), IN_SAMPLE, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    start = 0  # continue dealing across classes, so small classes do not all land in fold 0
+    for k in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == k))
+        fold[members] = (start + np.arange(len(members))) % folds
+        start += len(members)
+    return fold
+
+
+@dataclass
+class EpochAverage:
+    """Running sums, over the epochs seen, of some rows' class and clean probabilities.
+
+    ``probs`` (N, K) sums ``softmax(s⁺)``; ``p_clean`` (N, K) the dual-prompt clean probabilities;
+    ``margin`` (N,) cos⁺ − cos⁻ of the given label; ``epochs`` counts the passes added.
+    """
+
+    probs: np.ndarray
+    p_clean: np.ndarray
+    margin: np.ndarray
+    epochs: int = 0
+
+    @classmethod
+    def empty(cls, n: int, num_classes: int) -> EpochAverage:
+        return cls(np.zeros((n, num_classes)), np.zeros((n, num_classes)), np.zeros(n))
+
+    def add(self, s_pos: torch.Tensor, s_neg: torch.Tensor, labels: torch.Tensor, scale: float) -> None:
+        """Add one pass: ``s_pos``/``s_neg`` (N, K) scaled similarities of the rows, ``labels`` (N,)."""
+        rows = torch.arange(len(labels), device=labels.device)
+        self.probs += torch.softmax(s_pos, dim=1).double().cpu().numpy()
+        self.p_clean += clean_probability(s_pos, s_neg).double().cpu().numpy()
+        self.margin += ((s_pos - s_neg)[rows, labels] / scale).double().cpu().numpy()
+        self.epochs += 1
+
+    def mean(self) -> EpochAverage:
+        """The average over the passes added (``epochs`` 1)."""
+        count = max(self.epochs, 1)
+        return EpochAverage(self.probs / count, self.p_clean / count, self.margin / count, 1)
+
+
+def clean_score(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) ``P(given) - max P(other class)`` of class probabilities ``probs`` (N, K): in [-1, 1], below 0
+    exactly when another class is more probable than the given label ``labels`` (N,)."""
+    rows = np.arange(len(labels))
+    others = probs.copy()
+    others[rows, labels] = -np.inf
+    return probs[rows, labels] - others.max(axis=1)
+
+
+Similarities = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def score_pass(
+    similarities: Similarities, n: int, labels: torch.Tensor, average: EpochAverage, scale: float, batch: int
+) -> None:
+    """One un-augmented pass over ``n`` rows: ``similarities(index)`` → (s⁺, s⁻) of rows ``index``,
+    added to ``average``."""
+    parts_pos, parts_neg = [], []
+    for start in range(0, n, batch):
+        index = torch.arange(start, min(start + batch, n))
+        with autocast(labels.device):
+            s_pos, s_neg = similarities(index)
+        parts_pos.append(s_pos.float())
+        parts_neg.append(s_neg.float())
+    if parts_pos:
+        average.add(torch.cat(parts_pos), torch.cat(parts_neg), labels, scale)
+
+
+def verdict(average: EpochAverage, labels: np.ndarray, fold: np.ndarray, config: DetectConfig) -> Scores:
+    """Flags, ranks and predictions from the (epoch-averaged) probabilities of each row: ``--flag-rule
+    margin`` flags a negative clean score, ``dual`` the p_clean rule; ranks follow the deciding score."""
+    rows = np.arange(len(labels))
+    p_given = average.p_clean[rows, labels]
+    score = clean_score(average.probs, labels)
+    if config.flag_rule == "margin":
+        is_noisy, key = score < 0, score
+    else:
+        clean = p_given > config.threshold
+        if config.strict:
+            clean &= average.p_clean.argmax(axis=1) == labels
+        is_noisy, key = ~clean, p_given
+    return Scores(
+        p_clean=p_given.astype(np.float32),
+        margin=average.margin.astype(np.float32),
+        is_noisy=is_noisy,
+        predicted=average.probs.argmax(axis=1).astype(np.int64) if len(labels) else np.zeros(0, np.int64),
+        predicted_prob=average.probs.max(axis=1, initial=0.0).astype(np.float32),
+        clean_score=score.astype(np.float32),
+        fold=fold.astype(np.int64),
+        rank_key=key,
+    )

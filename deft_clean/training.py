@@ -1,0 +1,187 @@
+"""The DeFT training loop, top to bottom: one :func:`train_detector` call trains the prompts and the
+image-tower tuning on the given (noisy) labels of some rows.
+
+Data path: the uint8 image cache is staged for the device by :class:`deft_clean.runtime.StagedImages`,
+batches are drawn by index with seeded generators and augmented on the device; the loop never waits
+on the device except once per epoch, to read the epoch's loss and timing. Warm-up epochs train CE on
+every sample; later epochs CE on the samples the current model calls clean (in the same batch) and
+pseudo-labels for the rest in the negative-prompt loss (:func:`deft_clean.scoring.deft_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from deft_clean.checkpoint import Checkpoint
+from deft_clean.config import DetectConfig
+from deft_clean.deft_model import DeftModel
+from deft_clean.progress import Reporter, SilentReporter
+from deft_clean.runtime import StagedImages, autocast, cosine_lr, feature_pass
+from deft_clean.scoring import clean_probability, complementary_labels, deft_loss, select_clean
+from deft_clean.text_sampling import step_classes, to_local
+
+
+class LabelledImages:
+    """The staged images of the readable rows and their given labels ``labels_np`` (N,), on the device too."""
+
+    def __init__(self, images: StagedImages | _Subset, labels_np: np.ndarray) -> None:
+        self.images, self.labels_np, self.device = images, labels_np, images.device
+        self.labels = torch.from_numpy(labels_np).to(images.device)
+        self.index = getattr(images, "index", np.arange(len(labels_np)))  # samples of the full set held here
+
+    def __len__(self) -> int:
+        return len(self.labels_np)
+
+    def subset(self, index: np.ndarray) -> LabelledImages:
+        """The samples ``index`` (M,) of this set (a view: nothing is copied or moved)."""
+        return LabelledImages(_Subset(self.images, np.asarray(index)), self.labels_np[index])
+
+
+class _Subset:
+    """Some samples of a :class:`StagedImages`: sample ``i`` here is sample ``index[i]`` there."""
+
+    def __init__(self, images: StagedImages | _Subset, index: np.ndarray) -> None:
+        self.images, self.device = images, images.device
+        self.index = getattr(images, "index", np.arange(len(images)))[index]
+        self._local = torch.from_numpy(index)
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+    def images_at(
+        self, index: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return self.images.images_at(self._local[index.cpu()], train=train, generator=generator)
+
+
+def trunk_cache(net: DeftModel, images: StagedImages, batch_size: int) -> torch.Tensor:
+    """(N, F) frozen-trunk features of the un-augmented images, computed once (``net.caches_features``)."""
+    return feature_pass(net.trunk_features, images, batch_size=batch_size)
+
+
+def batch_features(
+    net: DeftModel,
+    data: LabelledImages,
+    index: torch.Tensor,
+    trunk: torch.Tensor | None,
+    *,
+    train: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """(B, E) normalised image features for ``index``: from the trunk cache, or images through the tower."""
+    if trunk is not None:
+        return net.image_features(trunk=trunk[index.to(trunk.device, non_blocking=True)])
+    return net.image_features(data.images.images_at(index, train=train, generator=generator))
+
+
+def train_detector(
+    net: DeftModel,
+    data: LabelledImages,
+    config: DetectConfig,
+    *,
+    trunk: torch.Tensor | None = None,
+    reporter: Reporter = SilentReporter(),
+    checkpoint: Checkpoint | None = None,
+    after_epoch: Callable[[int], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train prompts and tuning on the given labels; returns per-epoch dicts (loss, ce, neg, selected, img_s).
+
+    Warm-up epochs: CE on every sample. Later epochs: CE on the samples the current model calls clean
+    (in the same batch), pseudo-labels for the rest in the negative-prompt loss (:func:`deft_loss`).
+    ``trunk``: features from :func:`trunk_cache` when the tower is frozen (computed here if not given).
+    ``after_epoch(epoch)`` (0-based) runs after each epoch with the model in eval mode.
+    ``checkpoint``: saved after every epoch (after ``after_epoch``), and the epochs it holds are skipped
+    when resuming.
+    """
+    device, n = data.device, len(data)
+    cpu_gen = torch.Generator().manual_seed(config.seed)
+    dev_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    optimizer = torch.optim.SGD(
+        net.param_groups(config), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    if trunk is None and net.caches_features:
+        trunk = trunk_cache(net, data.images, 2 * config.batch_size)
+    steps = math.ceil(n / config.batch_size)
+    generators = [cpu_gen, dev_gen]
+    start, history = checkpoint.restore(net, optimizer, generators) if checkpoint else (0, [])
+    net.train()
+    for epoch in range(start, config.epochs):
+        order = torch.randperm(n, generator=cpu_gen)
+        totals = torch.zeros(4, device=device)  # sums of loss, ce, neg over samples; selected count
+        started = time.perf_counter()
+        with reporter.task(f"DeFT epoch {epoch + 1}/{config.epochs}", total=n):
+            for step in range(steps):
+                progress = epoch / config.epochs
+                if config.lr_schedule == "step":
+                    progress = (epoch * steps + step) / (config.epochs * steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(group["peak_lr"], progress)
+                index = order[step * config.batch_size : (step + 1) * config.batch_size]
+                warm = epoch < config.warmup_epochs
+                totals += _train_step(
+                    net, data, index, trunk, optimizer, config, warm=warm, generator=dev_gen
+                )
+                if step < steps - 1:
+                    reporter.advance(len(index))
+            loss_sum, ce_sum, neg_sum, chosen = totals.tolist()  # the one device sync of the epoch
+            seconds = time.perf_counter() - started
+            record = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / n,
+                "ce": ce_sum / n,
+                "neg": neg_sum / n,
+                "selected_fraction": chosen / n,
+                "seconds": seconds,
+                "img_s": n / seconds if seconds > 0 else float("nan"),
+            }
+            reporter.advance(len(index), loss=record["loss"], img_s=record["img_s"])
+        history.append(record)
+        if after_epoch is not None:
+            net.eval()
+            after_epoch(epoch)
+            net.train()
+        if checkpoint is not None:
+            checkpoint.save(epoch + 1, history, net, optimizer, generators)
+    net.eval()
+    return history
+
+
+def _train_step(
+    net: DeftModel,
+    data: LabelledImages,
+    index: torch.Tensor,
+    trunk: torch.Tensor | None,
+    optimizer: torch.optim.Optimizer,
+    config: DetectConfig,
+    *,
+    warm: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One SGD step on samples ``index`` (B,); returns (4,) on the device: B·loss, B·ce, B·neg, #selected."""
+    labels = data.labels[index.to(data.device, non_blocking=True)]
+    with autocast(data.device):
+        features = batch_features(net, data, index, trunk, train=True, generator=generator)
+    complementary = complementary_labels(labels, net.prompts.n_cls, generator)
+    # Many classes: encode only those the loss needs plus a sample (labels become columns of s±).
+    classes = step_classes(labels, complementary, net.prompts.n_cls, config.text_classes, generator)
+    if classes is not None:
+        labels, complementary = to_local(classes, net.prompts.n_cls, labels, complementary)
+    with autocast(data.device):
+        s_pos, s_neg = net.similarities(features, net.prompts(classes))
+    s_pos, s_neg = s_pos.float(), s_neg.float()  # (B, C) each; C = K without sampling
+    selected = None
+    if not warm:
+        p_clean = clean_probability(s_pos.detach(), s_neg.detach())
+        selected = select_clean(p_clean, labels, threshold=config.threshold, strict=config.strict)
+    loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected, balance=config.balances)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    count = torch.full((), float(len(index)), device=data.device)
+    chosen = selected.sum().float() if selected is not None else count
+    return torch.stack([loss.detach() * count, ce.detach() * count, neg.detach() * count, chosen])
