@@ -29,7 +29,7 @@ from deft_clean.files import check_output, refuse_input, releases_outputs
 from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
-from deft_clean.runtime import autocast, cuda_autotune, seed_everything
+from deft_clean.runtime import StagedImages, autocast, cuda_autotune, seed_everything
 from deft_clean.scoring import (
     training_failure,
 )
@@ -73,26 +73,18 @@ def detect(
     manifest = load_manifest(
         data_dir, labels_csv, config=data, image_size=size, num_workers=detect.num_workers, reporter=reporter
     )
-    refuse_input(out_path, manifest.files(), what="an image")
-    refuse_unfit(manifest, backbone, detect, source=str(labels_csv or data_dir))
+    _refuse_unfit(manifest, out_path, backbone, detect, source=str(labels_csv or data_dir))
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(detect.seed)
     built, device = load_backbone_on(backbone)
     config, choices = detect.resolved(cuda=device.type == "cuda", rows=int(manifest.readable.sum()))
-    for note in [*built.notes, *choices]:
-        reporter.log(note, level="warning" if note in built.notes else "info")
-    rows = np.flatnonzero(manifest.readable)
-    images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
-    samples = LabelledImages(images, manifest.labels[rows])
+    _log_notes(reporter, built.notes, choices)
+    rows, images, samples, net = _prepare(manifest, built, device, config, reporter)
     clock["prepared"] = time.perf_counter()
-    net = DeftModel(
-        built, manifest.prompt_names(), config, generator=torch.Generator().manual_seed(config.seed)
-    )
     with cuda_autotune(device, built.model.visual):
         trunk = trunk_cache(net, images, 2 * config.batch_size) if net.caches_features else None
         clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
-        key = {"configs": [to_dict(c) for c in (data, backbone, config)], "input": manifest.fingerprint}
-        checkpoint = Checkpoint(checkpoint_path(out_path), key, resume=resume, reporter=reporter)
+        checkpoint = _checkpoint(out_path, (data, backbone, config), manifest, resume, reporter)
         scores, history = fit_and_score(
             net, samples, config, trunk=trunk, reporter=reporter, checkpoint=checkpoint
         )
@@ -133,6 +125,43 @@ def _check_outputs(
             save_model, inputs=[*inputs, out_path], overwrite=overwrite, kind="folder", option="--save-model"
         )
     return out_path
+
+
+def _refuse_unfit(
+    manifest: Manifest, out_path: Path, backbone: BackboneConfig, config: DetectConfig, source: str
+) -> None:
+    """After reading the data, before any model work: the results must not overwrite an image, and the
+    data must pass detect's rules (:mod:`deft_clean.preflight`)."""
+    refuse_input(out_path, manifest.files(), what="an image")
+    refuse_unfit(manifest, backbone, config, source=source)
+
+
+def _log_notes(reporter: Reporter, warnings: tuple[str, ...], choices: list[str]) -> None:
+    """The backbone's warnings and the choices made for this run (e.g. --peft auto), in the run's log."""
+    for note in warnings:
+        reporter.log(note, level="warning")
+    for note in choices:
+        reporter.log(note, level="info")
+
+
+def _checkpoint(
+    out_path: Path, configs: tuple[object, ...], manifest: Manifest, resume: bool, reporter: Reporter
+) -> Checkpoint:
+    """The run's epoch checkpoint beside ``out_path``, keyed by its configs and input fingerprint."""
+    key = {"configs": [to_dict(c) for c in configs], "input": manifest.fingerprint}
+    return Checkpoint(checkpoint_path(out_path), key, resume=resume, reporter=reporter)
+
+
+def _prepare(
+    manifest: Manifest, built: Backbone, device: torch.device, config: DetectConfig, reporter: Reporter
+) -> tuple[np.ndarray, StagedImages, LabelledImages, DeftModel]:
+    """The readable rows, their images staged for ``device`` (decoded once), them with their labels, and
+    the untrained detector."""
+    rows = np.flatnonzero(manifest.readable)
+    images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
+    samples = LabelledImages(images, manifest.labels[rows])
+    generator = torch.Generator().manual_seed(config.seed)
+    return rows, images, samples, DeftModel(built, manifest.prompt_names(), config, generator=generator)
 
 
 def _refuse_crossfit_resume(config: DetectConfig, resume: bool) -> None:

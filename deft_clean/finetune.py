@@ -100,28 +100,67 @@ def finetune(
         if note != OFFLINE_NOTE:  # that one is about detection; TeS trains the towers it needs anyway
             reporter.log(note, "warning")
     device = next(tower.parameters()).device
-    texts = (
-        text_classifier(built, manifest.prompt_names(), config.template_list)
-        if config.method == "tes"
-        else None
-    )
-    with seeded(config.seed):  # the head's initial weights follow --seed, as the tower's do
-        head = ClassifierHead(
-            _feature_dim(tower, built.image_size, device), len(manifest.class_ids), texts, config.tau
-        )
+    head = _head(built, tower, manifest, config, device)
     images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
     images.channels_last = device.type == "cuda" and is_conv(tower)
-    checkpoint = None
-    if out is not None:
-        key = {"configs": [to_dict(c) for c in (data, bcfg, config)], "input": manifest.fingerprint}
-        key.update(flags=None if flags is None else str(flags), rows=len(rows))
-        checkpoint = Checkpoint(checkpoint_path(Path(out)), key, resume=resume, reporter=reporter)
+    checkpoint = _checkpoint(out, (data, bcfg, config), manifest, flags, len(rows), resume, reporter)
     with cuda_autotune(device, tower):
         _train(tower, head.to(device), images, torch.from_numpy(labels), config, reporter, checkpoint)
     info = classifier_info(built, bcfg, config, manifest)
     info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}
     info["training"].update(fingerprint=manifest.fingerprint, flags=None if flags is None else str(flags))
     classifier = Classifier(tower, head.fc, info, changed_tower_keys(tower))
+    metrics = _evaluate_and_save(classifier, data, out, test_dir, test_csv, reporter)
+    if checkpoint is not None:
+        checkpoint.remove()
+    return FinetuneResult(
+        classifier, len(rows), n_dropped, n_relabelled, metrics, None if out is None else Path(out)
+    )
+
+
+def _checkpoint(
+    out: str | Path | None,
+    configs: tuple[object, ...],
+    manifest: Manifest,
+    flags: str | Path | None,
+    rows: int,
+    resume: bool,
+    reporter: Reporter,
+) -> Checkpoint | None:
+    """The epoch checkpoint beside ``out`` (none without ``out``), keyed by the run's configs, input
+    fingerprint, flags file and row count, so a checkpoint of another run is never resumed."""
+    if out is None:
+        return None
+    key = {"configs": [to_dict(c) for c in configs], "input": manifest.fingerprint}
+    key.update(flags=None if flags is None else str(flags), rows=rows)
+    return Checkpoint(checkpoint_path(Path(out)), key, resume=resume, reporter=reporter)
+
+
+def _head(
+    built: Backbone, tower: nn.Module, manifest: Manifest, config: FinetuneConfig, device: torch.device
+) -> ClassifierHead:
+    """The classifier head: TeS's is initialised from the class names' text features, CE's at random;
+    its initial weights follow --seed, as the tower's do."""
+    texts = (
+        text_classifier(built, manifest.prompt_names(), config.template_list)
+        if config.method == "tes"
+        else None
+    )
+    with seeded(config.seed):
+        dim = _feature_dim(tower, built.image_size, device)
+        return ClassifierHead(dim, len(manifest.class_ids), texts, config.tau)
+
+
+def _evaluate_and_save(
+    classifier: Classifier,
+    data: DataConfig,
+    out: str | Path | None,
+    test_dir: str | Path | None,
+    test_csv: str | Path | None,
+    reporter: Reporter,
+) -> dict[str, Any] | None:
+    """Test-set metrics (with ``test_dir``), then the classifier saved to ``out`` with ``metrics.json``
+    in the same atomic folder."""
     metrics = None
     if test_dir is not None:
         test_data = dataclasses.replace(data, min_per_class=0)
@@ -129,11 +168,7 @@ def finetune(
     if out is not None:
         extra = {"metrics.json": json.dumps(metrics, indent=2) + "\n"} if metrics is not None else {}
         classifier.save(out, extra_files=extra)
-    if checkpoint is not None:
-        checkpoint.remove()
-    return FinetuneResult(
-        classifier, len(rows), n_dropped, n_relabelled, metrics, None if out is None else Path(out)
-    )
+    return metrics
 
 
 class TrainingRows(NamedTuple):

@@ -116,11 +116,7 @@ def train_detector(
         started = time.perf_counter()
         with reporter.task(f"DeFT epoch {epoch + 1}/{config.epochs}", total=n):
             for step in range(steps):
-                progress = epoch / config.epochs
-                if config.lr_schedule == "step":
-                    progress = (epoch * steps + step) / (config.epochs * steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(group["peak_lr"], progress)
+                _set_lr(optimizer, config, epoch, step, steps)
                 index = order[step * config.batch_size : (step + 1) * config.batch_size]
                 warm = epoch < config.warmup_epochs
                 totals += _train_step(
@@ -128,17 +124,7 @@ def train_detector(
                 )
                 if step < steps - 1:
                     reporter.advance(len(index))
-            loss_sum, ce_sum, neg_sum, chosen = totals.tolist()  # the one device sync of the epoch
-            seconds = time.perf_counter() - started
-            record = {
-                "epoch": epoch + 1,
-                "loss": loss_sum / n,
-                "ce": ce_sum / n,
-                "neg": neg_sum / n,
-                "selected_fraction": chosen / n,
-                "seconds": seconds,
-                "img_s": n / seconds if seconds > 0 else float("nan"),
-            }
+            record = _epoch_record(epoch, totals, n, time.perf_counter() - started)
             reporter.advance(len(index), loss=record["loss"], img_s=record["img_s"])
         history.append(record)
         if after_epoch is not None:
@@ -149,6 +135,31 @@ def train_detector(
             checkpoint.save(epoch + 1, history, net, optimizer, generators)
     net.eval()
     return history
+
+
+def _set_lr(
+    optimizer: torch.optim.Optimizer, config: DetectConfig, epoch: int, step: int, steps: int
+) -> None:
+    """Cosine decay of every group's ``peak_lr``, per epoch or per step (``--lr-schedule``)."""
+    progress = epoch / config.epochs
+    if config.lr_schedule == "step":
+        progress = (epoch * steps + step) / (config.epochs * steps)
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(group["peak_lr"], progress)
+
+
+def _epoch_record(epoch: int, totals: torch.Tensor, n: int, seconds: float) -> dict[str, float]:
+    """The history entry of ``epoch`` (0-based) from the (4,) sums of :func:`_train_step` over ``n`` rows."""
+    loss_sum, ce_sum, neg_sum, chosen = totals.tolist()  # the one device sync of the epoch
+    return {
+        "epoch": epoch + 1,
+        "loss": loss_sum / n,
+        "ce": ce_sum / n,
+        "neg": neg_sum / n,
+        "selected_fraction": chosen / n,
+        "seconds": seconds,
+        "img_s": n / seconds if seconds > 0 else float("nan"),
+    }
 
 
 def _train_step(
