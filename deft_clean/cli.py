@@ -34,7 +34,8 @@ from deft_clean._render import (
     print_problems,
     print_report,
 )
-from deft_clean.backbone import export_backbone, list_backbones
+from deft_clean.backbone import list_backbones
+from deft_clean.backbone_export import export_backbone
 from deft_clean.classifier import predict
 from deft_clean.config import (
     BackboneConfig,

@@ -18,10 +18,10 @@ from deft_clean import hub, offline
 from deft_clean.backbone import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    export_backbone,
     list_backbones,
     load_backbone,
 )
+from deft_clean.backbone_export import export_backbone
 from deft_clean.config import BackboneConfig
 from deft_clean.errors import BackboneError, ConfigError, MissingExtraError
 from deft_clean.runtime import resolve_device
