@@ -8,13 +8,8 @@ Ctrl-C: one line, exit 130).
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import typing
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -23,20 +18,18 @@ from deft_clean._render import (
     RichReporter,
     print_backbones,
     print_detect_summary,
-    print_error,
     print_export,
     print_exported,
     print_finetune_summary,
     print_imported,
-    print_interrupted,
     print_manifest_summary,
     print_predict_summary,
-    print_problems,
     print_report,
 )
 from deft_clean.backbone import list_backbones
 from deft_clean.backbone_export import export_backbone
 from deft_clean.classifier import predict
+from deft_clean.cli_options import CHECK_FIELDS, Overwrite, Resume, config_options, user_errors
 from deft_clean.config import (
     BackboneConfig,
     DataConfig,
@@ -44,12 +37,10 @@ from deft_clean.config import (
     ExportConfig,
     FinetuneConfig,
     ReportConfig,
-    flag,
     resolve_backbone,
 )
 from deft_clean.detect import detect
 from deft_clean.embed import embed
-from deft_clean.errors import DataError, DeftCleanError, OutputError
 from deft_clean.export import export_labels, import_review
 from deft_clean.finetune import finetune
 from deft_clean.preflight import check_dataset
@@ -63,37 +54,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="Replace an existing output (never an input of the run).")
-]
-Resume = Annotated[
-    bool, typer.Option("--resume", help="Continue a killed run from its checkpoint (<out>.checkpoint).")
-]
-
-
-def _user_errors(func: F) -> F:
-    """Turn library exceptions into a readable message and a non-zero exit code."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except DataError as error:
-            print_problems(error)
-            raise typer.Exit(code=2) from None
-        except OutputError as error:
-            print_error(error)
-            raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            print_interrupted()
-            raise typer.Exit(code=130) from None
-        except DeftCleanError as error:
-            print_error(error)
-            raise typer.Exit(code=1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _version(value: bool) -> None:
@@ -111,66 +71,9 @@ def main(
     """Find wrong labels in image datasets and train a model without them."""
 
 
-_PARAMETER = {
-    DataConfig: "data_config",
-    BackboneConfig: "backbone_config",
-    DetectConfig: "detect_config",
-    FinetuneConfig: "finetune_config",
-    ReportConfig: "report_config",
-    ExportConfig: "export_config",
-}
-
-
-def config_options(*config_classes: type, only: set[str] | None = None) -> Callable[[F], F]:
-    """Give a command one option per field of ``config_classes`` and pass it the config objects built.
-
-    Defaults and help come from the dataclass fields (one source of truth), so every command that takes
-    a stage's options takes all of them the same way. ``only`` restricts the fields shown (the others
-    keep their defaults). Choice fields reach typer as plain strings, so the config, the one validator,
-    refuses a bad value with its own message (exit code 1). The wrapped command receives one keyword
-    argument per class: ``data_config``, ``backbone_config``, ``detect_config`` or ``finetune_config``;
-    building them runs their checks.
-    """
-
-    def decorate(func: F) -> F:
-        signature = inspect.signature(func, eval_str=True)
-        params = [p for p in signature.parameters.values() if p.name not in _PARAMETER.values()]
-        fields = {
-            cls: [f for f in dataclasses.fields(cls) if only is None or f.name in only]
-            for cls in config_classes
-        }
-        for cls, specs in fields.items():
-            hints = typing.get_type_hints(cls)
-            for spec in specs:
-                option = typer.Option(spec.default, flag(spec.name), help=spec.metadata.get("help"))
-                kind = inspect.Parameter.KEYWORD_ONLY
-                hint = str if typing.get_origin(hints[spec.name]) is typing.Literal else hints[spec.name]
-                params.append(inspect.Parameter(spec.name, kind, default=option, annotation=hint))
-
-        @wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            for cls, specs in fields.items():
-                kwargs[_PARAMETER[cls]] = cls(**{spec.name: kwargs.pop(spec.name) for spec in specs})
-            return func(*args, **kwargs)
-
-        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-_CHECKED = {f.name for f in dataclasses.fields(DataConfig)} | {
-    "model",
-    "pretrained",
-    "cache_dir",
-    "n_ctx",
-    "ctx_init",
-}
-
-
 @app.command()
-@_user_errors
-@config_options(DataConfig, BackboneConfig, DetectConfig, only=_CHECKED)
+@user_errors
+@config_options(DataConfig, BackboneConfig, DetectConfig, only=CHECK_FIELDS)
 def check(
     data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
     labels_csv: Annotated[
@@ -194,7 +97,7 @@ def check(
 
 
 @app.command("detect")
-@_user_errors
+@user_errors
 @config_options(DataConfig, BackboneConfig, DetectConfig)
 def detect_command(
     data_dir: Annotated[Path, typer.Argument(help="Folder with the images.", show_default=False)],
@@ -236,14 +139,14 @@ def detect_command(
 
 
 @app.command("backbones")
-@_user_errors
+@user_errors
 def backbones_command() -> None:
     """List the built-in backbones: kind, image size, whether the towers are aligned, default LoRA targets."""
     print_backbones(list_backbones())
 
 
 @app.command("export-backbone")
-@_user_errors
+@user_errors
 @config_options(BackboneConfig, only={"model", "pretrained", "cache_dir"})
 def export_backbone_command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write: config, weights, tokenizer.")],
@@ -264,7 +167,7 @@ def export_backbone_command(
 
 
 @app.command("finetune")
-@_user_errors
+@user_errors
 @config_options(DataConfig, BackboneConfig, FinetuneConfig)
 def finetune_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the classifier: weights, config, metrics.")],
@@ -298,7 +201,7 @@ def finetune_command(
 
 
 @app.command("predict")
-@_user_errors
+@user_errors
 @config_options(
     DataConfig,
     only={"image_col", "label_col", "on_bad_image", "max_image_pixels", "follow_links", "delimiter"},
@@ -331,7 +234,7 @@ def predict_command(
 
 
 @app.command("embed")
-@_user_errors
+@user_errors
 @config_options(
     DataConfig,
     BackboneConfig,
@@ -379,7 +282,7 @@ def _report(flags: Path, **kwargs: Any) -> None:
 
 
 @app.command("report")
-@_user_errors
+@user_errors
 @config_options(ReportConfig)
 def report_command(
     flags: Annotated[
@@ -406,7 +309,7 @@ def report_command(
 
 
 @app.command("export")
-@_user_errors
+@user_errors
 @config_options(ExportConfig)
 def export_command(
     flags: Annotated[
@@ -426,7 +329,7 @@ def export_command(
 
 
 @app.command("import-review")
-@_user_errors
+@user_errors
 @config_options(DataConfig, only={"image_col", "label_col"})
 def import_review_command(
     review: Annotated[
