@@ -195,7 +195,8 @@ class DetectConfig:
     scoring: Literal["insample", "crossfit"] = _opt(
         "insample",
         "Which model scores a row: 'insample' (the one model trained on every row) or 'crossfit' (the "
-        "model of the other --folds - 1 folds, which never saw the row's label; costs --folds - 1 fits).",
+        "model of the other --folds - 1 folds, which never saw the row's label; costs --folds - 1 fits; "
+        "--save-model then keeps the last fold's model).",
     )
     folds: int = _opt(5, "Folds for --scoring crossfit.")
     seed: int = _opt(0, "Random seed.")
