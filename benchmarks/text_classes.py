@@ -53,9 +53,9 @@ def _setup(
     """A DeFT model for ``classes`` random class names and ``args.steps`` batches of random images."""
     torch.manual_seed(0)
     backbone = load_backbone(BackboneConfig(model=args.model, device="cpu"))
-    config = DetectConfig(
+    config, _ = DetectConfig(
         peft=args.peft, batch_size=args.batch_size, epochs=2, warmup_epochs=1, text_classes=cap
-    )
+    ).resolved(cuda=False, rows=args.steps * args.batch_size)  # the lr (and 'auto') a CPU run would use
     names = [f"species {k}" for k in range(classes)]
     net = DeftModel(backbone, names, config, generator=torch.Generator().manual_seed(0))
     n, size = args.steps * args.batch_size, backbone.image_size
