@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import datasets, run
+from benchmarks import datasets, run, text_classes
 from benchmarks.text_classes import planted_features
 
 
@@ -37,3 +39,15 @@ def test_planted_features_cluster_by_true_class():
     centres = np.stack([features[truth == k].mean(0).numpy() for k in range(20)])
     nearest = np.argmax(features.numpy() @ centres.T, axis=1)
     assert (nearest == truth).mean() > 0.95
+
+
+def test_timing_runs_a_sampled_and_a_full_step_on_the_tiny_backbone(tmp_path):
+    """The timing command trains real steps with the config a CPU run resolves (lr decided at run time)."""
+    out = tmp_path / "timing.json"
+    text_classes.main(
+        ["timing", "--model", "test-tiny", "--classes", "40", "--batch-size", "8", "--steps", "2"]
+        + ["--text-classes", "16", "--repeats", "1", "--out", str(out)]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["sampling"] for row in rows} == {"off", "on"}
+    assert all(row["classes"] == 40 and row["step_s"] > 0 for row in rows)
