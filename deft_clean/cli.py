@@ -29,7 +29,7 @@ from deft_clean._render import (
 from deft_clean.backbone import list_backbones
 from deft_clean.backbone_export import export_backbone
 from deft_clean.classifier import predict
-from deft_clean.cli_options import CHECK_FIELDS, Overwrite, Resume, config_options, user_errors
+from deft_clean.cli_options import CHECK_FIELDS, FlagsFile, Overwrite, Resume, config_options, user_errors
 from deft_clean.config import (
     BackboneConfig,
     DataConfig,
@@ -285,9 +285,7 @@ def _report(flags: Path, **kwargs: Any) -> None:
 @user_errors
 @config_options(ReportConfig)
 def report_command(
-    flags: Annotated[
-        Path, typer.Argument(help="Results Parquet from `deft-clean detect`.", show_default=False)
-    ],
+    flags: FlagsFile,
     out: Annotated[
         Path | None, typer.Option("--out", help="HTML file (default: the results file with suffix .html).")
     ] = None,
@@ -312,9 +310,7 @@ def report_command(
 @user_errors
 @config_options(ExportConfig)
 def export_command(
-    flags: Annotated[
-        Path, typer.Argument(help="Results Parquet from `deft-clean detect`.", show_default=False)
-    ],
+    flags: FlagsFile,
     out: Annotated[
         Path | None, typer.Option("--out", help="Folder for the files (default: the results file's folder).")
     ] = None,

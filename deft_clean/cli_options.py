@@ -14,6 +14,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -28,6 +29,9 @@ Overwrite = Annotated[
 ]
 Resume = Annotated[
     bool, typer.Option("--resume", help="Continue a killed run from its checkpoint (<out>.checkpoint).")
+]
+FlagsFile = Annotated[
+    Path, typer.Argument(help="Results Parquet from `deft-clean detect`.", show_default=False)
 ]
 
 
