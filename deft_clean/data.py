@@ -239,11 +239,15 @@ def _pixels(
     files: list[Path], size: int | None, config: DataConfig, reporter: Reporter
 ) -> DecodedImages | None:
     """What validation decodes into, keeping the pixels (from the image cache when its key matches), or
-    None when no size is given or they would not fit in RAM (``Manifest.decode`` then makes a memmap)."""
-    if size is None or not fits_in_ram((len(files), 3, size, size)):
+    None when no size is given, or when the pixels would not fit in RAM and the cache does not hold them
+    (validation then decodes cheaply and ``Manifest.decode`` decodes into the cache's memmap)."""
+    if size is None:
         return None
-    folder = cache_folder(config.image_cache)
-    return DecodedImages(files, size, folder=folder, max_pixels=config.max_image_pixels, reporter=reporter)
+    folder, ram = cache_folder(config.image_cache), fits_in_ram((len(files), 3, size, size))
+    pixels = DecodedImages(
+        files, size, folder=folder, max_pixels=config.max_image_pixels, reporter=reporter, in_memory=ram
+    )
+    return None if pixels.pixels is None else pixels
 
 
 def has_loose_images(data_dir: str | Path) -> bool:

@@ -184,6 +184,8 @@ class DecodedImages:
     ``decode(index, file)`` is validation's decoder (``validation.Decoder``): on a cache hit it
     decodes only the rows the cache holds as unreadable (so their problem is reported again), else every
     row. :meth:`finish` stores a fresh pass in the cache and returns the pixels. ``folder`` None: no cache.
+    ``in_memory`` False (more pixels than RAM should hold): a hit maps the cache file; without one,
+    ``pixels`` is None and validation decodes cheaply, leaving the full decode to :func:`build_image_cache`.
     """
 
     def __init__(
@@ -194,15 +196,17 @@ class DecodedImages:
         folder: Path | None,
         max_pixels: int | None,
         reporter: Reporter,
+        in_memory: bool = True,
     ) -> None:
         self.size, self.reporter = size, reporter
         self.cache = None if folder is None else CacheFile(folder, files, size, max_pixels)
-        found = None if self.cache is None else self.cache.load(in_memory=True, reporter=reporter)
-        self.pixels, self.cached = found or (np.zeros((len(files), 3, size, size), dtype=np.uint8), None)
+        found = None if self.cache is None else self.cache.load(in_memory=in_memory, reporter=reporter)
+        fresh = np.zeros((len(files), 3, size, size), dtype=np.uint8) if in_memory else None
+        self.pixels, self.cached = found or (fresh, None)
 
     def decode(self, index: int, file: Path) -> None:
         if self.cached is None or not self.cached[index]:
-            self.pixels[index] = decode_square(file, self.size).transpose(2, 0, 1)
+            self.pixels[index] = decode_square(file, self.size).transpose(2, 0, 1)  # type: ignore[index]
 
     def finish(self, readable: np.ndarray) -> torch.Tensor:
         """The pixels as a tensor, after storing a freshly decoded pass in the cache (with a notice)."""
@@ -210,7 +214,7 @@ class DecodedImages:
             self.reporter.log(f"reused decoded images from {self.cache.path}")
         elif self.cache is not None:
             self.cache.store(readable, self._copy, self.reporter)
-        return torch.from_numpy(self.pixels)
+        return torch.from_numpy(self.pixels)  # type: ignore[arg-type]
 
     def _copy(self, out: np.ndarray) -> None:
         np.copyto(out, self.pixels)

@@ -164,3 +164,24 @@ def test_flags_identical_between_the_decoding_and_the_reusing_run(tmp_path: Path
     ]
     assert decodes.count == 24  # the first run only
     pd.testing.assert_frame_equal(runs[0], runs[1])
+
+
+def test_too_big_for_ram_the_second_run_maps_the_cache_and_decodes_nothing(
+    image_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from deft_clean import data, validation
+
+    monkeypatch.setattr(data, "fits_in_ram", lambda shape: False)
+    monkeypatch.setattr(image_cache, "fits_in_ram", lambda shape: False)
+    checks = []
+    real_verify = validation.verify_image
+    monkeypatch.setattr(validation, "verify_image", lambda path: checks.append(path) or real_verify(path))
+    decodes = Decodes(monkeypatch)
+    first = _load(image_folder, tmp_path / "c")
+    assert first.images is None and len(checks) == 6  # validation decoded cheaply, keeping nothing
+    pixels = first.decode(8)
+    assert decodes.count == 6 and len(list((tmp_path / "c").glob("*.u8"))) == 1  # decoded into the cache file
+    second = _load(image_folder, tmp_path / "c")
+    assert len(checks) == 6 and decodes.count == 6  # the second run decodes nothing, not even cheaply
+    assert second.images is not None and torch.equal(second.images, pixels)
+    assert second.decode(8) is second.images
