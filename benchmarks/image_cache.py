@@ -71,7 +71,8 @@ def time_readme(work: Path) -> dict:
         record[run] = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"deft-clean detect failed:\n{done.stdout}\n{done.stderr}")
-        record[run.replace("_s", "_log")] = [line for line in (done.stdout + done.stderr).splitlines() if "decoded" in line]
+        lines = (done.stdout + done.stderr).splitlines()
+        record[run.replace("_s", "_log")] = [line for line in lines if "decoded" in line]
     return record
 
 
