@@ -107,9 +107,8 @@ def config_options(*config_classes: type, only: set[str] | None = None) -> Calla
     return decorate
 
 
-# the options `check` takes: every data option (but the image cache: check decodes nothing to keep), and
-# the backbone and prompt fields its checks depend on
-CHECK_FIELDS = {f.name for f in dataclasses.fields(config.DataConfig)} - {"image_cache"} | {
+# the options `check` takes: every data option, and the backbone and prompt fields its checks depend on
+CHECK_FIELDS = {f.name for f in dataclasses.fields(config.DataConfig)} | {
     "model",
     "pretrained",
     "cache_dir",

@@ -212,7 +212,7 @@ def recorded_inputs(frame: pd.DataFrame, name: str, root: str | Path | None = No
     folder = Path(root if root is not None else source.get("data_dir", "."))
     paths = frame["path"].astype(str)
     named = paths[(paths == name) | paths.str.endswith("/" + name)]
-    return [Path(source["csv"])] * bool(source.get("csv")) + [folder / path for path in named]
+    return ([Path(source["csv"])] if source.get("csv") else []) + [folder / path for path in named]
 
 
 def _conform(frame: pd.DataFrame, class_ids: list[str]) -> pd.DataFrame:
