@@ -15,6 +15,7 @@ options or data) is refused with a message rather than silently mixed in.
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +50,37 @@ class Checkpoint:
         self.path, self.resume, self.reporter = Path(path), resume, reporter
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
         self._frozen: dict[str, float] = {}  # sums of the frozen tensors (and buffers) before training
+        self._objects: dict[str, weakref.ref] = {}  # the frozen tensor objects before training
+        self._watch: set[str] | None = None  # what moved by the first save (None: no save yet)
         self.riders: dict[str, Any] = {}
 
     def _moved(self, net: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors to save: trainable parameters, and frozen parameters or buffers (BatchNorm
-        statistics) whose values changed since the start."""
-        return {
-            name: t.detach().cpu().clone()
-            for name, t in _tensors(net)
-            if t.requires_grad or _sum(t) != self._frozen.get(name)
-        }
+        statistics) whose values changed since the start.
+
+        Summing every frozen tensor costs a pass over the whole backbone, so only the first save does
+        it; later saves sum only what can move: buffers, tensors whose storage was replaced (peft's
+        MultiheadAttention registers new weights at every forward) and those that had moved by the first
+        save (whatever a forward changes in place, it changed in the first epoch)."""
+        buffers = {name for name, _ in net.named_buffers()}
+        moved = {}
+        for name, t in _tensors(net):
+            check = (self._watch is None or name in self._watch or name in buffers) or _replaced(
+                self._objects.get(name), t
+            )
+            if t.requires_grad or (check and _sum(t) != self._frozen.get(name)):
+                moved[name] = t.detach().cpu().clone()
+        if self._watch is None:
+            self._watch = set(moved)
+        return moved
 
     def restore(
         self, net: nn.Module, optimizer: torch.optim.Optimizer, generators: list[torch.Generator]
     ) -> tuple[int, list[dict[str, float]]]:
         """(epochs already done, their history): from the checkpoint when resuming, else (0, [])."""
-        self._frozen = {name: _sum(t) for name, t in _tensors(net) if not t.requires_grad}
+        frozen = [(name, t) for name, t in _tensors(net) if not t.requires_grad]
+        self._frozen = {name: _sum(t) for name, t in frozen}
+        self._objects, self._watch = {name: weakref.ref(t) for name, t in frozen}, None
         if not self.path.is_file():
             if self.resume:
                 self.reporter.log(f"no checkpoint at {self.path}; starting from epoch 1", level="warning")
@@ -128,6 +144,12 @@ class Checkpoint:
 def _tensors(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer of ``net`` by name."""
     return [*net.named_parameters(), *net.named_buffers()]
+
+
+def _replaced(before: weakref.ref | None, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is not the object ``before`` referred to (a weak reference: a replaced tensor is
+    freed, and its address may be reused, so neither ``id`` nor ``data_ptr`` would tell)."""
+    return before is None or before() is not tensor
 
 
 def _sum(parameter: torch.Tensor) -> float:

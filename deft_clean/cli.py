@@ -135,7 +135,7 @@ def detect_command(
     )  # fmt: skip
     print_detect_summary(result)
     if report:
-        _report(result.out, truth_csv=truth)
+        _report(result.out, truth_csv=truth, overwrite=overwrite)
 
 
 @app.command("backbones")
@@ -299,11 +299,12 @@ def report_command(
             "--truth", help="CSV path,label of verified labels: precision/recall/F1, missed labels."
         ),
     ] = None,
+    overwrite: Overwrite = False,
     *,
     report_config: ReportConfig,
 ) -> None:
     """Write one self-contained HTML page: summary, per-class charts and a gallery of the flagged images."""
-    _report(flags, out=out, data_dir=data_dir, truth_csv=truth, config=report_config)
+    _report(flags, out=out, data_dir=data_dir, truth_csv=truth, config=report_config, overwrite=overwrite)
 
 
 @app.command("export")
@@ -317,11 +318,13 @@ def export_command(
     labels: Annotated[
         Path | None, typer.Option("--labels", help="csv: the labels CSV to correct (default: detect's).")
     ] = None,
+    overwrite: Overwrite = False,
     *,
     export_config: ExportConfig,
 ) -> None:
     """Export the flags: a corrected labels CSV + review.csv, or Label Studio tasks to review them."""
-    print_export(export_labels(flags, out, labels_csv=labels, config=export_config), export_config)
+    exported = export_labels(flags, out, labels_csv=labels, config=export_config, overwrite=overwrite)
+    print_export(exported, export_config)
 
 
 @app.command("import-review")

@@ -74,6 +74,11 @@ class DataConfig:
     delimiter: str | None = _opt(
         None, "CSV field separator, one character or 'tab' (default: read from the header among , ; tab |)."
     )
+    image_cache: str = _opt(
+        "auto",
+        "Folder keeping decoded images between runs, reused while the images are unchanged: 'auto' "
+        "($DEFT_CLEAN_CACHE/decoded, default ~/.cache/deft-clean/decoded), a folder, or 'off'.",
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -85,6 +90,7 @@ class DataConfig:
         sep = self.delimiter
         ok = sep is None or sep in ("tab", "\\t") or (len(sep) == 1 and sep not in '"\r\n')
         _require(ok, "delimiter", sep, "of one character other than a quote, or 'tab'")
+        _require(bool(self.image_cache.strip()), "image_cache", self.image_cache, "'auto', 'off' or a folder")
 
     @property
     def separator(self) -> str | None:

@@ -121,9 +121,11 @@ def _check_outputs(
         estimated_bytes=2 * table_bytes,
     )  # fmt: skip
     if save_model is not None:
-        check_output(
-            save_model, inputs=[*inputs, out_path], overwrite=overwrite, kind="folder", option="--save-model"
+        hint = "The model is a folder of its own, e.g. --save-model runs/detector."
+        refuse_input(
+            Path(save_model), [out_path], option="--save-model", what="the same path as --out", hint=hint
         )
+        check_output(save_model, inputs=inputs, overwrite=overwrite, kind="folder", option="--save-model")
     return out_path
 
 
@@ -132,7 +134,7 @@ def _refuse_unfit(
 ) -> None:
     """After reading the data, before any model work: the results must not overwrite an image, and the
     data must pass detect's rules (:mod:`deft_clean.preflight`)."""
-    refuse_input(out_path, manifest.files(), what="an image")
+    refuse_input(out_path, manifest.files(), what="an image of this run")
     refuse_unfit(manifest, backbone, config, source=source)
 
 

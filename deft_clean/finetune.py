@@ -32,6 +32,7 @@ from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
 from deft_clean.files import check_output, releases_outputs
 from deft_clean.offline import OFFLINE_NOTE
+from deft_clean.preflight import refuse_one_class
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import confident_suggestions, read_results
 from deft_clean.runtime import (
@@ -92,6 +93,7 @@ def finetune(
     manifest = load_manifest(
         data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
     )
+    refuse_one_class(manifest, source=str(labels_csv or data_dir))
     rows, labels, n_dropped, n_relabelled = select_training_rows(
         manifest, flags_df, config, flags_name=f"'{flags}'"
     )

@@ -135,3 +135,37 @@ def test_a_killed_finetune_resumes_to_the_same_classifier(uninterrupted, tmp_pat
     for name in ("tower.safetensors", "head.safetensors"):
         whole, resumed = load_file(tmp_path / "whole" / name), load_file(out / name)
         assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole), name
+
+
+def test_later_saves_sum_only_the_frozen_tensors_that_can_move(tmp_path, monkeypatch):
+    from torch import nn
+
+    from deft_clean import checkpoint as module
+    from deft_clean.checkpoint import Checkpoint
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.BatchNorm1d(3))
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad = name == "0.bias"  # one trained tensor; the rest frozen
+    optimizer = torch.optim.SGD([net[0].bias], lr=0.1)
+    saved = Checkpoint(tmp_path / "c", {}, resume=False)
+    saved.restore(net, optimizer, [])
+    summed: list[int] = []
+    real = module._sum
+    monkeypatch.setattr(module, "_sum", lambda t: summed.append(t.numel()) or real(t))
+    with torch.no_grad():
+        net[1].weight.add_(1.0)  # a frozen weight a forward changes in place: found by the full first scan
+    saved.save(1, [], net, optimizer, [])
+    first = torch.load(tmp_path / "c", weights_only=False)["params"]
+    assert set(first) == {"0.bias", "1.weight"} and len(summed) == 8  # every frozen tensor checked once
+    summed.clear()
+    with torch.no_grad():
+        net[1].weight.add_(1.0)
+        net[2].running_mean.add_(1.0)  # buffers (BatchNorm statistics) are checked at every save
+    net[0].weight = nn.Parameter(
+        net[0].weight.detach() + 1, requires_grad=False
+    )  # storage replaced (peft MHA)
+    saved.save(2, [], net, optimizer, [])
+    later = torch.load(tmp_path / "c", weights_only=False)["params"]
+    assert set(later) == {"0.bias", "0.weight", "1.weight", "2.running_mean"}
+    assert torch.equal(later["1.weight"], net[1].weight) and torch.equal(later["0.weight"], net[0].weight)
+    assert len(summed) == 5  # 0.weight, 1.weight and the 3 buffers; not 1.bias, 2.weight nor 2.bias
