@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
-from deft_clean.checkpoint import Checkpoint, checkpoint_path
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone, to_dict
+from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
+from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
 from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, score_pass, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
@@ -150,7 +150,7 @@ def _checkpoint(
     out_path: Path, configs: tuple[object, ...], manifest: Manifest, resume: bool, reporter: Reporter
 ) -> Checkpoint:
     """The run's epoch checkpoint beside ``out_path``, keyed by its configs and input fingerprint."""
-    key = {"configs": [to_dict(c) for c in configs], "input": manifest.fingerprint}
+    key = run_key(configs, manifest.fingerprint)
     return Checkpoint(checkpoint_path(out_path), key, resume=resume, reporter=reporter)
 
 
