@@ -336,12 +336,14 @@ def import_review_command(
     ],
     labels_csv: Annotated[Path, typer.Argument(help="The labels CSV to apply it to.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Corrected labels CSV to write.")],
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
 ) -> None:
     """Apply a reviewer's Label Studio decisions to a labels CSV; rows never reviewed stay as they were."""
     print_imported(
         import_review(
-            review, labels_csv, out, image_col=data_config.image_col, label_col=data_config.label_col
+            review, labels_csv, out, image_col=data_config.image_col, label_col=data_config.label_col,
+            overwrite=overwrite,
         )
-    )
+    )  # fmt: skip

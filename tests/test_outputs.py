@@ -305,3 +305,29 @@ def test_export_outputs_are_checked_before_work_and_honour_overwrite(flags_case,
     assert tasks.exit_code == 0, tasks.output
     again = runner.invoke(app, ["export", str(flags_case.flags), "--to", "label-studio"])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_import_review_output_is_checked_before_work_and_honours_overwrite(flags_case, tmp_path, monkeypatch):
+    import json
+
+    from deft_clean import export
+
+    review = tmp_path / "r.json"
+    review.write_text(json.dumps([{"path": "img/02.png", "label": "cat"}]))
+    out = tmp_path / "reviewed.csv"
+    out.write_text("keep me")
+    runner = CliRunner()
+    monkeypatch.setattr(export, "_load_json", lambda *a: pytest.fail("the review was read"))
+    args = ["import-review", str(review), str(flags_case.labels_csv), "--out"]
+    refused = runner.invoke(app, [*args, str(out)])
+    assert refused.exit_code == 2 and "already exists" in refused.output and "--overwrite" in refused.output
+    for target in (flags_case.labels_csv, review):
+        refused = runner.invoke(app, [*args, str(target), "--overwrite"])
+        assert refused.exit_code == 2 and "is an input of this run" in " ".join(refused.output.split())
+    assert out.read_text() == "keep me" and json.loads(review.read_text())[0]["label"] == "cat"
+    before = flags_case.labels_csv.read_bytes()
+    monkeypatch.undo()
+    done = runner.invoke(app, [*args, str(out), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert out.read_text().splitlines()[3].endswith("img/02.png,cat")
+    assert flags_case.labels_csv.read_bytes() == before and not list(tmp_path.glob(".*.lock"))
