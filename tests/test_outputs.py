@@ -307,6 +307,31 @@ def test_export_outputs_are_checked_before_work_and_honour_overwrite(flags_case,
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_detect_report_page_is_checked_with_the_other_outputs_before_any_work(
+    tmp_path, csv_dataset, monkeypatch, wide_console
+):
+    root, labels = csv_dataset
+    page = labels.with_name("labels.deft.html")  # where --report writes: the results' name, suffix .html
+    page.write_text("keep me")
+    monkeypatch.setattr(DETECT, "load_manifest", lambda *a, **k: pytest.fail("data was read"))
+    args = ["detect", str(root), str(labels), "--model", "test-tiny", "--report"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"--report '{page}' already exists" in text and "--overwrite" in text
+    same = tmp_path / "flags.html"  # the results file itself would be the page
+    result = CliRunner().invoke(app, [*args, "--out", str(same), "--overwrite"])
+    assert result.exit_code == 2, result.output
+    assert f"--report '{same}' is the same path as --out" in " ".join(result.output.split())
+    truth = tmp_path / "flags.html"
+    truth.write_bytes(labels.read_bytes())
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "flags.parquet"), "--truth", str(truth)])
+    assert result.exit_code == 2, result.output
+    assert f"--report '{truth}' is an input of this run" in " ".join(result.output.split())
+    assert truth.read_bytes() == labels.read_bytes()
+    assert page.read_text() == "keep me" and not list(tmp_path.glob(".*.lock"))
+
+
 def test_import_review_output_is_checked_before_work_and_honours_overwrite(flags_case, tmp_path, monkeypatch):
     import json
 
