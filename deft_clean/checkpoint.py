@@ -5,7 +5,8 @@ At the end of every epoch, ``detect`` and ``finetune`` write ``<out>.checkpoint`
 tower, BatchNorm statistics, and frozen weights that moved anyway: peft merges LoRA into
 ``nn.MultiheadAttention`` weights in place at every forward and the rounding drifts; the rest of the
 backbone is rebuilt from its config), the optimizer state, the states of the run's random generators,
-the epoch and the history so far, and a key naming the run (configs and input fingerprint). With
+the epoch and the history so far, and a key naming the run (:func:`run_key`: configs and input
+fingerprint, leaving out options that cannot change the result, such as ``--image-cache``). With
 ``--resume``, a checkpoint whose key matches is loaded and training continues at the next epoch; the
 result is the same as a run that was never interrupted (same tensors, generator states and optimizer
 state). The checkpoint is removed once the output is written. A checkpoint of another run (other
@@ -16,17 +17,26 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from deft_clean.config import result_dict
 from deft_clean.errors import ConfigError
 from deft_clean.files import atomic_file
 from deft_clean.progress import Reporter, SilentReporter
 
 FORMAT_VERSION = 2  # 2: riders (state kept outside the model)
+
+
+def run_key(configs: Iterable[object], fingerprint: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The key naming a run (``detect`` and ``finetune``): its configs' fields that can change the result
+    (:func:`deft_clean.config.result_dict`), its input ``fingerprint``, and ``extra`` (finetune's flags
+    file and row count)."""
+    return {"configs": [result_dict(c) for c in configs], "input": dict(fingerprint), **extra}
 
 
 def checkpoint_path(out: Path) -> Path:

@@ -130,12 +130,12 @@ def detect_command(
     """Flag likely wrong labels with DeFT (dual text prompts + LoRA on a CLIP-style backbone)."""
     result = detect(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, detect=detect_config, out=out,
-        truth_csv=truth, save_model=save_model, overwrite=overwrite, resume=resume,
+        truth_csv=truth, save_model=save_model, report=report, overwrite=overwrite, resume=resume,
         reporter=RichReporter(),
     )  # fmt: skip
     print_detect_summary(result)
-    if report:
-        _report(result.out, truth_csv=truth, overwrite=overwrite)
+    if result.report is not None:
+        print_report(result.report)
 
 
 @app.command("backbones")
@@ -277,7 +277,7 @@ def embed_command(
 
 
 def _report(flags: Path, **kwargs: Any) -> None:
-    """Build the HTML report of ``flags`` with progress and say where it is (report, detect --report)."""
+    """Build the HTML report of ``flags`` with progress and say where it is."""
     print_report(build_report(flags, reporter=RichReporter(), **kwargs))
 
 
@@ -336,12 +336,14 @@ def import_review_command(
     ],
     labels_csv: Annotated[Path, typer.Argument(help="The labels CSV to apply it to.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Corrected labels CSV to write.")],
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
 ) -> None:
     """Apply a reviewer's Label Studio decisions to a labels CSV; rows never reviewed stay as they were."""
     print_imported(
         import_review(
-            review, labels_csv, out, image_col=data_config.image_col, label_col=data_config.label_col
+            review, labels_csv, out, image_col=data_config.image_col, label_col=data_config.label_col,
+            overwrite=overwrite,
         )
-    )
+    )  # fmt: skip

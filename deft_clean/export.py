@@ -189,6 +189,7 @@ def labeling_config(class_ids: list[str], class_names: list[str]) -> str:
     )
 
 
+@releases_outputs
 def import_review(
     export_json: str | Path,
     labels_csv: str | Path,
@@ -196,13 +197,17 @@ def import_review(
     *,
     image_col: str | None = None,
     label_col: str | None = None,
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Apply a reviewer's Label Studio export to ``labels_csv`` and write the result to ``out``.
 
     Tasks are matched to CSV rows by ``data.path``; the latest annotation that was not cancelled wins;
     tasks without one leave their row as it was, and so do all rows that were never sent for review.
-    Raises DataError naming every task whose path or chosen label is not in the CSV's.
+    Raises DataError naming every task whose path or chosen label is not in the CSV's. ``out`` is
+    checked first (:func:`check_output`): an existing file is refused unless ``overwrite``, either
+    input always (write the corrected CSV beside the original, not over it).
     """
+    check_output(out, inputs=[export_json, labels_csv], overwrite=overwrite)
     decisions = _decisions(_load_json(Path(export_json)))
     table, path_col, label_col = _read_labels(Path(labels_csv), image_col, label_col)
     index = {os.path.normpath(p.strip()): i for i, p in enumerate(table[path_col])}

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deft_clean.backbone import Backbone, input_size
-from deft_clean.checkpoint import Checkpoint, checkpoint_path
+from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.classifier import Classifier, build_tower, changed_tower_keys, classifier_info, evaluate
-from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone, to_dict
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone
 from deft_clean.data import Manifest, load_manifest
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
@@ -133,8 +133,7 @@ def _checkpoint(
     fingerprint, flags file and row count, so a checkpoint of another run is never resumed."""
     if out is None:
         return None
-    key = {"configs": [to_dict(c) for c in configs], "input": manifest.fingerprint}
-    key.update(flags=None if flags is None else str(flags), rows=rows)
+    key = run_key(configs, manifest.fingerprint, flags=None if flags is None else str(flags), rows=rows)
     return Checkpoint(checkpoint_path(Path(out)), key, resume=resume, reporter=reporter)
 
 

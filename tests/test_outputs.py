@@ -305,3 +305,54 @@ def test_export_outputs_are_checked_before_work_and_honour_overwrite(flags_case,
     assert tasks.exit_code == 0, tasks.output
     again = runner.invoke(app, ["export", str(flags_case.flags), "--to", "label-studio"])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_detect_report_page_is_checked_with_the_other_outputs_before_any_work(
+    tmp_path, csv_dataset, monkeypatch, wide_console
+):
+    root, labels = csv_dataset
+    page = labels.with_name("labels.deft.html")  # where --report writes: the results' name, suffix .html
+    page.write_text("keep me")
+    monkeypatch.setattr(DETECT, "load_manifest", lambda *a, **k: pytest.fail("data was read"))
+    args = ["detect", str(root), str(labels), "--model", "test-tiny", "--report"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"--report '{page}' already exists" in text and "--overwrite" in text
+    same = tmp_path / "flags.html"  # the results file itself would be the page
+    result = CliRunner().invoke(app, [*args, "--out", str(same), "--overwrite"])
+    assert result.exit_code == 2, result.output
+    assert f"--report '{same}' is the same path as --out" in " ".join(result.output.split())
+    truth = tmp_path / "flags.html"
+    truth.write_bytes(labels.read_bytes())
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "flags.parquet"), "--truth", str(truth)])
+    assert result.exit_code == 2, result.output
+    assert f"--report '{truth}' is an input of this run" in " ".join(result.output.split())
+    assert truth.read_bytes() == labels.read_bytes()
+    assert page.read_text() == "keep me" and not list(tmp_path.glob(".*.lock"))
+
+
+def test_import_review_output_is_checked_before_work_and_honours_overwrite(flags_case, tmp_path, monkeypatch):
+    import json
+
+    from deft_clean import export
+
+    review = tmp_path / "r.json"
+    review.write_text(json.dumps([{"path": "img/02.png", "label": "cat"}]))
+    out = tmp_path / "reviewed.csv"
+    out.write_text("keep me")
+    runner = CliRunner()
+    monkeypatch.setattr(export, "_load_json", lambda *a: pytest.fail("the review was read"))
+    args = ["import-review", str(review), str(flags_case.labels_csv), "--out"]
+    refused = runner.invoke(app, [*args, str(out)])
+    assert refused.exit_code == 2 and "already exists" in refused.output and "--overwrite" in refused.output
+    for target in (flags_case.labels_csv, review):
+        refused = runner.invoke(app, [*args, str(target), "--overwrite"])
+        assert refused.exit_code == 2 and "is an input of this run" in " ".join(refused.output.split())
+    assert out.read_text() == "keep me" and json.loads(review.read_text())[0]["label"] == "cat"
+    before = flags_case.labels_csv.read_bytes()
+    monkeypatch.undo()
+    done = runner.invoke(app, [*args, str(out), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert out.read_text().splitlines()[3].endswith("img/02.png,cat")
+    assert flags_case.labels_csv.read_bytes() == before and not list(tmp_path.glob(".*.lock"))
