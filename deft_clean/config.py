@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -55,6 +56,15 @@ def _require(ok: bool, name: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{flag(name)} {value!r} is invalid.", hint=f"Use a value {expected}.")
 
 
+def _require_choices(config: object) -> None:
+    """Refuse a value outside its field's ``Literal`` choices (the type is the one list of choices)."""
+    for name, kind in typing.get_type_hints(type(config)).items():
+        if typing.get_origin(kind) is Literal:
+            choices = [repr(choice) for choice in typing.get_args(kind)]
+            expected = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            _require(getattr(config, name) in typing.get_args(kind), name, getattr(config, name), expected)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How the labelled image set is read and validated."""
@@ -84,9 +94,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(
-            self.on_bad_image in ("error", "skip"), "on_bad_image", self.on_bad_image, "'error' or 'skip'"
-        )
+        _require_choices(self)
         _require(self.min_per_class >= 0, "min_per_class", self.min_per_class, ">= 0")
         pixels = self.max_image_pixels
         _require(pixels is None or pixels >= 1, "max_image_pixels", pixels, "of at least 1 (pixels)")
@@ -208,6 +216,11 @@ class DetectConfig:
         "--save-model then keeps the last fold's model).",
     )
     folds: int = _opt(5, "Folds for --scoring crossfit.")
+    neighbour_weight: float = _opt(
+        0.5,
+        "Share of the neighbour vote (the given labels of each image's nearest images in the detector's "
+        "embedding) in the class probabilities that decide flags, ranks and suggestions; 0: prompts only.",
+    )
     seed: int = _opt(0, "Random seed.")
     num_workers: int = _opt(
         0, "Threads decoding the images, once per run (0: automatic).", changes_result=False
@@ -232,15 +245,9 @@ class DetectConfig:
         decay = self.weight_decay
         _require(_finite(decay) and decay >= 0, "weight_decay", decay, "finite and >= 0")
         _require(self.folds >= 2, "folds", self.folds, "of at least 2")
-        _require(
-            self.scoring in ("insample", "crossfit"), "scoring", self.scoring, "'insample' or 'crossfit'"
-        )
-        _require(self.lr_schedule in ("epoch", "step"), "lr_schedule", self.lr_schedule, "'epoch' or 'step'")
-        peft = self.peft
-        _require(peft in ("auto", "lora", "vpt", "none"), "peft", peft, "'auto', 'lora', 'vpt' or 'none'")
-        _require(self.flag_rule in ("margin", "dual"), "flag_rule", self.flag_rule, "'margin' or 'dual'")
-        balance = self.class_balance
-        _require(balance in ("auto", "on", "off"), "class_balance", balance, "'auto', 'on' or 'off'")
+        weight = self.neighbour_weight
+        _require(_finite(weight) and 0 <= weight <= 1, "neighbour_weight", weight, "between 0 and 1")
+        _require_choices(self)
         _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
         _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
         _require(self.text_classes >= 2, "text_classes", self.text_classes, "of at least 2")
@@ -254,19 +261,12 @@ class DetectConfig:
         peft = self.peft
         if peft == "auto":
             peft = "lora" if cuda else "none"
-            why = (
-                "a GPU is in use"
-                if cuda
-                else "no GPU: LoRA would train ~14x slower on a CPU for about the same F1"
-            )
+            why = "a GPU is in use" if cuda else "no GPU: LoRA would train ~14x slower on a CPU, same F1"
             notes.append(f"--peft auto chose '{peft}' ({why}; pass --peft to choose).")
         batch = self.batch_size
         if batch is None:
-            batch = (
-                min(max(rows // FROZEN_STEPS, TUNED_BATCH), FROZEN_MAX_BATCH)
-                if peft == "none"
-                else TUNED_BATCH
-            )
+            frozen = min(max(rows // FROZEN_STEPS, TUNED_BATCH), FROZEN_MAX_BATCH)
+            batch = frozen if peft == "none" else TUNED_BATCH
         lr = self.lr or round(TUNED_LR * (batch / TUNED_BATCH) ** 0.5, 4)
         if self.batch_size is None or self.lr is None:
             tower = "frozen" if peft == "none" else "tuned"
@@ -329,8 +329,7 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.method in ("tes", "ce"), "method", self.method, "'tes' or 'ce'")
-        _require(self.tune in ("full", "lora", "linear"), "tune", self.tune, "'full', 'lora' or 'linear'")
+        _require_choices(self)
         _require(self.epochs >= 1, "epochs", self.epochs, "of at least 1")
         _require(self.batch_size >= 2, "batch_size", self.batch_size, "of at least 2 (BatchNorm)")
         _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "that is a finite positive number")
@@ -391,7 +390,7 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.to in ("csv", "label-studio"), "to", self.to, "'csv' or 'label-studio'")
+        _require_choices(self)
         _require(0.0 <= self.accept_above <= 1.0, "accept_above", self.accept_above, "in [0, 1]")
 
 

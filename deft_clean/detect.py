@@ -20,7 +20,7 @@ import torch
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
-from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, score_pass, verdict
+from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, fold_votes, score_pass, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.embed import stage
@@ -30,7 +30,7 @@ from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.report import build_report
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
-from deft_clean.runtime import StagedImages, autocast, cuda_autotune, seed_everything
+from deft_clean.runtime import StagedImages, autocast, cuda_autotune, feature_pass, seed_everything
 from deft_clean.scoring import (
     training_failure,
 )
@@ -265,6 +265,7 @@ def fit_and_score(
     average = EpochAverage.empty(len(samples), net.prompts.n_cls)
     first_scored = min(config.warmup_epochs, config.epochs - 1)  # the last epoch at least
     history: list[dict[str, float]] = []
+    features = None  # (N, E) each row's embedding by the model that scored it, for the neighbour votes
     for k in np.unique(fold):
         scored = np.flatnonzero(fold == k)
         train = np.arange(len(samples)) if k == IN_SAMPLE else np.flatnonzero(fold != k)
@@ -291,13 +292,23 @@ def fit_and_score(
             checkpoint=checkpoint if k == IN_SAMPLE else None,
         )
         history += [dict(record, fold=int(k)) for record in records]
+        embedded = _embed(net, target, _rows(trunk, target.index), 2 * config.batch_size)
+        if features is None:
+            features = embedded.new_empty((len(samples), embedded.shape[1]))
+        features[torch.from_numpy(scored).to(embedded.device)] = embedded
         mean = part.mean()
         average.probs[scored], average.p_clean[scored], average.margin[scored] = (
             mean.probs,
             mean.p_clean,
             mean.margin,
         )
-    return verdict(average, samples.labels_np, fold, config), history
+    votes, neighbours = fold_votes(features, samples.labels_np, fold, net.prompts.n_cls, config)
+    if neighbours:
+        reporter.log(
+            f"Neighbour votes: each image's {' / '.join(map(str, neighbours))} nearest images (k chosen by "
+            f"leave-one-out agreement) weigh {config.neighbour_weight} in its class probabilities."
+        )
+    return verdict(average, samples.labels_np, fold, config, votes), history
 
 
 def _rows(trunk: torch.Tensor | None, index: np.ndarray) -> torch.Tensor | None:
@@ -316,6 +327,15 @@ def _score_into(
         return net.similarities(features, text)
 
     score_pass(similarities, len(data), data.labels, average, net.scale, batch)
+
+
+@torch.no_grad()
+def _embed(net: DeftModel, data: LabelledImages, trunk: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """(N, E) un-augmented image embeddings of ``data`` by ``net`` (for :func:`fold_votes`)."""
+    if trunk is not None:
+        with autocast(data.device):
+            return net.image_features(trunk=trunk).float()
+    return feature_pass(net.image_features, data.images, batch_size=batch)  # type: ignore[arg-type]
 
 
 def score_detector(
