@@ -19,17 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from deft_clean.errors import ConfigError
+from deft_clean.run_defaults import FROZEN_MAX_BATCH, FROZEN_STEPS, TUNED_BATCH, TUNED_LR, decide
 
 T = TypeVar("T")
 DEFAULT_MODEL = "offline"
 CONV_ADAPTER_LR_FACTOR = 0.1  # frozen BatchNorm cannot renormalise LoRA's change in a conv tower
-# DeFT's batch and lr when not given. A tuned tower keeps the authors' 64 / 0.03. A frozen tower trains
-# only the heads and prompts, and its cost is the number of steps (the text tower runs every step): on
-# 2,000 CIFAR-10 images 4x larger steps (256, lr 0.06) scored as well or better at a quarter of the cost,
-# while lr 0.12 collapsed at 60% noise; on 300 images 256 left too few steps. So a frozen tower takes
-# about 8 steps per epoch: batch = rows / 8 within [64, 256], lr growing with its square root.
-TUNED_BATCH, TUNED_LR = 64, 0.03
-FROZEN_MAX_BATCH, FROZEN_STEPS = 256, 8
 TEMPLATE_EXAMPLE = "--templates 'a photo of a {}.|a blurry photo of a {}.'"
 
 
@@ -254,25 +248,9 @@ class DetectConfig:
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
 
     def resolved(self, cuda: bool, rows: int) -> tuple[DetectConfig, list[str]]:
-        """This config with 'auto' and unset values decided for the device (``cuda``) and the number of
-        rows, and one line per decision for the run's log. ``--peft auto``: LoRA on CUDA; on a CPU a frozen
-        tower, as LoRA trains about 14 times slower there for about the same F1 (docs/benchmarks.md)."""
-        notes = []
-        peft = self.peft
-        if peft == "auto":
-            peft = "lora" if cuda else "none"
-            why = "a GPU is in use" if cuda else "no GPU: LoRA would train ~14x slower on a CPU, same F1"
-            notes.append(f"--peft auto chose '{peft}' ({why}; pass --peft to choose).")
-        batch = self.batch_size
-        if batch is None:
-            frozen = min(max(rows // FROZEN_STEPS, TUNED_BATCH), FROZEN_MAX_BATCH)
-            batch = frozen if peft == "none" else TUNED_BATCH
-        lr = self.lr or round(TUNED_LR * (batch / TUNED_BATCH) ** 0.5, 4)
-        if self.batch_size is None or self.lr is None:
-            tower = "frozen" if peft == "none" else "tuned"
-            notes.append(
-                f"Batch size {batch}, lr {lr}: the defaults for a {tower} image tower and {rows} rows."
-            )
+        """This config with 'auto' and unset values decided for the device and the number of rows, and
+        the log lines saying so (:func:`deft_clean.run_defaults.decide`)."""
+        peft, batch, lr, notes = decide(self.peft, self.batch_size, self.lr, cuda, rows)
         return dataclasses.replace(self, peft=peft, batch_size=batch, lr=lr), notes
 
     @property

@@ -109,23 +109,21 @@ def score_pass(
 
 
 def fold_votes(
-    features: torch.Tensor | None,
+    embedded: dict[int, torch.Tensor],
     labels: np.ndarray,
     fold: np.ndarray,
     num_classes: int,
     config: DetectConfig,
 ) -> tuple[np.ndarray | None, list[int]]:
-    """(N, K) neighbour votes (:mod:`deft_clean.neighbours`) of every row among the rows its own model
-    embedded (one fold; all rows in-sample), and the k chosen per fold; None and [] when
-    ``--neighbour-weight`` is 0."""
-    if config.neighbour_weight == 0 or features is None:
+    """(N, K) neighbour votes (:mod:`deft_clean.neighbours`) of every row among the rows of its fold, in
+    the embedding of the fold's model (``embedded[k]``: (rows of fold k, E), in row order; all rows
+    in-sample), and the k chosen per fold; None and [] when ``--neighbour-weight`` is 0."""
+    if config.neighbour_weight == 0 or not embedded:
         return None, []
     votes, chosen = np.zeros((len(labels), num_classes), np.float32), []
-    for k in np.unique(fold):
+    for k, features in sorted(embedded.items()):
         rows = np.flatnonzero(fold == k)
-        votes[rows], count = neighbour_votes(
-            features[torch.from_numpy(rows).to(features.device)], labels[rows], num_classes, seed=config.seed
-        )
+        votes[rows], count = neighbour_votes(features, labels[rows], num_classes, seed=config.seed)
         chosen.append(count)
     return votes, chosen
 

@@ -79,13 +79,14 @@ def test_votes_enter_the_clean_score_by_the_neighbour_weight():
 def test_fold_votes_stay_inside_each_fold_and_weight_zero_skips_them():
     features, labels = clusters(per_class=8)
     fold = np.arange(len(labels)) % 2
-    votes, chosen = fold_votes(features, labels, fold, 3, DetectConfig())
+    embedded = {k: features[torch.from_numpy(np.flatnonzero(fold == k))] for k in (0, 1)}
+    votes, chosen = fold_votes(embedded, labels, fold, 3, DetectConfig())
     assert len(chosen) == 2
     for k in (0, 1):  # the same as voting within the fold alone: rows of another model's fold never vote
         rows = np.flatnonzero(fold == k)
         alone, _ = neighbour_votes(features[rows], labels[rows], 3, seed=0)
         np.testing.assert_array_equal(votes[rows], alone)
-    assert fold_votes(features, labels, fold, 3, DetectConfig(neighbour_weight=0)) == (None, [])
+    assert fold_votes(embedded, labels, fold, 3, DetectConfig(neighbour_weight=0)) == (None, [])
 
 
 @pytest.mark.parametrize("weight", [-0.1, 1.5, float("nan")])
