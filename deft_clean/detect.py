@@ -20,7 +20,7 @@ import torch
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
-from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, score_pass, verdict
+from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, fold_votes, score_pass, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.embed import stage
@@ -30,7 +30,7 @@ from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.report import build_report
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
-from deft_clean.runtime import StagedImages, autocast, cuda_autotune, seed_everything
+from deft_clean.runtime import StagedImages, autocast, cuda_autotune, feature_pass, seed_everything
 from deft_clean.scoring import (
     training_failure,
 )
@@ -58,16 +58,12 @@ def detect(
 ) -> DetectResult:
     """Flag likely wrong labels in an image set; write the results (one row per input row) and return them.
 
-    ``out`` defaults to ``<labels stem>.deft.parquet`` beside ``labels_csv``, or ``deft_results.parquet``
-    in the working directory for an ImageFolder. ``truth_csv`` (path,label of verified labels for some
-    or all rows) adds precision/recall/F1 of the flags to the summary. ``save_model`` writes the
-    learned prompts and adapters (see :mod:`deft_clean.deft_model`); ``report`` the HTML report
-    (:func:`deft_clean.report.build_report`) beside the results, named like them with suffix ``.html``.
-    The result holds the table (its metadata in ``frame.attrs``, as
-    :func:`deft_clean.results.read_results` returns it), the typed summary, the path written and the
-    report. Outputs are checked before any work (:func:`check_output`): an existing
-    one is refused unless ``overwrite``, an input always. Each epoch ends with a checkpoint beside ``out``
-    (:mod:`deft_clean.checkpoint`); ``resume`` continues a killed run from it to the same result.
+    ``out``: default :func:`default_out`. ``truth_csv`` (path,label of verified labels, some or all rows)
+    adds precision/recall/F1 to the summary; ``save_model`` keeps the detector (:mod:`deft_clean.deft_model`);
+    ``report`` writes the HTML report beside the results (``<out>`` with suffix ``.html``). Outputs are
+    checked before any work (:func:`check_output`): an existing one is refused unless ``overwrite``, an
+    input always. Each epoch ends with a checkpoint beside ``out``; ``resume`` continues a killed run from
+    it to the same result. Returns the table (metadata in ``frame.attrs``), the summary, the paths written.
     """
     backbone = resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
@@ -102,9 +98,7 @@ def detect(
     checkpoint.remove()
     if save_model is not None:
         _save(net, save_model, backbone, config, manifest)
-    html = None  # the report reads the results file, as `deft-clean report` does
-    if page is not None:
-        html = build_report(out_path, page, truth_csv=truth_csv, overwrite=overwrite, reporter=reporter)
+    html = page and build_report(out_path, page, truth_csv=truth_csv, overwrite=overwrite, reporter=reporter)
     frame.attrs.update(metadata, out=str(out_path))
     return DetectResult(frame, summary, out_path, html)
 
@@ -265,6 +259,7 @@ def fit_and_score(
     average = EpochAverage.empty(len(samples), net.prompts.n_cls)
     first_scored = min(config.warmup_epochs, config.epochs - 1)  # the last epoch at least
     history: list[dict[str, float]] = []
+    embedded: dict[int, torch.Tensor] = {}  # fold → its rows' embeddings by its model (neighbour votes)
     for k in np.unique(fold):
         scored = np.flatnonzero(fold == k)
         train = np.arange(len(samples)) if k == IN_SAMPLE else np.flatnonzero(fold != k)
@@ -291,13 +286,34 @@ def fit_and_score(
             checkpoint=checkpoint if k == IN_SAMPLE else None,
         )
         history += [dict(record, fold=int(k)) for record in records]
+        if config.neighbour_weight > 0:
+            embedded[int(k)] = _embed(net, target, _rows(trunk, target.index), 2 * config.batch_size)
         mean = part.mean()
         average.probs[scored], average.p_clean[scored], average.margin[scored] = (
             mean.probs,
             mean.p_clean,
             mean.margin,
         )
-    return verdict(average, samples.labels_np, fold, config), history
+    return _verdict(average, samples.labels_np, fold, embedded, config, reporter), history
+
+
+def _verdict(
+    average: EpochAverage,
+    labels: np.ndarray,
+    fold: np.ndarray,
+    embedded: dict[int, torch.Tensor],
+    config: DetectConfig,
+    reporter: Reporter,
+) -> Scores:
+    """The flags and ranks of :func:`verdict`, with the neighbour votes of each fold's ``embedded`` rows
+    mixed in (the log says which k was chosen)."""
+    votes, chosen = fold_votes(embedded, labels, fold, average.probs.shape[1], config)
+    if chosen:
+        reporter.log(
+            f"Neighbour votes: each image's {' / '.join(map(str, chosen))} nearest images (k chosen by "
+            f"leave-one-out agreement) weigh {config.neighbour_weight} in its class probabilities."
+        )
+    return verdict(average, labels, fold, config, votes)
 
 
 def _rows(trunk: torch.Tensor | None, index: np.ndarray) -> torch.Tensor | None:
@@ -316,6 +332,15 @@ def _score_into(
         return net.similarities(features, text)
 
     score_pass(similarities, len(data), data.labels, average, net.scale, batch)
+
+
+@torch.no_grad()
+def _embed(net: DeftModel, data: LabelledImages, trunk: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """(N, E) un-augmented image embeddings of ``data`` by ``net`` (for :func:`fold_votes`)."""
+    if trunk is not None:
+        with autocast(data.device):
+            return net.image_features(trunk=trunk).float()
+    return feature_pass(net.image_features, data.images, batch_size=batch)  # type: ignore[arg-type]
 
 
 def score_detector(
