@@ -24,6 +24,7 @@ from deft_clean.run_defaults import FROZEN_MAX_BATCH, FROZEN_STEPS, TUNED_BATCH,
 T = TypeVar("T")
 DEFAULT_MODEL = "offline"
 CONV_ADAPTER_LR_FACTOR = 0.1  # frozen BatchNorm cannot renormalise LoRA's change in a conv tower
+CONFIDENT = 0.7  # predicted_prob to apply a suggestion unseen (--accept-above, --relabel): benchmarks.md
 TEMPLATE_EXAMPLE = "--templates 'a photo of a {}.|a blurry photo of a {}.'"
 
 
@@ -289,7 +290,7 @@ class FinetuneConfig:
     )
     clean_only: bool = _opt(False, "Train only on rows the flags file marks clean.")
     relabel: bool = _opt(False, "Use suggested_label for flagged rows predicted with high confidence.")
-    relabel_threshold: float = _opt(0.9, "Minimum predicted_prob for --relabel.")
+    relabel_threshold: float = _opt(CONFIDENT, "Minimum predicted_prob for --relabel.")
     templates: str = _opt("a photo of a {}.", "Prompt templates for the text classifier, separated by '|'.")
     tau: float = _opt(0.03, "TeS temperature.")
     lambda_t: float = _opt(0.4, "TeS weight of the text-classifier loss.")
@@ -357,9 +358,9 @@ class ExportConfig:
         "csv", "'csv': corrected CSV + review.csv; 'label-studio': tasks + labeling config."
     )
     accept_above: float = _opt(
-        0.9,
+        CONFIDENT,
         "Apply a suggestion in the corrected CSV when predicted_prob >= this; the other flagged rows go to "
-        "review.csv (0.9: measured in docs/benchmarks.md; 1 accepts nothing).",
+        f"review.csv ({CONFIDENT}: measured in docs/benchmarks.md; 1 accepts nothing).",
     )
     image_url_prefix: str = _opt(
         "/data/local-files/?d=",
