@@ -45,6 +45,7 @@ from deft_clean.training import LabelledImages, train_detector
 
 DEFAULT_OUT = Path("runs/text_classes")
 OFF = 1_000_000  # a --text-classes above any K: every class encoded, the full softmax
+RESEED = 1000  # agreement --full-twice: the second full run's training seed is the seed + this
 
 
 def _setup(
@@ -165,41 +166,61 @@ def planted_features(
 
 def agreement(args: argparse.Namespace) -> dict:
     """DeFT on planted features (``test-tiny``, frozen tower: only the prompts learn), full vs sampled,
-    for each seed (the seed draws the features, the noise and the training)."""
+    for each seed (the seed draws the features, the noise, the frozen tower and the training). With
+    ``--full-twice`` the full softmax also trains a second time from another training seed (same data
+    and tower: prompt init, complementary labels, shuffling), which measures training's own noise."""
+    runs = [("off", OFF, 0), ("on", args.text_classes, 0)]
+    if args.full_twice:
+        runs.insert(1, ("off-reseeded", OFF, RESEED))
     rows = []
     for seed in args.seeds:
-        for mode, cap in (("off", OFF), ("on", args.text_classes)):
+        for mode, cap, offset in runs:
             started = time.perf_counter()
-            scores, given, truth = _detect_planted(args, seed, cap)
-            row = {"seed": seed, "sampling": mode, "text_classes": None if cap == OFF else cap}
+            scores, given, truth = _detect_planted(args, seed, cap, train_seed=seed + offset)
+            row = {"seed": seed, "train_seed": seed + offset, "sampling": mode}
+            row["text_classes"] = None if cap == OFF else cap
             row.update(detection_metrics(scores.is_noisy, 1 - scores.p_clean, given != truth))
             row["accuracy"] = float(np.mean(scores.predicted == truth))
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             print(_format(row), flush=True)
-    summary = {}
-    for metric in ("f1", "auroc"):
-        off = [r[metric] for r in rows if r["sampling"] == "off"]
-        on = [r[metric] for r in rows if r["sampling"] == "on"]
-        summary[metric] = {
-            "off_mean": statistics.mean(off),
-            "on_mean": statistics.mean(on),
-            "mean_on_minus_off": statistics.mean(b - a for a, b in zip(off, on, strict=True)),
-            "off_seed_stdev": statistics.stdev(off) if len(off) > 1 else None,
-        }
-        print(metric, _format(summary[metric]))
+    summary = {
+        metric: _agreement_summary(rows, metric, [mode for mode, _, _ in runs]) for metric in ("f1", "auroc")
+    }
+    for metric, values in summary.items():
+        print(metric, _format(values))
     return {"rows": rows, "summary": summary}
 
 
-def _detect_planted(args: argparse.Namespace, seed: int, cap: int) -> tuple[Scores, np.ndarray, np.ndarray]:
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _agreement_summary(rows: list[dict], metric: str, modes: list[str]) -> dict[str, float | None]:
+    """Mean and seed-to-seed sd of ``metric`` per mode, and of each mode's per-seed difference to 'off'."""
+    by_mode = {mode: [r[metric] for r in rows if r["sampling"] == mode] for mode in modes}
+    summary: dict[str, float | None] = {}
+    for mode, values in by_mode.items():
+        summary[f"{mode}_mean"], summary[f"{mode}_sd"] = _mean_sd(values)
+        if mode != "off":
+            diffs = [b - a for a, b in zip(by_mode["off"], values, strict=True)]
+            summary[f"{mode}_minus_off_mean"], summary[f"{mode}_minus_off_sd"] = _mean_sd(diffs)
+            summary[f"{mode}_minus_off_max_abs"] = max(abs(d) for d in diffs)
+    return summary
+
+
+def _detect_planted(
+    args: argparse.Namespace, seed: int, cap: int, *, train_seed: int
+) -> tuple[Scores, np.ndarray, np.ndarray]:
     torch.manual_seed(seed)
     backbone = load_backbone(BackboneConfig(model="test-tiny", device="cpu"))
     config = DetectConfig(
         peft="none", class_specific_ctx=True, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=seed, text_classes=cap,
+        batch_size=args.batch_size, lr=args.lr, seed=train_seed, text_classes=cap,
     )  # fmt: skip
     k = args.classes[0]
-    net = DeftModel(backbone, [f"class {c}" for c in range(k)], config, torch.Generator().manual_seed(seed))
+    names = [f"class {c}" for c in range(k)]
+    net = DeftModel(backbone, names, config, torch.Generator().manual_seed(train_seed))
     dim = net.trunk_features(torch.zeros(1, 3, backbone.image_size, backbone.image_size)).shape[1]
     trunk, given, truth = planted_features(k, dim, noise=args.noise, spread=args.spread, seed=seed)
     cache = torch.zeros(len(given), 3, 1, 1, dtype=torch.uint8)  # never read: the trunk is given
@@ -227,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--full-twice", action="store_true", help="agreement: a reseeded full run too")
     parser.add_argument("--spread", type=float, default=0.1, help="agreement: feature noise per dimension")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
