@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -84,21 +85,24 @@ def _text_seconds(net: DeftModel, config: DetectConfig, batch: int) -> float:
     return time.perf_counter() - started
 
 
-def _time_once(args: argparse.Namespace, classes: int, cap: int) -> dict[str, float]:
+def _time_once(args: argparse.Namespace, classes: int, cap: int, shared: bool) -> dict[str, float]:
+    load = os.getloadavg()[0]
     net, data, config = _setup(args, classes, cap)
+    net.prompts.shared_prefix = net.prompts.shared_prefix and shared  # False: whole prompts per class
     with torch.no_grad():
         net.prompts(torch.arange(min(net.prompts.n_cls, 8)))  # the first call pays one-off costs
     text = _text_seconds(net, config, args.batch_size)
     if args.text_only:
-        return {"text_s": text, "step_s": float("nan")}
+        return {"text_s": text, "step_s": float("nan"), "load": load}
     history = train_detector(net, data, config)  # epoch 1 (warm-up CE) runs the first steps: not timed
-    return {"text_s": text, "step_s": history[1]["seconds"] / args.steps}
+    return {"text_s": text, "step_s": history[1]["seconds"] / args.steps, "load": load}
 
 
-def _peak_memory(args: argparse.Namespace, classes: int, cap: int) -> float:
+def _peak_memory(args: argparse.Namespace, classes: int, cap: int, shared: bool) -> float:
     """MiB of resident memory one training step adds over the model's setup, in a fresh process."""
     command = [sys.executable, "-m", "benchmarks.text_classes", "memory-probe", "--model", args.model]
     command += ["--peft", args.peft, "--batch-size", str(args.batch_size), "--classes", str(classes)]
+    command += ["--shared-prefix", "on" if shared else "off"]
     probe = subprocess.run(command + ["--cap", str(cap)], capture_output=True, text=True, check=True)
     return float(probe.stdout.strip().splitlines()[-1])
 
@@ -108,6 +112,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     above the resident memory before it: the kernel's high-water mark is reset after the setup."""
     args.steps = 1
     net, data, config = _setup(args, args.classes[0], args.cap)
+    net.prompts.shared_prefix = net.prompts.shared_prefix and args.shared_prefix == "on"
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current VmRSS
     before = _status_kib("VmRSS")
     train_detector(net, data, dataclasses.replace(config, epochs=1))
@@ -122,20 +127,28 @@ def _status_kib(field: str) -> int:
 
 
 def timing(args: argparse.Namespace) -> dict:
-    rows = []
+    """Each variant (sampling off/on × whole prompts/shared prefix) per K, the variants interleaved in
+    every round so that a change in the machine's load hits them alike; a row is the median over rounds."""
     modes = {"off": OFF, "on": args.text_classes}
     modes = {mode: cap for mode, cap in modes.items() if args.sampling in (mode, "both")}
+    prefixes = {"both": (False, True), "on": (True,), "off": (False,)}[args.shared_prefix]
+    rows = []
     for k in args.classes:
-        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
-        for _ in range(args.repeats):  # off and on back to back, so both see the same machine load
-            for mode, cap in modes.items():
-                runs[mode].append(_time_once(args, k, cap))
-        for mode, cap in modes.items():
-            row = {"classes": k, "sampling": mode, "repeats": args.repeats}
-            row.update({key: statistics.median(r[key] for r in runs[mode]) for key in ("text_s", "step_s")})
+        variants = [(mode, shared) for mode in modes for shared in prefixes]
+        runs: dict[tuple[str, bool], list[dict[str, float]]] = {variant: [] for variant in variants}
+        for _ in range(args.repeats):
+            for mode, shared in variants:
+                runs[mode, shared].append(_time_once(args, k, modes[mode], shared))
+        for mode, shared in variants:
+            encoded = min(k, max(modes[mode], 2 * args.batch_size))
+            row = {"classes": k, "sampling": mode, "encoded": encoded, "shared_prefix": shared}
+            row["repeats"] = args.repeats
+            measured = runs[mode, shared]
+            row.update({key: statistics.median(r[key] for r in measured) for key in ("text_s", "step_s")})
             row["image_ms"] = 1000 * row["step_s"] / args.batch_size
+            row["load_1min"] = statistics.mean(r["load"] for r in measured)
             if args.memory:
-                row["peak_step_mib"] = _peak_memory(args, k, cap)
+                row["peak_step_mib"] = _peak_memory(args, k, modes[mode], shared)
             rows.append(row)
             print(_format(row), flush=True)
     return {"rows": rows}
@@ -240,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1, help="timing: training steps per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sampling", choices=("both", "on", "off"), default="both", help="timing: modes")
+    parser.add_argument(
+        "--shared-prefix", choices=("both", "on", "off"), default="on",
+        help="timing: a causal tower's shared prefix run once (on) or whole prompts per class (off)",
+    )  # fmt: skip
     parser.add_argument("--text-only", action="store_true", help="timing: the text side only")
     parser.add_argument("--memory", action="store_true", help="timing: also the peak memory of one step")
     parser.add_argument("--cap", type=int, default=OFF, help=argparse.SUPPRESS)
