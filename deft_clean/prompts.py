@@ -13,6 +13,10 @@ Two kinds of text tower are fed with embeddings instead of token ids:
   the first/last position otherwise) → ``text_projection``.
 * an HF text tower (open_clip ``HFTextEncoder``): ``inputs_embeds`` + ``attention_mask`` into the HF
   transformer (which adds its own position embeddings), then the encoder's pooler and ``proj``.
+
+Prompts run only up to the longest one's end token (padding after it reaches no pooled feature under
+either tower's mask). With one shared context on open_clip's causal tower, ``[start] ctx`` is run once per
+prompt set and each class only over its own tokens (:mod:`deft_clean.prefix_attention`).
 """
 
 from __future__ import annotations
@@ -244,13 +248,9 @@ class DualPromptLearner(nn.Module):
 
     def _encode_after_prefix(self, classes: torch.Tensor | None, pool: torch.Tensor) -> torch.Tensor:
         """(2, C, E) positive and negative features: ``[start] ctx`` once per set, the rest per class."""
-        start = self.token_prefix[:1]  # (1, 1, D): the same start token for every class
-        prefix = torch.cat(
-            [
-                torch.cat([start, ctx.unsqueeze(0).to(start.dtype)], dim=1)
-                for ctx in (self.pos_ctx, self.neg_ctx)
-            ]
-        )
+        start = self.token_prefix[:1].expand(2, -1, -1)  # (2, 1, D): the same start token for every class
+        contexts = torch.stack([self.pos_ctx, self.neg_ctx]).to(start.dtype)  # (2, M, D)
+        prefix = torch.cat([start, contexts], dim=1)  # (2, 1 + M, D)
         suffix = self.token_suffix if classes is None else self.token_suffix[classes]  # (C, S, D)
         return self.tower.encode_after_prefix(prefix, suffix.expand(2, -1, -1, -1), pool - prefix.shape[1])
 
