@@ -46,7 +46,7 @@ from deft_clean.training import LabelledImages, train_detector
 
 DEFAULT_OUT = Path("runs/text_classes")
 OFF = 1_000_000  # a --text-classes above any K: every class encoded, the full softmax
-RESEED = 1000  # agreement --full-twice: the second full run's training seed is the seed + this
+RESEED = 1000  # agreement mode off-reseeded: the second full run's training seed is the seed + this
 
 
 def _setup(
@@ -179,12 +179,11 @@ def planted_features(
 
 def agreement(args: argparse.Namespace) -> dict:
     """DeFT on planted features (``test-tiny``, frozen tower: only the prompts learn), full vs sampled,
-    for each seed (the seed draws the features, the noise, the frozen tower and the training). With
-    ``--full-twice`` the full softmax also trains a second time from another training seed (same data
-    and tower: prompt init, complementary labels, shuffling), which measures training's own noise."""
-    runs = [("off", OFF, 0), ("on", args.text_classes, 0)]
-    if args.full_twice:
-        runs.insert(1, ("off-reseeded", OFF, RESEED))
+    for each seed (the seed draws the features, the noise, the frozen tower and the training). Mode
+    'off-reseeded' trains the full softmax again from another training seed (same data and tower; other
+    prompt init, complementary labels, shuffling): its difference to 'off' is training's own noise."""
+    every = {"off": (OFF, 0), "off-reseeded": (OFF, RESEED), "on": (args.text_classes, 0)}
+    runs = [(mode, *every[mode]) for mode in args.modes]
     rows = []
     for seed in args.seeds:
         for mode, cap, offset in runs:
@@ -197,9 +196,7 @@ def agreement(args: argparse.Namespace) -> dict:
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             print(_format(row), flush=True)
-    summary = {
-        metric: _agreement_summary(rows, metric, [mode for mode, _, _ in runs]) for metric in ("f1", "auroc")
-    }
+    summary = {metric: _agreement_summary(rows, metric, args.modes) for metric in ("f1", "auroc")}
     for metric, values in summary.items():
         print(metric, _format(values))
     return {"rows": rows, "summary": summary}
@@ -215,7 +212,7 @@ def _agreement_summary(rows: list[dict], metric: str, modes: list[str]) -> dict[
     summary: dict[str, float | None] = {}
     for mode, values in by_mode.items():
         summary[f"{mode}_mean"], summary[f"{mode}_sd"] = _mean_sd(values)
-        if mode != "off":
+        if mode != "off" and "off" in by_mode:
             diffs = [b - a for a, b in zip(by_mode["off"], values, strict=True)]
             summary[f"{mode}_minus_off_mean"], summary[f"{mode}_minus_off_sd"] = _mean_sd(diffs)
             summary[f"{mode}_minus_off_max_abs"] = max(abs(d) for d in diffs)
@@ -265,7 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--full-twice", action="store_true", help="agreement: a reseeded full run too")
+    parser.add_argument(
+        "--modes", nargs="+", choices=("off", "off-reseeded", "on"), default=["off", "on"],
+        help="agreement: the runs per seed (off-reseeded: the full softmax from another training seed)",
+    )  # fmt: skip
     parser.add_argument("--spread", type=float, default=0.1, help="agreement: feature noise per dimension")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
