@@ -89,13 +89,18 @@ def _time_once(args: argparse.Namespace, classes: int, cap: int, shared: bool) -
     load = os.getloadavg()[0]
     net, data, config = _setup(args, classes, cap)
     net.prompts.shared_prefix = net.prompts.shared_prefix and shared  # False: whole prompts per class
+    facts = {
+        "load": load,
+        "shared": float(net.prompts.shared_prefix),
+        "tokens": net.prompts.token_ids.shape[1],
+    }
     with torch.no_grad():
         net.prompts(torch.arange(min(net.prompts.n_cls, 8)))  # the first call pays one-off costs
     text = _text_seconds(net, config, args.batch_size)
     if args.text_only:
-        return {"text_s": text, "step_s": float("nan"), "load": load}
+        return {"text_s": text, "step_s": float("nan"), **facts}
     history = train_detector(net, data, config)  # epoch 1 (warm-up CE) runs the first steps: not timed
-    return {"text_s": text, "step_s": history[1]["seconds"] / args.steps, "load": load}
+    return {"text_s": text, "step_s": history[1]["seconds"] / args.steps, **facts}
 
 
 def _peak_memory(args: argparse.Namespace, classes: int, cap: int, shared: bool) -> float:
@@ -141,9 +146,14 @@ def timing(args: argparse.Namespace) -> dict:
                 runs[mode, shared].append(_time_once(args, k, modes[mode], shared))
         for mode, shared in variants:
             encoded = min(k, max(modes[mode], 2 * args.batch_size))
-            row = {"classes": k, "sampling": mode, "encoded": encoded, "shared_prefix": shared}
-            row["repeats"] = args.repeats
             measured = runs[mode, shared]
+            row = {
+                "classes": k,
+                "sampling": mode,
+                "encoded": encoded,
+                "shared_prefix": bool(measured[0]["shared"]),
+            }
+            row.update(prompt_tokens=int(measured[0]["tokens"]), repeats=args.repeats)
             row.update({key: statistics.median(r[key] for r in measured) for key in ("text_s", "step_s")})
             row["image_ms"] = 1000 * row["step_s"] / args.batch_size
             row["load_1min"] = statistics.mean(r["load"] for r in measured)
