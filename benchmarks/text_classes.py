@@ -3,17 +3,20 @@
 ``timing``: DeFT training steps for K classes, with every class encoded (off: the full softmax) and
 with the step's classes only (on: ``--text-classes``). Reports the text side alone (the prompts'
 forward + backward) and the whole step (one ``train_detector`` epoch on random images / its steps),
-the median of ``--repeats`` rounds that time off and on back to back; with ``--memory``, the peak
-resident memory that one step adds, each measured in a fresh process::
+the median of ``--repeats`` rounds that time off and on back to back (with ``--shared-prefix both``, a
+causal tower's shared prompt prefix and whole prompts too); with ``--memory``, the peak resident memory
+that one step adds, each measured in a fresh process::
 
     python -m benchmarks.text_classes timing --model offline --classes 10 100 1000
-    python -m benchmarks.text_classes timing --model ViT-B-16 --batch-size 8 --classes 10 100 1000
+    python -m benchmarks.text_classes timing --model ViT-B-16 --batch-size 8 --classes 10 100 1000 \
+        --shared-prefix both
 
 ``agreement``: DeFT on planted K-class features with noisy labels (:func:`planted_features`), with
-the full softmax and with sampling; F1 of the flags and AUROC of ``1 - p_clean`` against the truth (the
+the full softmax (also from a second training seed: ``off-reseeded``) and with sampling; F1 of the flags
+and AUROC of ``1 - p_clean`` against the truth (the
 K-class *image* set is ``python -m benchmarks.run --dataset synthetic --classes K``)::
 
-    python -m benchmarks.text_classes agreement --classes 100 --noise 0.2
+    python -m benchmarks.text_classes agreement --classes 100 --noise 0.2 --modes off off-reseeded on
 
 Each prints a table and writes JSON to ``--out`` (default ``runs/text_classes/<command>.json``,
 untracked). Speed does not depend on weight or pixel values, so random weights and images are fine.
