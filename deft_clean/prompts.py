@@ -13,6 +13,10 @@ Two kinds of text tower are fed with embeddings instead of token ids:
   the first/last position otherwise) → ``text_projection``.
 * an HF text tower (open_clip ``HFTextEncoder``): ``inputs_embeds`` + ``attention_mask`` into the HF
   transformer (which adds its own position embeddings), then the encoder's pooler and ``proj``.
+
+Prompts run only up to the longest one's end token (padding after it reaches no pooled feature under
+either tower's mask). With one shared context on open_clip's causal tower, ``[start] ctx`` is run once per
+prompt set and each class only over its own tokens (:mod:`deft_clean.prefix_attention`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from deft_clean.errors import BackboneError, ConfigError
+from deft_clean.prefix_attention import prefix_forward, supports_prefix
 
 TEXT_CHUNK = 256  # classes per text-tower call when every class is encoded without gradient (scoring)
 
@@ -45,6 +50,8 @@ class _OpenClipText:
         self.pad_id = getattr(src, "pad_id", 0)
         self.width = src.token_embedding.weight.shape[1]
         self.device = src.token_embedding.weight.device
+        # a causal tower pooled at the end token: a prefix shared by all prompts can be run once
+        self.causal = self.pool_type in ("argmax", "eos") and supports_prefix(src.transformer, src.attn_mask)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.src.token_embedding(ids)  # (B, L, D)
@@ -70,7 +77,27 @@ class _OpenClipText:
             x = x[:, -1]
         else:
             x = x[torch.arange(x.shape[0], device=x.device), pool_index]
-        projection = src.text_projection
+        return self._project(x)
+
+    def encode_after_prefix(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, pool_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Text features of ``cat(prefix[g], suffix[g, c])``, (G, C, E), with the prefix run once per g.
+
+        ``prefix`` (G, P, D) and ``suffix`` (G, C, S, D) are token embeddings; ``pool_index`` (C,) is each
+        class's end-token position within the suffix. Only for a ``causal`` tower (equals :meth:`encode`).
+        """
+        src, start, length = self.src, prefix.shape[1], suffix.shape[2]
+        cast = src.transformer.get_cast_dtype()
+        positions = src.positional_embedding.to(cast)
+        prefix = prefix.to(cast) + positions[:start]
+        suffix = suffix.to(cast) + positions[start : start + length]
+        x = prefix_forward(src.transformer, prefix, suffix)  # (G, C, S, D)
+        x = src.ln_final(x[:, torch.arange(x.shape[1], device=x.device), pool_index])  # (G, C, D)
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        projection = self.src.text_projection
         if projection is None:
             return x
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
@@ -154,6 +181,13 @@ class DualPromptLearner(nn.Module):
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # start token
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :], persistent=False)  # name, end, pad
         self.n_ctx, self.n_cls = n_ctx, len(self.class_names)
+        # With one context for all classes, a causal tower runs [start] ctx once per prompt set and only the
+        # class-name tokens per class (:mod:`deft_clean.prefix_attention`); False runs whole prompts.
+        self.shared_prefix = (
+            getattr(self.tower, "causal", False)
+            and not class_specific
+            and bool((full_ids[:, 0] == full_ids[0, 0]).all())  # one start token for every class
+        )
         self.pos_ctx = nn.Parameter(self._context(init, class_specific, generator, device))
         self.neg_ctx = nn.Parameter(self._context(init, class_specific, generator, device))
 
@@ -204,10 +238,21 @@ class DualPromptLearner(nn.Module):
         ids, pool = self.token_ids, self.pool_index
         if classes is not None:
             ids, pool = ids[classes], pool[classes]
-        embeds = torch.cat([self._prompts(self.pos_ctx, classes), self._prompts(self.neg_ctx, classes)])
-        features = self.tower.encode(embeds, ids.repeat(2, 1), pool.repeat(2)).float()  # (2C, E)
+        if self.shared_prefix:
+            features = self._encode_after_prefix(classes, pool).flatten(0, 1).float()  # (2C, E)
+        else:
+            embeds = torch.cat([self._prompts(self.pos_ctx, classes), self._prompts(self.neg_ctx, classes)])
+            features = self.tower.encode(embeds, ids.repeat(2, 1), pool.repeat(2)).float()  # (2C, E)
         features = features / features.norm(dim=-1, keepdim=True)
         return features[: ids.shape[0]], features[ids.shape[0] :]
+
+    def _encode_after_prefix(self, classes: torch.Tensor | None, pool: torch.Tensor) -> torch.Tensor:
+        """(2, C, E) positive and negative features: ``[start] ctx`` once per set, the rest per class."""
+        start = self.token_prefix[:1].expand(2, -1, -1)  # (2, 1, D): the same start token for every class
+        contexts = torch.stack([self.pos_ctx, self.neg_ctx]).to(start.dtype)  # (2, M, D)
+        prefix = torch.cat([start, contexts], dim=1)  # (2, 1 + M, D)
+        suffix = self.token_suffix if classes is None else self.token_suffix[classes]  # (C, S, D)
+        return self.tower.encode_after_prefix(prefix, suffix.expand(2, -1, -1, -1), pool - prefix.shape[1])
 
     @torch.no_grad()
     def encode_all(self, chunk: int = TEXT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:

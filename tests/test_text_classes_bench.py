@@ -46,8 +46,25 @@ def test_timing_runs_a_sampled_and_a_full_step_on_the_tiny_backbone(tmp_path):
     out = tmp_path / "timing.json"
     text_classes.main(
         ["timing", "--model", "test-tiny", "--classes", "40", "--batch-size", "8", "--steps", "2"]
-        + ["--text-classes", "16", "--repeats", "1", "--out", str(out)]
+        + ["--text-classes", "16", "--repeats", "1", "--shared-prefix", "both", "--out", str(out)]
     )
     rows = json.loads(out.read_text())["rows"]
-    assert {row["sampling"] for row in rows} == {"off", "on"}
-    assert all(row["classes"] == 40 and row["step_s"] > 0 for row in rows)
+    variants = {(row["sampling"], row["encoded"], row["shared_prefix"]) for row in rows}
+    assert variants == {("off", 40, False), ("off", 40, True), ("on", 16, False), ("on", 16, True)}
+    assert all(row["classes"] == 40 and row["step_s"] > 0 and row["load_1min"] >= 0 for row in rows)
+
+
+def test_agreement_summary_gives_each_modes_difference_to_the_full_run_per_seed():
+    rows = [
+        {"seed": seed, "sampling": mode, "auroc": value}
+        for seed, values in ((0, (0.80, 0.82, 0.85)), (1, (0.90, 0.86, 0.91)))
+        for mode, value in zip(("off", "off-reseeded", "on"), values, strict=True)
+    ]
+    summary = text_classes._agreement_summary(rows, "auroc", ["off", "off-reseeded", "on"])
+    assert summary["off_mean"] == pytest.approx(0.85) and summary["off_sd"] == pytest.approx(0.0707, abs=1e-4)
+    assert summary["off-reseeded_minus_off_mean"] == pytest.approx(-0.01)  # +0.02 and -0.04
+    assert summary["off-reseeded_minus_off_max_abs"] == pytest.approx(0.04)
+    assert summary["on_minus_off_mean"] == pytest.approx(0.03) and summary[
+        "on_minus_off_sd"
+    ] == pytest.approx(0.02828, abs=1e-4)
+    assert "off_minus_off_mean" not in summary
