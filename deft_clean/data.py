@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from deft_clean.config import DataConfig
+from deft_clean.distributed import World
 from deft_clean.errors import DataError, Problem
 from deft_clean.image_tables import find_image_table, read_image_table
 from deft_clean.images import build_image_cache, decode_square, fits_in_ram
@@ -73,16 +74,21 @@ class Manifest:
         self,
         size: int,
         *,
+        rows: np.ndarray | None = None,
         num_workers: int = 0,
         cache_dir: Path | None = None,
         reporter: Reporter = SilentReporter(),
     ) -> torch.Tensor:
-        """Every row's image as uint8 (N, 3, size, size), unreadable rows zero: the pixels validation kept
-        when it decoded at this size, else decoded now (``build_image_cache``)."""
+        """The images of ``rows`` (default: all) as uint8 (N, 3, size, size) in row order, other and
+        unreadable rows zero: the pixels validation kept when it decoded at this size (under torchrun,
+        those of this process's block), else decoded now (``build_image_cache``)."""
         if self.images is not None and self.images.shape[-1] == size:
             return self.images
+        wanted = self.readable.copy()
+        if rows is not None:
+            wanted &= np.isin(np.arange(len(self)), rows)
         return build_image_cache(
-            self.files(), size, readable=self.readable, max_image_pixels=self.max_image_pixels,
+            self.files(), size, readable=wanted, max_image_pixels=self.max_image_pixels,
             cache_dir=cache_dir, num_workers=num_workers, reporter=reporter,
         )  # fmt: skip
 
@@ -169,6 +175,7 @@ def _readable(
     source: str,
     decode: Decoder | None = None,
     num_workers: int = 0,
+    world: World = World(),
 ) -> np.ndarray:
     """Validate every row (``validation.find_problems``); the readable mask, or one DataError with all."""
     findings = find_problems(
@@ -182,6 +189,7 @@ def _readable(
         num_workers=num_workers or None,
         follow_links=config.follow_links,
         reporter=reporter,
+        world=world,
     )
     if findings.problems:
         raise DataError(findings.problems, source=source)
@@ -198,24 +206,28 @@ def load_manifest(
     image_size: int | None = None,
     num_workers: int = 0,
     reporter: Reporter = SilentReporter(),
+    world: World = World(),
 ) -> Manifest:
     """Read, validate (every image is opened and fully decoded) and return the labelled image set.
 
     ``image_size``: the size the images are wanted at (the backbone's input); validation then decodes
     each image at that size and keeps the pixels (``Manifest.images``, when they fit in RAM), so each
     image is decoded once per run. Without it, validation decodes cheaply (JPEGs at reduced scale).
-    ``num_workers``: decoding threads (0: automatic).
+    ``num_workers``: decoding threads (0: automatic). ``world``: under torchrun each process decodes
+    (and keeps) only the images of its block of rows; every process gets the same manifest.
     Raises ``DataError`` listing every problem (each naming the CSV row and file). Rows skipped with
     ``on_bad_image='skip'`` are kept with ``readable=False``.
     """
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
-    root, rows, fingerprint, classes = _read_inputs(data_dir, csv_path, config, reporter)
+    root, rows, fingerprint, classes = world.together(
+        lambda: _read_inputs(data_dir, csv_path, config, reporter)
+    )  # a file missing on one machine stops every process
     for warning in label_warnings(rows, str(csv_path or data_dir)):
         reporter.log(warning, level="warning")
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
-    kept, decode = _keeper(len(rows), image_size)
+    kept, decode = _keeper(len(rows), image_size, world)
     source = str(csv_path or data_dir)
-    readable = _readable(rows, root, class_ids, config, reporter, source, decode, num_workers)
+    readable = _readable(rows, root, class_ids, config, reporter, source, decode, num_workers, world)
     index = {cid: k for k, cid in enumerate(class_ids)}
     fingerprint.update(n_rows=len(rows), n_files=int(readable.sum()))
     return Manifest(
@@ -231,10 +243,12 @@ def load_manifest(
     )
 
 
-def _keeper(n: int, size: int | None) -> tuple[np.ndarray | None, Decoder | None]:
+def _keeper(n: int, size: int | None, world: World = World()) -> tuple[np.ndarray | None, Decoder | None]:
     """An (N, 3, size, size) uint8 array and a decoder filling it, or (None, None) when no size is
-    given or the array would not fit in RAM (the cache then decodes into its memmap file)."""
-    if size is None or not fits_in_ram((n, 3, size, size)):
+    given or the array would not fit in RAM (the cache then decodes into its memmap file). Under
+    torchrun only this process's block is filled, and only its pages take memory (zeros are lazy)."""
+    start, stop = world.block(n)
+    if size is None or not fits_in_ram((stop - start, 3, size, size)):
         return None, None
     array = np.zeros((n, 3, size, size), dtype=np.uint8)
 

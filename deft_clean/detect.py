@@ -23,6 +23,7 @@ from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_
 from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, score_pass, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
+from deft_clean.distributed import World, runs_distributed, world_from_env
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.files import check_output, refuse_input, releases_outputs
@@ -34,12 +35,13 @@ from deft_clean.scoring import (
     training_failure,
 )
 from deft_clean.summary import DetectResult, run_summary
-from deft_clean.training import LabelledImages, batch_features, train_detector, trunk_cache
+from deft_clean.training import Block, LabelledImages, batch_features, train_detector, trunk_cache, workers
 
 DEFAULT_OUT = "deft_results.parquet"
 
 
 @releases_outputs
+@runs_distributed
 def detect(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -68,36 +70,45 @@ def detect(
     backbone = resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
     _refuse_crossfit_resume(detect, resume)
-    out_path = _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, overwrite)
+    world = world_from_env()
+    out_path = world.on_main(
+        lambda: _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, overwrite)
+    )
     size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
-        data_dir, labels_csv, config=data, image_size=size, num_workers=detect.num_workers, reporter=reporter
-    )
+        data_dir, labels_csv, config=data, image_size=size, num_workers=detect.num_workers, reporter=reporter,
+        world=world,
+    )  # fmt: skip
     _refuse_unfit(manifest, out_path, backbone, detect, source=str(labels_csv or data_dir))
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(detect.seed)
-    built, device = load_backbone_on(backbone)
+    built, device = world.together(lambda: load_backbone_on(backbone))
     config, choices = detect.resolved(cuda=device.type == "cuda", rows=int(manifest.readable.sum()))
     _log_notes(reporter, built.notes, choices)
-    rows, images, samples, net = _prepare(manifest, built, device, config, reporter)
+    rows, images, samples, net = _prepare(manifest, built, device, config, reporter, world)
     clock["prepared"] = time.perf_counter()
     with cuda_autotune(device, built.model.visual):
-        trunk = trunk_cache(net, images, 2 * config.batch_size) if net.caches_features else None
+        trunk = _trunk(net, images, samples, config, world)
         clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
-        checkpoint = _checkpoint(out_path, (data, backbone, config), manifest, resume, reporter)
+        checkpoint = _checkpoint(out_path, (data, backbone, config), manifest, resume, reporter, world)
         scores, history = fit_and_score(
-            net, samples, config, trunk=trunk, reporter=reporter, checkpoint=checkpoint
+            net, samples, config, trunk=trunk, reporter=reporter, checkpoint=checkpoint, world=world
         )
         clock["trained"] = clock["scored"] = time.perf_counter()  # scoring passes run inside training
     _refuse_failed_training(history, scores, samples, net, built, config)
     frame = result_frame(manifest, rows, scores)
     summary = run_summary(manifest, frame, history, clock, device, built, truth)
     configs = {"data": data, "backbone": backbone, "detect": config}
-    metadata = run_metadata(manifest=manifest, configs=configs, extra={"detect": summary.to_dict()})
-    write_results(frame, out_path, metadata=metadata)
-    checkpoint.remove()
-    if save_model is not None:
-        _save(net, save_model, backbone, config, manifest)
+    extra = {"detect": summary.to_dict(), "world_size": world.size}
+    metadata = run_metadata(manifest=manifest, configs=configs, extra=extra)
+
+    def write() -> None:
+        write_results(frame, out_path, metadata=metadata)
+        checkpoint.remove()
+        if save_model is not None:
+            _save(net, save_model, backbone, config, manifest)
+
+    world.on_main(write)  # one writer; a failed write stops every process with its message
     frame.attrs.update(metadata, out=str(out_path))
     return DetectResult(frame, summary, out_path)
 
@@ -145,23 +156,53 @@ def _log_notes(reporter: Reporter, warnings: tuple[str, ...], choices: list[str]
 
 
 def _checkpoint(
-    out_path: Path, configs: tuple[object, ...], manifest: Manifest, resume: bool, reporter: Reporter
+    out_path: Path,
+    configs: tuple[object, ...],
+    manifest: Manifest,
+    resume: bool,
+    reporter: Reporter,
+    world: World,
 ) -> Checkpoint:
-    """The run's epoch checkpoint beside ``out_path``, keyed by its configs and input fingerprint."""
+    """The run's epoch checkpoint beside ``out_path``, keyed by its configs and input fingerprint (and the
+    number of processes under torchrun: image augmentation draws differ with it)."""
     key = {"configs": [to_dict(c) for c in configs], "input": manifest.fingerprint}
+    if world.active:
+        key["world_size"] = world.size
     return Checkpoint(checkpoint_path(out_path), key, resume=resume, reporter=reporter)
 
 
 def _prepare(
-    manifest: Manifest, built: Backbone, device: torch.device, config: DetectConfig, reporter: Reporter
+    manifest: Manifest,
+    built: Backbone,
+    device: torch.device,
+    config: DetectConfig,
+    reporter: Reporter,
+    world: World,
 ) -> tuple[np.ndarray, StagedImages, LabelledImages, DeftModel]:
-    """The readable rows, their images staged for ``device`` (decoded once), them with their labels, and
-    the untrained detector."""
+    """The readable rows, this process's share of their images staged for ``device`` (decoded once; all
+    of them in one process), the rows with their labels, and the untrained detector (the same
+    weights in every process)."""
     rows = np.flatnonzero(manifest.readable)
-    images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
-    samples = LabelledImages(images, manifest.labels[rows])
+    owners = world.owners(len(manifest))[rows]  # the process that validated (and kept) each row's image
+    own = np.flatnonzero(owners == world.rank)
+    staged = rows if not world.active else rows[own]
+    images = stage(manifest, built, device, rows=staged, num_workers=config.num_workers, reporter=reporter)
+    held = images if not world.active else Block(images, int(own[0]) if len(own) else 0, len(rows))
+    samples = LabelledImages(held, manifest.labels[rows], owners)
     generator = torch.Generator().manual_seed(config.seed)
-    return rows, images, samples, DeftModel(built, manifest.prompt_names(), config, generator=generator)
+    net = DeftModel(built, manifest.prompt_names(), config, generator=generator)
+    world.broadcast_parameters([p for p in net.parameters() if p.requires_grad])
+    return rows, images, samples, net
+
+
+def _trunk(
+    net: DeftModel, images: StagedImages, samples: LabelledImages, config: DetectConfig, world: World
+) -> torch.Tensor | None:
+    """(N, F) frozen-trunk features of every sample when the tower is frozen, else None; under torchrun
+    each process computes its share and every process gets them all."""
+    if not net.caches_features:
+        return None
+    return world.gather_rows(trunk_cache(net, images, 2 * config.batch_size), samples.owners)
 
 
 def _refuse_crossfit_resume(config: DetectConfig, resume: bool) -> None:
@@ -229,13 +270,15 @@ def fit_and_score(
     trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),
     checkpoint: Checkpoint | None = None,
+    world: World = World(),
 ) -> tuple[Scores, list[dict[str, float]]]:
     """Train and score under ``config.scoring`` (:mod:`deft_clean.crossfit`): one model on every row, or
     one per fold restarted from the same weights, each scoring only rows it did not train on. Scores are
     averaged over each model's epochs after warm-up. Returns the scores and the per-epoch records (with
     the ``fold`` they belong to). ``checkpoint`` (in-sample scoring only: one model, one epoch count)
     saves the model and the running score average after every epoch, so a resumed run averages the same
-    epochs as an uninterrupted one."""
+    epochs as an uninterrupted one. ``world``: under torchrun every fold trains with every process
+    (:func:`train_detector`) and each scoring pass is shared among them."""
     folds = config.folds if config.scoring == "crossfit" else 1
     fold = fold_plan(samples.labels_np, folds, config.seed)
     initial = net.trainable_state()
@@ -250,7 +293,7 @@ def fit_and_score(
 
         def after_epoch(epoch: int, part: EpochAverage = part, target: LabelledImages = target) -> None:
             if epoch >= first_scored:
-                _score_into(net, target, _rows(trunk, target.index), part, 2 * config.batch_size)
+                _score_into(net, target, _rows(trunk, target.index), part, 2 * config.batch_size, world)
 
         if k != IN_SAMPLE:
             reporter.log(
@@ -266,6 +309,7 @@ def fit_and_score(
             reporter=reporter,
             after_epoch=after_epoch,
             checkpoint=checkpoint if k == IN_SAMPLE else None,
+            world=world,
         )
         history += [dict(record, fold=int(k)) for record in records]
         mean = part.mean()
@@ -282,9 +326,14 @@ def _rows(trunk: torch.Tensor | None, index: np.ndarray) -> torch.Tensor | None:
 
 
 def _score_into(
-    net: DeftModel, data: LabelledImages, trunk: torch.Tensor | None, average: EpochAverage, batch: int
+    net: DeftModel,
+    data: LabelledImages,
+    trunk: torch.Tensor | None,
+    average: EpochAverage,
+    batch: int,
+    world: World = World(),
 ) -> None:
-    """Add one un-augmented pass of ``net`` over ``data`` to ``average``."""
+    """Add one un-augmented pass of ``net`` over ``data`` to ``average`` (shared among the processes)."""
     with autocast(data.device):
         text = net.prompts.encode_all()  # (K, E) each, once: the prompts do not change while scoring
 
@@ -292,7 +341,8 @@ def _score_into(
         features = batch_features(net, data, index, trunk, train=False, generator=None)
         return net.similarities(features, text)
 
-    score_pass(similarities, len(data), data.labels, average, net.scale, batch)
+    who = workers(world, data, torch.arange(len(data)), trunk)
+    score_pass(similarities, len(data), data.labels, average, net.scale, batch, world=world, who=who)
 
 
 def score_detector(
