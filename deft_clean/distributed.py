@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deft_clean.errors import ConfigError, DeftCleanError
+from deft_clean.errors import ConfigError, DeftCleanError, ProcessLostError
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -226,7 +226,16 @@ def runs_distributed(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with joined():
-            return func(*args, **kwargs)
+        with joined() as world:
+            try:
+                return func(*args, **kwargs)
+            except dist.DistError as error:  # a peer died: its own output says why
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ProcessLostError(
+                    f"Process {world.rank} of {world.size}: another process of this run stopped ({first}). "
+                    "Nothing was written.",
+                    hint="See the first failure torchrun reports; with --resume a detect run continues "
+                    "from its last epoch.",
+                ) from None
 
     return wrapper  # type: ignore[return-value]
