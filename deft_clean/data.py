@@ -273,10 +273,11 @@ def load_unlabelled(
     config: DataConfig = DataConfig(),
     image_size: int | None = None,
     reporter: Reporter = SilentReporter(),
+    world: World = World(),
 ) -> Manifest:
     """Every image under a plain folder (sorted paths, subfolders included), validated like a labelled
-    set (``image_size`` as in :func:`load_manifest`), as a Manifest without classes: ``labels`` are all
-    -1, ``class_ids`` empty."""
+    set (``image_size`` and ``world`` as in :func:`load_manifest`), as a Manifest without classes:
+    ``labels`` are all -1, ``class_ids`` empty."""
     root = _root(data_dir)
     paths = sorted(
         f.relative_to(root).as_posix()
@@ -288,9 +289,9 @@ def load_unlabelled(
     if not paths:
         raise fail("empty_folder", "no images found", str(root), fix="Pass a folder holding image files.")
     rows = [Row(None, path, "?") for path in paths]  # one placeholder class: no label checks apply
-    kept, decode = _keeper(len(rows), image_size)
+    kept, decode = _keeper(len(rows), image_size, world)
     unsized = dataclasses.replace(config, min_per_class=0)
-    readable = _readable(rows, root, ["?"], unsized, reporter, str(root), decode)
+    readable = _readable(rows, root, ["?"], unsized, reporter, str(root), decode, world=world)
     listing = hashlib.sha256("\n".join(paths).encode()).hexdigest()
     return Manifest(
         data_dir=root,

@@ -30,9 +30,11 @@ from distributed_worker import step_of_one_process
 from test_detect import make_dataset
 
 import deft_clean
+from deft_clean.classifier import predict
 from deft_clean.detect import detect
 from deft_clean.distributed import World
 from deft_clean.errors import OutputError
+from deft_clean.finetune import finetune
 from deft_clean.results import read_results
 
 REPO = Path(deft_clean.__file__).resolve().parents[1]
@@ -217,3 +219,22 @@ def test_two_nodes_on_localhost(colours, tmp_path):
     assert_same_run(
         written, one_process(colours, tmp_path / "one.parquet", **OPTIONS), colours / "labels.csv"
     )
+
+
+def test_predict_under_two_processes(colours, tmp_path):
+    model = tmp_path / "model"
+    finetune(
+        colours, colours / "labels.csv", out=model,
+        **stage_configs("finetune", model="test-tiny", device="cpu", tune="linear", epochs=2, batch_size=8),
+    )  # fmt: skip
+    out = tmp_path / "pred" / "pred.parquet"
+    done = run(torchrun("predict", str(model), str(colours), str(colours / "labels.csv"), "--out", str(out)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("predicted:") == 1 and sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    written = read_results(out)
+    reference = predict(model, colours, colours / "labels.csv", out=tmp_path / "one.parquet")
+    assert written["path"].tolist() == pd.read_csv(colours / "labels.csv")["path"].tolist()
+    assert written["predicted_label"].tolist() == reference["predicted_label"].tolist()
+    np.testing.assert_allclose(np.stack(written["probs"]), np.stack(reference["probs"]), atol=1e-6)
+    assert written.attrs["world_size"] == 2
+    assert read_results(tmp_path / "one.parquet").attrs["world_size"] == 1
