@@ -299,14 +299,16 @@ def evaluate(
     data_config: DataConfig = DataConfig(),
     batch_size: int = 256,
     reporter: Reporter = SilentReporter(),
+    world: World = World(),
 ) -> dict[str, Any]:
-    """:func:`classification_metrics` of ``classifier`` on a labelled split (readable rows only)."""
-    manifest, labels = _image_set(classifier, data_dir, labels_csv, data_config, reporter)
+    """:func:`classification_metrics` of ``classifier`` on a labelled split (readable rows only); under
+    torchrun (``world``) each process scores its block and every process gets the metrics."""
+    manifest, labels = _image_set(classifier, data_dir, labels_csv, data_config, reporter, world)
     if (labels < 0).all():
         raise ConfigError(
             f"{data_dir} has no labels to evaluate against.", hint="Pass a labels CSV or an ImageFolder."
         )
-    probs = _probabilities_of(classifier, manifest, batch_size, reporter)
+    probs = _probabilities_of(classifier, manifest, batch_size, reporter, world)
     readable = manifest.readable
     return classification_metrics(probs[readable], labels[readable], classifier.class_ids)
 

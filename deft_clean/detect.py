@@ -191,7 +191,7 @@ def _prepare(
     samples = LabelledImages(held, manifest.labels[rows], owners)
     generator = torch.Generator().manual_seed(config.seed)
     net = DeftModel(built, manifest.prompt_names(), config, generator=generator)
-    world.broadcast_parameters([p for p in net.parameters() if p.requires_grad])
+    world.broadcast_tensors([p for p in net.parameters() if p.requires_grad])
     return rows, images, samples, net
 
 

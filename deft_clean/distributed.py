@@ -136,13 +136,14 @@ class World:
             start += p.numel()
             p.grad = grad.clone() if present else None
 
-    def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Give every process the main process's values of ``params`` (the same start everywhere)."""
+    def broadcast_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Give every process the main process's values of ``tensors`` (parameters, BatchNorm
+        statistics), in place: the same start, or the same model to save."""
         if not self.active:
             return
         with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, src=0)
+            for tensor in tensors:
+                dist.broadcast(tensor.data, src=0)
 
     def on_main(self, step: Callable[[], T]) -> T:
         """Run ``step`` on the main process only and return its result on every process; a

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +28,7 @@ from deft_clean.checkpoint import Checkpoint, checkpoint_path
 from deft_clean.classifier import Classifier, build_tower, changed_tower_keys, classifier_info, evaluate
 from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone, to_dict
 from deft_clean.data import Manifest, load_manifest
+from deft_clean.distributed import World, runs_distributed, world_from_env
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
 from deft_clean.files import check_output, releases_outputs
@@ -59,6 +60,7 @@ class FinetuneResult:
 
 
 @releases_outputs
+@runs_distributed
 def finetune(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -81,37 +83,44 @@ def finetune(
     (:func:`check_output`: an existing non-empty folder is refused unless ``overwrite``). With ``out``,
     each epoch ends with a checkpoint beside it; ``resume`` continues a killed run from it.
     """
-    config = finetune
+    config, world = finetune, world_from_env()
     if out is not None:
         inputs = [data_dir, labels_csv, flags, test_dir, test_csv, data.classes_file]
-        check_output(out, inputs=inputs, overwrite=overwrite, kind="folder")
-    flags_df = read_results(flags) if flags is not None else None
+        world.on_main(lambda: check_output(out, inputs=inputs, overwrite=overwrite, kind="folder"))
+    flags_df = world.together(lambda: read_results(flags)) if flags is not None else None
     recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
     bcfg = resolve_backbone(backbone, recorded)
     size = input_size(bcfg)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
-        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
-    )
+        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter,
+        world=world,
+    )  # fmt: skip
     rows, labels, n_dropped, n_relabelled = select_training_rows(
         manifest, flags_df, config, flags_name=f"'{flags}'"
     )
-    built, tower = build_tower(bcfg, config)  # load_classifier rebuilds it the same way
+    _refuse_uneven_batch(config, world)
+    built, tower = world.together(lambda: build_tower(bcfg, config))  # load_classifier rebuilds it so
     for note in built.notes:
         if note != OFFLINE_NOTE:  # that one is about detection; TeS trains the towers it needs anyway
             reporter.log(note, "warning")
     device = next(tower.parameters()).device
-    head = _head(built, tower, manifest, config, device)
-    images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
+    head = _head(built, tower, manifest, config, device).to(device)
+    owners = world.owners(len(manifest))[rows]  # the process that validated (and kept) each row's image
+    own = rows[owners == world.rank]
+    images = stage(manifest, built, device, rows=own, num_workers=config.num_workers, reporter=reporter)
     images.channels_last = device.type == "cuda" and is_conv(tower)
-    checkpoint = _checkpoint(out, (data, bcfg, config), manifest, flags, len(rows), resume, reporter)
+    world.broadcast_tensors([p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad])
+    checkpoint = _checkpoint(out, (data, bcfg, config), manifest, flags, len(rows), resume, reporter, world)
     with cuda_autotune(device, tower):
-        _train(tower, head.to(device), images, torch.from_numpy(labels), config, reporter, checkpoint)
+        _train(tower, head, images, torch.from_numpy(labels), config, reporter, checkpoint, (world, owners))
+    world.broadcast_tensors([*tower.buffers(), *head.buffers()])  # BatchNorm statistics: rank 0's
     info = classifier_info(built, bcfg, config, manifest)
     info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}
     info["training"].update(fingerprint=manifest.fingerprint, flags=None if flags is None else str(flags))
+    info["training"]["world_size"] = world.size
     classifier = Classifier(tower, head.fc, info, changed_tower_keys(tower))
-    metrics = _evaluate_and_save(classifier, data, out, test_dir, test_csv, reporter)
-    if checkpoint is not None:
+    metrics = _evaluate_and_save(classifier, data, out, test_dir, test_csv, reporter, world)
+    if checkpoint is not None and world.is_main:
         checkpoint.remove()
     return FinetuneResult(
         classifier, len(rows), n_dropped, n_relabelled, metrics, None if out is None else Path(out)
@@ -126,13 +135,17 @@ def _checkpoint(
     rows: int,
     resume: bool,
     reporter: Reporter,
+    world: World,
 ) -> Checkpoint | None:
     """The epoch checkpoint beside ``out`` (none without ``out``), keyed by the run's configs, input
-    fingerprint, flags file and row count, so a checkpoint of another run is never resumed."""
+    fingerprint, flags file and row count (and the number of processes under torchrun), so a
+    checkpoint of another run is never resumed."""
     if out is None:
         return None
     key = {"configs": [to_dict(c) for c in configs], "input": manifest.fingerprint}
     key.update(flags=None if flags is None else str(flags), rows=rows)
+    if world.active:
+        key["world_size"] = world.size
     return Checkpoint(checkpoint_path(Path(out)), key, resume=resume, reporter=reporter)
 
 
@@ -158,17 +171,31 @@ def _evaluate_and_save(
     test_dir: str | Path | None,
     test_csv: str | Path | None,
     reporter: Reporter,
+    world: World,
 ) -> dict[str, Any] | None:
-    """Test-set metrics (with ``test_dir``), then the classifier saved to ``out`` with ``metrics.json``
-    in the same atomic folder."""
+    """Test-set metrics (with ``test_dir``; each process scores its block), then the classifier saved
+    to ``out`` with ``metrics.json`` in the same atomic folder, by the main process."""
     metrics = None
     if test_dir is not None:
         test_data = dataclasses.replace(data, min_per_class=0)
-        metrics = evaluate(classifier, test_dir, test_csv, data_config=test_data, reporter=reporter)
+        metrics = evaluate(
+            classifier, test_dir, test_csv, data_config=test_data, reporter=reporter, world=world
+        )
     if out is not None:
         extra = {"metrics.json": json.dumps(metrics, indent=2) + "\n"} if metrics is not None else {}
-        classifier.save(out, extra_files=extra)
+        world.on_main(lambda: classifier.save(out, extra_files=extra))
     return metrics
+
+
+def _refuse_uneven_batch(config: FinetuneConfig, world: World) -> None:
+    """Under torchrun a tuned tower trains on ``--batch-size / N`` images of each process per step."""
+    if world.active and config.tune != "linear" and config.batch_size % world.size:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is the global batch; with {world.size} processes and "
+            f"--tune {config.tune} it must be a multiple of {world.size} (each process takes an equal "
+            "share).",
+            hint=f"Use --batch-size {config.batch_size // world.size * world.size or world.size}.",
+        )
 
 
 class TrainingRows(NamedTuple):
@@ -323,40 +350,38 @@ def _train(
     cfg: FinetuneConfig,
     reporter: Reporter,
     checkpoint: Checkpoint | None = None,
+    shared: tuple[World, np.ndarray | None] = (World(), None),
 ) -> None:
     """SGD over the staged ``images`` (N samples) with ``labels`` (N,); TeS or CE per ``cfg.method``.
 
     The loss is read back once per epoch (no host sync per step). ``checkpoint``: saved after every
-    epoch; the epochs it holds are skipped when resuming.
+    epoch; the epochs it holds are skipped when resuming. ``shared``: under torchrun, the world and
+    the process holding each sample's image (``images`` are this process's); see :class:`_Batches`.
     """
     device = next(head.parameters()).device
-    labels = labels.to(device)
-    features_of, augment_gen = _feature_source(tower, images, cfg, reporter)
+    world = shared[0]
+    batches = _Batches(tower, images, labels.to(device), cfg, reporter, shared)
     params = [p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    n = len(labels)
-    batch_size = min(cfg.batch_size, n)
-    steps_per_epoch = n // batch_size  # drop the ragged last batch (BatchNorm needs B > 1)
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = batches.steps * cfg.epochs
     order_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     tower.train(cfg.tune != "linear")
     head.train()
-    net, generators = nn.ModuleDict({"tower": tower, "head": head}), [order_gen, augment_gen]
+    net, generators = nn.ModuleDict({"tower": tower, "head": head}), [order_gen, batches.generator]
     start, _ = checkpoint.restore(net, optimizer, generators) if checkpoint else (0, [])
-    step = start * steps_per_epoch
+    step = start * batches.steps
     for epoch in range(start, cfg.epochs):
-        order = torch.randperm(n, generator=order_gen, device=device)
+        order = batches.order(epoch, order_gen)
         running = torch.zeros((), device=device)
         with reporter.task(
-            f"Fine-tuning ({cfg.method}) epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * batch_size
+            f"Fine-tuning ({cfg.method}) epoch {epoch + 1}/{cfg.epochs}", total=batches.steps * batches.size
         ):
-            for i in range(steps_per_epoch):
+            for i in range(batches.steps):
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(cfg.lr, step / max(total_steps, 1))
-                idx = order[i * batch_size : (i + 1) * batch_size]
-                y = labels[idx]  # (B,)
                 with autocast(device):
-                    vision_logits, text_logits = head(features_of(idx))  # (B, K), (B, K) or None
+                    features, y = batches.batch(order, i)  # (B, E), (B,)
+                    vision_logits, text_logits = head(features)  # (B, K), (B, K) or None
                 if text_logits is None:
                     loss = F.cross_entropy(vision_logits.float(), y)
                 else:
@@ -365,31 +390,71 @@ def _train(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                world.average_gradients(params)
                 optimizer.step()
                 running += loss.detach()
                 step += 1
-                reporter.advance(len(idx))
-            reporter.advance(0, loss=float(running / max(steps_per_epoch, 1)))  # one sync per epoch
-        if checkpoint is not None:
+                reporter.advance(len(y))
+            reporter.advance(0, loss=float(running / max(batches.steps, 1)))  # one sync per epoch
+        if checkpoint is not None and world.is_main:
             checkpoint.save(epoch + 1, [], net, optimizer, generators)
     tower.eval()
     head.eval()
 
 
-def _feature_source(
-    tower: nn.Module, images: StagedImages, cfg: FinetuneConfig, reporter: Reporter
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Generator]:
-    """A function: batch indices (B,) on the device -> training features (B, E); and the generator of
-    its augmentations (part of a checkpoint).
+class _Batches:
+    """Where each training step's features (B, E) and labels (B,) come from.
 
-    ``--tune linear``: the frozen features, computed once by the one feature pass. Otherwise each call
-    crops/flips/normalises the batch on the device and runs the tower.
+    ``--tune linear``: the frozen features of every sample, computed once by the one feature pass
+    (under torchrun each process computes its share and all are gathered), then batches of one
+    permutation of the N samples: the same steps in every process and in one process. A tuned tower
+    crops/flips/normalises the batch on the device and runs the tower; under torchrun each process
+    draws ``batch / N`` of its own samples (a permutation of its own per epoch, seeded by epoch and
+    rank) and the features and labels are gathered, so the loss is the whole batch's everywhere.
     """
-    generator = torch.Generator(device=images.device).manual_seed(cfg.seed + 1)
-    if cfg.tune == "linear":
-        tower.eval()
-        features = feature_pass(tower, images, batch_size=256, reporter=reporter)  # (N, E) float32
-        return (lambda idx: features[idx]), generator
-    if images.channels_last:
-        tower.to(memory_format=torch.channels_last)
-    return (lambda idx: tower(images.images_at(idx, train=True, generator=generator))), generator
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        images: StagedImages,
+        labels: torch.Tensor,
+        cfg: FinetuneConfig,
+        reporter: Reporter,
+        shared: tuple[World, np.ndarray | None],
+    ) -> None:
+        world, owners = shared
+        owners = np.zeros(len(labels), dtype=np.int64) if owners is None else owners
+        self.world, self.tower, self.images, self.labels, self.seed = world, tower, images, labels, cfg.seed
+        self.generator = torch.Generator(device=images.device).manual_seed(cfg.seed + 1)  # augmentations
+        self.size = min(cfg.batch_size, len(labels))
+        self.features: torch.Tensor | None = None
+        if cfg.tune == "linear":
+            tower.eval()
+            local = feature_pass(tower, images, batch_size=256, reporter=reporter)  # (N_own, E) float32
+            self.features = world.gather_rows(local, owners)  # (N, E)
+            self.steps = len(labels) // self.size  # drop the ragged last batch (BatchNorm needs B > 1)
+            return
+        if images.channels_last:
+            tower.to(memory_format=torch.channels_last)
+        self.share = self.size // world.size
+        self.own_labels = labels[torch.from_numpy(np.flatnonzero(owners == world.rank)).to(labels.device)]
+        self.steps = int(np.bincount(owners, minlength=world.size).min()) // max(self.share, 1)
+        self.who = np.repeat(np.arange(world.size), self.share)
+
+    def order(self, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        """This epoch's permutation of the samples the batches are drawn from."""
+        if self.features is not None or not self.world.active:
+            return torch.randperm(len(self.labels), generator=generator, device=self.labels.device)
+        self.generator.manual_seed(self.seed + 2 + self.world.rank + self.world.size * epoch)
+        return torch.randperm(len(self.own_labels), generator=self.generator, device=self.labels.device)
+
+    def batch(self, order: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, E), labels (B,)) of step ``i`` of the epoch ordered by ``order``."""
+        if self.features is not None:
+            idx = order[i * self.size : (i + 1) * self.size]
+            return self.features[idx], self.labels[idx]
+        idx = order[i * self.share : (i + 1) * self.share]
+        features = self.tower(self.images.images_at(idx, train=True, generator=self.generator))
+        return self.world.gather_rows(features, self.who), self.world.gather_rows(
+            self.own_labels[idx], self.who
+        )

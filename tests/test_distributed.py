@@ -10,6 +10,7 @@ the gradient arithmetic that makes the steps equal is tested directly on spawned
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,11 +31,12 @@ from distributed_worker import step_of_one_process
 from test_detect import make_dataset
 
 import deft_clean
-from deft_clean.classifier import predict
+from deft_clean.classifier import load_classifier, predict
+from deft_clean.config import FinetuneConfig
 from deft_clean.detect import detect
 from deft_clean.distributed import World
-from deft_clean.errors import OutputError
-from deft_clean.finetune import finetune
+from deft_clean.errors import ConfigError, OutputError
+from deft_clean.finetune import _refuse_uneven_batch, finetune
 from deft_clean.results import read_results
 
 REPO = Path(deft_clean.__file__).resolve().parents[1]
@@ -221,20 +223,63 @@ def test_two_nodes_on_localhost(colours, tmp_path):
     )
 
 
-def test_predict_under_two_processes(colours, tmp_path):
+FINETUNE = dict(model="test-tiny", device="cpu", epochs=3, batch_size=8, lr=0.5, seed=0)
+
+
+def finetune_args(data: Path, out: Path, **options: object) -> list[str]:
+    args = ["finetune", str(data), str(data / "labels.csv"), "--out", str(out)]
+    return args + [
+        item for name, value in options.items() for item in ("--" + name.replace("_", "-"), str(value))
+    ]
+
+
+def test_finetune_then_predict_under_two_processes(colours, tmp_path):
     model = tmp_path / "model"
-    finetune(
-        colours, colours / "labels.csv", out=model,
-        **stage_configs("finetune", model="test-tiny", device="cpu", tune="linear", epochs=2, batch_size=8),
-    )  # fmt: skip
+    done = run(torchrun(*finetune_args(colours, model, tune="linear", **FINETUNE)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no checkpoint or lock left
+    reference = finetune(
+        colours,
+        colours / "labels.csv",
+        out=tmp_path / "one",
+        **stage_configs("finetune", tune="linear", **FINETUNE),
+    )
+    trained = load_classifier(model, device="cpu")
+    for got, want in zip(trained.fc.parameters(), reference.classifier.fc.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)  # the steps of one process
+    assert trained.info["training"]["world_size"] == 2
+
     out = tmp_path / "pred" / "pred.parquet"
     done = run(torchrun("predict", str(model), str(colours), str(colours / "labels.csv"), "--out", str(out)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("predicted:") == 1 and sorted(p.name for p in out.parent.iterdir()) == [out.name]
     written = read_results(out)
-    reference = predict(model, colours, colours / "labels.csv", out=tmp_path / "one.parquet")
+    expected = predict(model, colours, colours / "labels.csv", out=tmp_path / "one.parquet")
     assert written["path"].tolist() == pd.read_csv(colours / "labels.csv")["path"].tolist()
-    assert written["predicted_label"].tolist() == reference["predicted_label"].tolist()
-    np.testing.assert_allclose(np.stack(written["probs"]), np.stack(reference["probs"]), atol=1e-6)
+    assert written["predicted_label"].tolist() == expected["predicted_label"].tolist()
+    np.testing.assert_allclose(np.stack(written["probs"]), np.stack(expected["probs"]), atol=1e-6)
     assert written.attrs["world_size"] == 2
     assert read_results(tmp_path / "one.parquet").attrs["world_size"] == 1
+
+
+def test_finetune_tuned_tower_under_two_processes(colours, tmp_path):
+    # each process draws batch/2 of its own images per step: other batches than one process, so the
+    # check is that it learns the colours (chance is 1/4) and saves one complete classifier
+    model = tmp_path / "model"
+    options = dict(FINETUNE, tune="full", method="ce", epochs=4, lr=0.05)
+    done = run(torchrun(*finetune_args(colours, model, **options), "--test-dir", str(colours), "--test-csv",
+                        str(colours / "labels.csv")))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in model.iterdir()) == [
+        "classifier.json", "head.safetensors", "metrics.json", "tower.safetensors",
+    ]  # fmt: skip
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.5 and metrics["n"] == 48
+
+
+def test_tuned_batch_must_split_evenly():
+    config = FinetuneConfig(tune="full", batch_size=7)
+    with pytest.raises(ConfigError, match="--batch-size 7 is the global batch; with 2 processes"):
+        _refuse_uneven_batch(config, World(0, 2))
+    _refuse_uneven_batch(FinetuneConfig(tune="linear", batch_size=7), World(0, 2))  # any batch: no split
+    _refuse_uneven_batch(config, World())
