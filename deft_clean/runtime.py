@@ -29,6 +29,12 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` → ``cuda`` when available, else ``cpu``; otherwise the named device, checked to exist.
     Under torchrun, ``cuda`` without an index is this process's GPU (``LOCAL_RANK``)."""
     if name in ("auto", "cuda") and torch.cuda.is_available() and world_from_env().active:
+        if local_rank() >= torch.cuda.device_count():
+            raise ConfigError(
+                f"This is process {local_rank()} of those torchrun started on this machine, which has "
+                f"{torch.cuda.device_count()} CUDA device(s).",
+                hint=f"Start one process per GPU: --nproc-per-node {torch.cuda.device_count()}.",
+            )
         return torch.device("cuda", local_rank())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
