@@ -9,7 +9,7 @@ and how many flags agree with the 1-process run. It also counts the detector's t
 which is what every training step all-reduces (4 bytes each). Prints a markdown table and writes the
 record as JSON::
 
-    python -m benchmarks.torchrun_scaling --processes 1 2 --out benchmarks/results/torchrun-cpu.json
+    python -m benchmarks.torchrun_scaling --processes 1 2 --out runs/torchrun-cpu.json
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ def command(processes: int, data: Path, out: Path, options: list[str]) -> list[s
     return [*launcher, *args, "--out", str(out), "--overwrite", *options]
 
 
-def timed_run(processes: int, data: Path, out: Path, options: list[str]) -> dict:
-    """One run: wall time, load averages around it, the run's own timings, its flags."""
-    threads = max(1, (os.cpu_count() or 1) // processes)
+def timed_run(processes: int, data: Path, out: Path, options: list[str], threads: int | None) -> dict:
+    """One run: wall time, load averages around it, the run's own timings, its flags. ``threads`` per
+    process (default: the cores divided among the processes)."""
+    threads = threads or max(1, (os.cpu_count() or 1) // processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     before = os.getloadavg()
     started = time.perf_counter()
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", default="offline")
     parser.add_argument("--peft", default="none")
+    parser.add_argument("--threads", type=int, help="threads per process (default: cores / processes)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more detect options")
     parser.add_argument("--out", type=Path, default=Path("runs/torchrun-scaling.json"))
     args = parser.parse_args()
@@ -89,7 +91,7 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         for n in args.processes:
-            runs.append(timed_run(n, args.data, Path(folder) / f"flags-{n}.parquet", options))
+            runs.append(timed_run(n, args.data, Path(folder) / f"flags-{n}.parquet", options, args.threads))
     reference = np.array(runs[0]["flags"])
     params = trainable_parameters(args.model, args.data, args.peft)
     first = runs[0]["processes"]
