@@ -115,6 +115,8 @@ def world_features(
         return batch_features(net, data, index, trunk, train=train, generator=generator)
     who = workers(world, data, index, trunk)
     mine = index[torch.from_numpy(np.flatnonzero(who == world.rank))]
+    if len(mine) == 0:  # none of this batch is here (and a tower cannot run on an empty batch)
+        return world.gather_rows(torch.zeros(0, net.embed_dim, device=data.device), who)
     return world.gather_rows(batch_features(net, data, mine, trunk, train=train, generator=generator), who)
 
 
