@@ -183,7 +183,7 @@ def train_detector(
                 index = order[step * config.batch_size : (step + 1) * config.batch_size]
                 warm = epoch < config.warmup_epochs
                 totals += _train_step(
-                    net, data, index, trunk, optimizer, config, warm=warm, generators=(dev_gen, augment),
+                    net, data, index, trunk, optimizer, config, warm=warm, generator=dev_gen, augment=augment,
                     world=world,
                 )  # fmt: skip
                 if step < steps - 1:
@@ -235,12 +235,13 @@ def _train_step(
     config: DetectConfig,
     *,
     warm: bool,
-    generators: tuple[torch.Generator, torch.Generator],
-    world: World,
+    generator: torch.Generator,
+    augment: torch.Generator | None = None,
+    world: World = World(),
 ) -> torch.Tensor:
     """One SGD step on samples ``index`` (B,); returns (4,) on the device: B·loss, B·ce, B·neg, #selected.
-    ``generators``: (labels, augmentation), the same generator in one process."""
-    generator, augment = generators
+    ``generator`` draws the labels' random choices, ``augment`` (default: the same) the augmentations."""
+    augment = generator if augment is None else augment
     labels = data.labels[index.to(data.device, non_blocking=True)]
     with autocast(data.device):
         features = world_features(net, data, index, trunk, world=world, train=True, generator=augment)
