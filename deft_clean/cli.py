@@ -40,6 +40,7 @@ from deft_clean.config import (
     resolve_backbone,
 )
 from deft_clean.detect import detect
+from deft_clean.distributed import is_main
 from deft_clean.embed import embed
 from deft_clean.export import export_labels, import_review
 from deft_clean.finetune import finetune
@@ -134,7 +135,7 @@ def detect_command(
         reporter=RichReporter(),
     )  # fmt: skip
     print_detect_summary(result)
-    if report:
+    if report and is_main():  # under torchrun the main process writes the one page
         _report(result.out, truth_csv=truth)
 
 
