@@ -36,7 +36,8 @@ from deft_clean.config import FinetuneConfig
 from deft_clean.detect import detect
 from deft_clean.distributed import World
 from deft_clean.errors import ConfigError, OutputError
-from deft_clean.finetune import _refuse_uneven_batch, finetune
+from deft_clean.finetune import finetune
+from deft_clean.finetune_loop import refuse_uneven_batch
 from deft_clean.results import read_results
 
 REPO = Path(deft_clean.__file__).resolve().parents[1]
@@ -266,6 +267,6 @@ def test_finetune_tuned_tower_under_two_processes(colours, tmp_path):
 def test_tuned_batch_must_split_evenly():
     config = FinetuneConfig(tune="full", batch_size=7)
     with pytest.raises(ConfigError, match="--batch-size 7 is the global batch; with 2 processes"):
-        _refuse_uneven_batch(config, World(0, 2))
-    _refuse_uneven_batch(FinetuneConfig(tune="linear", batch_size=7), World(0, 2))  # any batch: no split
-    _refuse_uneven_batch(config, World())
+        refuse_uneven_batch(config, World(0, 2))
+    refuse_uneven_batch(FinetuneConfig(tune="linear", batch_size=7), World(0, 2))  # any batch: no split
+    refuse_uneven_batch(config, World())
