@@ -101,14 +101,9 @@ def detect(
     configs = {"data": data, "backbone": backbone, "detect": config}
     extra = {"detect": summary.to_dict(), "world_size": world.size}
     metadata = run_metadata(manifest=manifest, configs=configs, extra=extra)
-
-    def write() -> None:
-        write_results(frame, out_path, metadata=metadata)
-        checkpoint.remove()
-        if save_model is not None:
-            _save(net, save_model, backbone, config, manifest)
-
-    world.on_main(write)  # one writer; a failed write stops every process with its message
+    world.on_main(lambda: (write_results(frame, out_path, metadata=metadata), checkpoint.remove()))
+    if save_model is not None:  # one writer; a failed write stops every process with its message
+        world.on_main(lambda: _save(net, save_model, backbone, config, manifest))
     frame.attrs.update(metadata, out=str(out_path))
     return DetectResult(frame, summary, out_path)
 
