@@ -5,7 +5,8 @@ At the end of every epoch, ``detect`` and ``finetune`` write ``<out>.checkpoint`
 tower, BatchNorm statistics, and frozen weights that moved anyway: peft merges LoRA into
 ``nn.MultiheadAttention`` weights in place at every forward and the rounding drifts; the rest of the
 backbone is rebuilt from its config), the optimizer state, the states of the run's random generators,
-the epoch and the history so far, and a key naming the run (configs and input fingerprint). With
+the epoch and the history so far, and a key naming the run (:func:`run_key`: configs and input
+fingerprint, leaving out options that cannot change the result, such as ``--image-cache``). With
 ``--resume``, a checkpoint whose key matches is loaded and training continues at the next epoch; the
 result is the same as a run that was never interrupted (same tensors, generator states and optimizer
 state). The checkpoint is removed once the output is written. A checkpoint of another run (other
@@ -15,17 +16,27 @@ options or data) is refused with a message rather than silently mixed in.
 from __future__ import annotations
 
 import json
+import weakref
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from deft_clean.config import result_dict
 from deft_clean.errors import ConfigError
 from deft_clean.files import atomic_file
 from deft_clean.progress import Reporter, SilentReporter
 
 FORMAT_VERSION = 2  # 2: riders (state kept outside the model)
+
+
+def run_key(configs: Iterable[object], fingerprint: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The key naming a run (``detect`` and ``finetune``): its configs' fields that can change the result
+    (:func:`deft_clean.config.result_dict`), its input ``fingerprint``, and ``extra`` (finetune's flags
+    file and row count)."""
+    return {"configs": [result_dict(c) for c in configs], "input": dict(fingerprint), **extra}
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -49,22 +60,37 @@ class Checkpoint:
         self.path, self.resume, self.reporter = Path(path), resume, reporter
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
         self._frozen: dict[str, float] = {}  # sums of the frozen tensors (and buffers) before training
+        self._objects: dict[str, weakref.ref] = {}  # the frozen tensor objects before training
+        self._watch: set[str] | None = None  # what moved by the first save (None: no save yet)
         self.riders: dict[str, Any] = {}
 
     def _moved(self, net: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors to save: trainable parameters, and frozen parameters or buffers (BatchNorm
-        statistics) whose values changed since the start."""
-        return {
-            name: t.detach().cpu().clone()
-            for name, t in _tensors(net)
-            if t.requires_grad or _sum(t) != self._frozen.get(name)
-        }
+        statistics) whose values changed since the start.
+
+        Summing every frozen tensor costs a pass over the whole backbone, so only the first save does
+        it; later saves sum only what can move: buffers, tensors whose storage was replaced (peft's
+        MultiheadAttention registers new weights at every forward) and those that had moved by the first
+        save (whatever a forward changes in place, it changed in the first epoch)."""
+        buffers = {name for name, _ in net.named_buffers()}
+        moved = {}
+        for name, t in _tensors(net):
+            check = (self._watch is None or name in self._watch or name in buffers) or _replaced(
+                self._objects.get(name), t
+            )
+            if t.requires_grad or (check and _sum(t) != self._frozen.get(name)):
+                moved[name] = t.detach().cpu().clone()
+        if self._watch is None:
+            self._watch = set(moved)
+        return moved
 
     def restore(
         self, net: nn.Module, optimizer: torch.optim.Optimizer, generators: list[torch.Generator]
     ) -> tuple[int, list[dict[str, float]]]:
         """(epochs already done, their history): from the checkpoint when resuming, else (0, [])."""
-        self._frozen = {name: _sum(t) for name, t in _tensors(net) if not t.requires_grad}
+        frozen = [(name, t) for name, t in _tensors(net) if not t.requires_grad]
+        self._frozen = {name: _sum(t) for name, t in frozen}
+        self._objects, self._watch = {name: weakref.ref(t) for name, t in frozen}, None
         if not self.path.is_file():
             if self.resume:
                 self.reporter.log(f"no checkpoint at {self.path}; starting from epoch 1", level="warning")
@@ -128,6 +154,12 @@ class Checkpoint:
 def _tensors(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer of ``net`` by name."""
     return [*net.named_parameters(), *net.named_buffers()]
+
+
+def _replaced(before: weakref.ref | None, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is not the object ``before`` referred to (a weak reference: a replaced tensor is
+    freed, and its address may be reused, so neither ``id`` nor ``data_ptr`` would tell)."""
+    return before is None or before() is not tensor
 
 
 def _sum(parameter: torch.Tensor) -> float:

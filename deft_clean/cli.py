@@ -40,7 +40,6 @@ from deft_clean.config import (
     resolve_backbone,
 )
 from deft_clean.detect import detect
-from deft_clean.distributed import is_main
 from deft_clean.embed import embed
 from deft_clean.export import export_labels, import_review
 from deft_clean.finetune import finetune
@@ -131,12 +130,12 @@ def detect_command(
     """Flag likely wrong labels with DeFT (dual text prompts + LoRA on a CLIP-style backbone)."""
     result = detect(
         data_dir, labels_csv, data=data_config, backbone=backbone_config, detect=detect_config, out=out,
-        truth_csv=truth, save_model=save_model, overwrite=overwrite, resume=resume,
+        truth_csv=truth, save_model=save_model, report=report, overwrite=overwrite, resume=resume,
         reporter=RichReporter(),
     )  # fmt: skip
     print_detect_summary(result)
-    if report and is_main():  # under torchrun the main process writes the one page
-        _report(result.out, truth_csv=truth)
+    if result.report is not None:
+        print_report(result.report)
 
 
 @app.command("backbones")
@@ -278,7 +277,7 @@ def embed_command(
 
 
 def _report(flags: Path, **kwargs: Any) -> None:
-    """Build the HTML report of ``flags`` with progress and say where it is (report, detect --report)."""
+    """Build the HTML report of ``flags`` with progress and say where it is."""
     print_report(build_report(flags, reporter=RichReporter(), **kwargs))
 
 
@@ -300,11 +299,12 @@ def report_command(
             "--truth", help="CSV path,label of verified labels: precision/recall/F1, missed labels."
         ),
     ] = None,
+    overwrite: Overwrite = False,
     *,
     report_config: ReportConfig,
 ) -> None:
     """Write one self-contained HTML page: summary, per-class charts and a gallery of the flagged images."""
-    _report(flags, out=out, data_dir=data_dir, truth_csv=truth, config=report_config)
+    _report(flags, out=out, data_dir=data_dir, truth_csv=truth, config=report_config, overwrite=overwrite)
 
 
 @app.command("export")
@@ -318,11 +318,13 @@ def export_command(
     labels: Annotated[
         Path | None, typer.Option("--labels", help="csv: the labels CSV to correct (default: detect's).")
     ] = None,
+    overwrite: Overwrite = False,
     *,
     export_config: ExportConfig,
 ) -> None:
     """Export the flags: a corrected labels CSV + review.csv, or Label Studio tasks to review them."""
-    print_export(export_labels(flags, out, labels_csv=labels, config=export_config), export_config)
+    exported = export_labels(flags, out, labels_csv=labels, config=export_config, overwrite=overwrite)
+    print_export(exported, export_config)
 
 
 @app.command("import-review")
@@ -334,12 +336,14 @@ def import_review_command(
     ],
     labels_csv: Annotated[Path, typer.Argument(help="The labels CSV to apply it to.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Corrected labels CSV to write.")],
+    overwrite: Overwrite = False,
     *,
     data_config: DataConfig,
 ) -> None:
     """Apply a reviewer's Label Studio decisions to a labels CSV; rows never reviewed stay as they were."""
     print_imported(
         import_review(
-            review, labels_csv, out, image_col=data_config.image_col, label_col=data_config.label_col
+            review, labels_csv, out, image_col=data_config.image_col, label_col=data_config.label_col,
+            overwrite=overwrite,
         )
-    )
+    )  # fmt: skip

@@ -32,9 +32,11 @@ FROZEN_MAX_BATCH, FROZEN_STEPS = 256, 8
 TEMPLATE_EXAMPLE = "--templates 'a photo of a {}.|a blurry photo of a {}.'"
 
 
-def _opt(default: Any, help: str) -> Any:
-    """A dataclass field with its help text attached (read by the CLI)."""
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, *, changes_result: bool = True) -> Any:
+    """A dataclass field with its help text attached (read by the CLI). ``changes_result`` False marks
+    a field that cannot change what a run computes (where decoded images are kept, how many threads
+    decode them), so a checkpoint does not name it and ``--resume`` may change it (:func:`result_dict`)."""
+    return field(default=default, metadata={"help": help, "changes_result": changes_result})
 
 
 def flag(name: str) -> str:
@@ -74,6 +76,12 @@ class DataConfig:
     delimiter: str | None = _opt(
         None, "CSV field separator, one character or 'tab' (default: read from the header among , ; tab |)."
     )
+    image_cache: str = _opt(
+        "auto",
+        "Folder keeping decoded images between runs, reused while the images are unchanged: 'auto' "
+        "($DEFT_CLEAN_CACHE/decoded, default ~/.cache/deft-clean/decoded), a folder, or 'off'.",
+        changes_result=False,
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -85,6 +93,7 @@ class DataConfig:
         sep = self.delimiter
         ok = sep is None or sep in ("tab", "\\t") or (len(sep) == 1 and sep not in '"\r\n')
         _require(ok, "delimiter", sep, "of one character other than a quote, or 'tab'")
+        _require(bool(self.image_cache.strip()), "image_cache", self.image_cache, "'auto', 'off' or a folder")
 
     @property
     def separator(self) -> str | None:
@@ -200,7 +209,9 @@ class DetectConfig:
     )
     folds: int = _opt(5, "Folds for --scoring crossfit.")
     seed: int = _opt(0, "Random seed.")
-    num_workers: int = _opt(0, "Threads decoding the images, once per run (0: automatic).")
+    num_workers: int = _opt(
+        0, "Threads decoding the images, once per run (0: automatic).", changes_result=False
+    )
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", self.epochs, "of at least 1")
@@ -313,7 +324,9 @@ class FinetuneConfig:
     seed: int = _opt(0, "Random seed.")
     lora_rank: int = _opt(8, "LoRA rank for --tune lora.")
     lora_alpha: float = _opt(16.0, "LoRA alpha for --tune lora (scale = alpha / rank).")
-    num_workers: int = _opt(0, "Threads decoding the images, once per run (0: automatic).")
+    num_workers: int = _opt(
+        0, "Threads decoding the images, once per run (0: automatic).", changes_result=False
+    )
 
     def __post_init__(self) -> None:
         _require(self.method in ("tes", "ce"), "method", self.method, "'tes' or 'ce'")
@@ -385,6 +398,14 @@ class ExportConfig:
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain dict of a config dataclass (JSON-safe: only str/int/float/bool/None values)."""
     return dataclasses.asdict(config)
+
+
+def result_dict(config: Any) -> dict[str, Any]:
+    """:func:`to_dict` without the fields marked ``changes_result=False``: what names a run's result, so
+    resuming with the decoded images kept elsewhere or other decode threads is the same run."""
+    values = to_dict(config)
+    fields = dataclasses.fields(config)
+    return {f.name: values[f.name] for f in fields if f.metadata.get("changes_result", True)}
 
 
 def from_dict(cls: type[T], values: Mapping[str, Any]) -> T:

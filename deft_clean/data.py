@@ -29,11 +29,11 @@ import torch
 from deft_clean.config import DataConfig
 from deft_clean.distributed import World
 from deft_clean.errors import DataError, Problem
+from deft_clean.image_cache import DecodedImages, build_image_cache, cache_folder, fits_in_ram
 from deft_clean.image_tables import find_image_table, read_image_table
-from deft_clean.images import build_image_cache, decode_square, fits_in_ram
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.tables import fail, label_warnings, read_classes, read_table
-from deft_clean.validation import Decoder, Row, find_problems
+from deft_clean.validation import Row, find_problems
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -47,6 +47,7 @@ class Manifest:
     for rows skipped with ``on_bad_image='skip'`` (they keep their label and appear in the results with
     status 'unreadable'). ``fingerprint`` identifies the input for the results metadata. ``images``:
     the pixels validation decoded at ``load_manifest(image_size=...)`` (uint8 (N, 3, S, S)), or None.
+    ``cache_folder``: where decoded images are kept between runs (``DataConfig.image_cache``), or None.
     """
 
     data_dir: Path
@@ -58,6 +59,7 @@ class Manifest:
     fingerprint: dict
     max_image_pixels: int | None = DataConfig.max_image_pixels
     images: torch.Tensor | None = None
+    cache_folder: Path | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,7 +83,8 @@ class Manifest:
     ) -> torch.Tensor:
         """The images of ``rows`` (default: all) as uint8 (N, 3, size, size) in row order, other and
         unreadable rows zero: the pixels validation kept when it decoded at this size (under torchrun,
-        those of this process's block), else decoded now (``build_image_cache``)."""
+        those of this process's block), else from the image cache (``build_image_cache``; ``cache_dir``
+        overrides the manifest's ``cache_folder``)."""
         if self.images is not None and self.images.shape[-1] == size:
             return self.images
         wanted = self.readable.copy()
@@ -89,7 +92,7 @@ class Manifest:
             wanted &= np.isin(np.arange(len(self)), rows)
         return build_image_cache(
             self.files(), size, readable=wanted, max_image_pixels=self.max_image_pixels,
-            cache_dir=cache_dir, num_workers=num_workers, reporter=reporter,
+            cache_dir=cache_dir or self.cache_folder, num_workers=num_workers, reporter=reporter,
         )  # fmt: skip
 
     def prompt_names(self) -> list[str]:
@@ -173,7 +176,7 @@ def _readable(
     config: DataConfig,
     reporter: Reporter,
     source: str,
-    decode: Decoder | None = None,
+    pixels: DecodedImages | None = None,
     num_workers: int = 0,
     world: World = World(),
 ) -> np.ndarray:
@@ -185,7 +188,7 @@ def _readable(
         min_per_class=config.min_per_class,
         on_bad_image=config.on_bad_image,
         max_pixels=config.max_image_pixels,
-        decode=decode,
+        decode=None if pixels is None else pixels.decode,
         num_workers=num_workers or None,
         follow_links=config.follow_links,
         reporter=reporter,
@@ -225,9 +228,9 @@ def load_manifest(
     for warning in label_warnings(rows, str(csv_path or data_dir)):
         reporter.log(warning, level="warning")
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
-    kept, decode = _keeper(len(rows), image_size, world)
+    pixels = _pixels([root / r.path for r in rows], image_size, config, reporter, world)
     source = str(csv_path or data_dir)
-    readable = _readable(rows, root, class_ids, config, reporter, source, decode, num_workers, world)
+    readable = _readable(rows, root, class_ids, config, reporter, source, pixels, num_workers, world)
     index = {cid: k for k, cid in enumerate(class_ids)}
     fingerprint.update(n_rows=len(rows), n_files=int(readable.sum()))
     return Manifest(
@@ -239,23 +242,32 @@ def load_manifest(
         readable=readable,
         fingerprint=fingerprint,
         max_image_pixels=config.max_image_pixels,
-        images=None if kept is None else torch.from_numpy(kept),
+        images=None if pixels is None else pixels.finish(readable),
+        cache_folder=_cache_folder(config, world),
     )
 
 
-def _keeper(n: int, size: int | None, world: World = World()) -> tuple[np.ndarray | None, Decoder | None]:
-    """An (N, 3, size, size) uint8 array and a decoder filling it, or (None, None) when no size is
-    given or the array would not fit in RAM (the cache then decodes into its memmap file). Under
-    torchrun only this process's block is filled, and only its pages take memory (zeros are lazy)."""
-    start, stop = world.block(n)
-    if size is None or not fits_in_ram((stop - start, 3, size, size)):
-        return None, None
-    array = np.zeros((n, 3, size, size), dtype=np.uint8)
+def _pixels(
+    files: list[Path], size: int | None, config: DataConfig, reporter: Reporter, world: World = World()
+) -> DecodedImages | None:
+    """What validation decodes into, keeping the pixels (from the image cache when its key matches), or
+    None when no size is given, or when the pixels would not fit in RAM and the cache does not hold them
+    (validation then decodes cheaply and ``Manifest.decode`` decodes into the cache's memmap). Under
+    torchrun a process decodes only its block (the other rows stay zero, and take no memory: zeros are
+    lazy), so the decoded images are not kept between runs: a pass of one block is not a whole pass."""
+    if size is None:
+        return None
+    start, stop = world.block(len(files))
+    folder, ram = _cache_folder(config, world), fits_in_ram((stop - start, 3, size, size))
+    pixels = DecodedImages(
+        files, size, folder=folder, max_pixels=config.max_image_pixels, reporter=reporter, in_memory=ram
+    )
+    return None if pixels.pixels is None else pixels
 
-    def keep(index: int, file: Path) -> None:
-        array[index] = decode_square(file, size).transpose(2, 0, 1)
 
-    return array, keep
+def _cache_folder(config: DataConfig, world: World) -> Path | None:
+    """Where decoded images are kept between runs; none under torchrun (see :func:`_pixels`)."""
+    return None if world.active else cache_folder(config.image_cache)
 
 
 def has_loose_images(data_dir: str | Path) -> bool:
@@ -289,9 +301,9 @@ def load_unlabelled(
     if not paths:
         raise fail("empty_folder", "no images found", str(root), fix="Pass a folder holding image files.")
     rows = [Row(None, path, "?") for path in paths]  # one placeholder class: no label checks apply
-    kept, decode = _keeper(len(rows), image_size, world)
+    pixels = _pixels([root / path for path in paths], image_size, config, reporter, world)
     unsized = dataclasses.replace(config, min_per_class=0)
-    readable = _readable(rows, root, ["?"], unsized, reporter, str(root), decode, world=world)
+    readable = _readable(rows, root, ["?"], unsized, reporter, str(root), pixels, world=world)
     listing = hashlib.sha256("\n".join(paths).encode()).hexdigest()
     return Manifest(
         data_dir=root,
@@ -302,7 +314,8 @@ def load_unlabelled(
         readable=readable,
         fingerprint={"source": "folder", "listing_sha256": listing, "n_rows": len(paths)},
         max_image_pixels=config.max_image_pixels,
-        images=None if kept is None else torch.from_numpy(kept),
+        images=None if pixels is None else pixels.finish(readable),
+        cache_folder=_cache_folder(config, world),
     )
 
 

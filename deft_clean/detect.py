@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
-from deft_clean.checkpoint import Checkpoint, checkpoint_path
-from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone, to_dict
+from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
+from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
 from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, score_pass, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
@@ -29,6 +29,7 @@ from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.files import check_output, refuse_input, releases_outputs
 from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
+from deft_clean.report import build_report
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
 from deft_clean.runtime import StagedImages, autocast, cuda_autotune, seed_everything
 from deft_clean.scoring import (
@@ -52,6 +53,7 @@ def detect(
     out: str | Path | None = None,
     truth_csv: str | Path | None = None,
     save_model: str | Path | None = None,
+    report: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     reporter: Reporter = SilentReporter(),
@@ -61,9 +63,11 @@ def detect(
     ``out`` defaults to ``<labels stem>.deft.parquet`` beside ``labels_csv``, or ``deft_results.parquet``
     in the working directory for an ImageFolder. ``truth_csv`` (path,label of verified labels for some
     or all rows) adds precision/recall/F1 of the flags to the summary. ``save_model`` writes the
-    learned prompts and adapters (see :mod:`deft_clean.deft_model`). The result holds the table (its
-    metadata in ``frame.attrs``, as :func:`deft_clean.results.read_results` returns it), the typed
-    summary and the path written. Outputs are checked before any work (:func:`check_output`): an existing
+    learned prompts and adapters (see :mod:`deft_clean.deft_model`); ``report`` the HTML report
+    (:func:`deft_clean.report.build_report`) beside the results, named like them with suffix ``.html``.
+    The result holds the table (its metadata in ``frame.attrs``, as
+    :func:`deft_clean.results.read_results` returns it), the typed summary, the path written and the
+    report. Outputs are checked before any work (:func:`check_output`): an existing
     one is refused unless ``overwrite``, an input always. Each epoch ends with a checkpoint beside ``out``
     (:mod:`deft_clean.checkpoint`); ``resume`` continues a killed run from it to the same result.
     """
@@ -71,15 +75,15 @@ def detect(
     clock = {"start": time.perf_counter()}
     _refuse_crossfit_resume(detect, resume)
     world = world_from_env()
-    out_path = world.on_main(
-        lambda: _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, overwrite)
+    out_path, page = world.on_main(
+        lambda: _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, report, overwrite)
     )
     size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
         data_dir, labels_csv, config=data, image_size=size, num_workers=detect.num_workers, reporter=reporter,
         world=world,
     )  # fmt: skip
-    _refuse_unfit(manifest, out_path, backbone, detect, source=str(labels_csv or data_dir))
+    _refuse_unfit(manifest, (out_path, page), backbone, detect, source=str(labels_csv or data_dir))
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(detect.seed)
     built, device = world.together(lambda: load_backbone_on(backbone))
@@ -104,8 +108,13 @@ def detect(
     world.on_main(lambda: (write_results(frame, out_path, metadata=metadata), checkpoint.remove()))
     if save_model is not None:  # one writer; a failed write stops every process with its message
         world.on_main(lambda: _save(net, save_model, backbone, config, manifest))
+    html = None  # the report reads the results file, as `deft-clean report` does
+    if page is not None:
+        html = world.on_main(
+            lambda: build_report(out_path, page, truth_csv=truth_csv, overwrite=overwrite, reporter=reporter)
+        )
     frame.attrs.update(metadata, out=str(out_path))
-    return DetectResult(frame, summary, out_path)
+    return DetectResult(frame, summary, out_path, html)
 
 
 def _check_outputs(
@@ -115,9 +124,11 @@ def _check_outputs(
     out: str | Path | None,
     truth_csv: str | Path | None,
     save_model: str | Path | None,
+    report: bool,
     overwrite: bool,
-) -> Path:
-    """The results path, after :func:`check_output` accepted it and ``save_model`` (sized from the CSV)."""
+) -> tuple[Path, Path | None]:
+    """The results path and the report page's (``report``: the results' name with suffix .html), after
+    :func:`check_output` accepted them and ``save_model`` (the results sized from the CSV)."""
     inputs = [data_dir, labels_csv, truth_csv, data.classes_file]
     table_bytes = (
         Path(labels_csv).stat().st_size if labels_csv is not None and Path(labels_csv).is_file() else 0
@@ -127,18 +138,32 @@ def _check_outputs(
         estimated_bytes=2 * table_bytes,
     )  # fmt: skip
     if save_model is not None:
-        check_output(
-            save_model, inputs=[*inputs, out_path], overwrite=overwrite, kind="folder", option="--save-model"
+        hint = "The model is a folder of its own, e.g. --save-model runs/detector."
+        refuse_input(
+            Path(save_model), [out_path], option="--save-model", what="the same path as --out", hint=hint
         )
-    return out_path
+        check_output(save_model, inputs=inputs, overwrite=overwrite, kind="folder", option="--save-model")
+    page = out_path.with_suffix(".html") if report else None
+    if page is not None:
+        hint = "--report writes the results' name with suffix .html: give --out another suffix (.parquet)."
+        refuse_input(page, [out_path], option="--report", what="the same path as --out", hint=hint)
+        check_output(page, inputs=inputs, overwrite=overwrite, option="--report")
+    return out_path, page
 
 
 def _refuse_unfit(
-    manifest: Manifest, out_path: Path, backbone: BackboneConfig, config: DetectConfig, source: str
+    manifest: Manifest,
+    outputs: tuple[Path, Path | None],
+    backbone: BackboneConfig,
+    config: DetectConfig,
+    source: str,
 ) -> None:
-    """After reading the data, before any model work: the results must not overwrite an image, and the
-    data must pass detect's rules (:mod:`deft_clean.preflight`)."""
-    refuse_input(out_path, manifest.files(), what="an image")
+    """After reading the data, before any model work: the results (and report page) must not overwrite
+    an image, and the data must pass detect's rules (:mod:`deft_clean.preflight`)."""
+    images = manifest.files()
+    for path, option in zip(outputs, ("--out", "--report"), strict=True):
+        if path is not None:
+            refuse_input(path, images, option=option, what="an image of this run")
     refuse_unfit(manifest, backbone, config, source=source)
 
 
@@ -160,9 +185,7 @@ def _checkpoint(
 ) -> Checkpoint:
     """The run's epoch checkpoint beside ``out_path``, keyed by its configs and input fingerprint (and the
     number of processes under torchrun: image augmentation draws differ with it)."""
-    key = {"configs": [to_dict(c) for c in configs], "input": manifest.fingerprint}
-    if world.active:
-        key["world_size"] = world.size
+    key = run_key(configs, manifest.fingerprint, **({"world_size": world.size} if world.active else {}))
     return Checkpoint(checkpoint_path(out_path), key, resume=resume, reporter=reporter)
 
 

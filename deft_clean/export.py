@@ -29,8 +29,8 @@ import pandas as pd
 
 from deft_clean.config import ExportConfig
 from deft_clean.errors import DataError, DeftCleanError, Problem
-from deft_clean.files import atomic_file, atomic_folder
-from deft_clean.results import confident_suggestions, read_results
+from deft_clean.files import atomic_file, atomic_folder, check_output, releases_outputs
+from deft_clean.results import confident_suggestions, read_results, recorded_inputs
 from deft_clean.tables import LABEL_COLUMNS, PATH_COLUMNS
 from deft_clean.version import __version__
 
@@ -56,34 +56,56 @@ def export_labels(
     *,
     labels_csv: str | Path | None = None,
     config: ExportConfig = ExportConfig(),
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Export a results file as ``config.to`` says (:func:`export_csv` or :func:`export_label_studio`).
 
-    ``out_dir`` defaults to the folder holding the results file.
+    ``out_dir`` defaults to the folder holding the results file. Each file it would write is checked
+    first (:func:`check_output`): an existing one is refused unless ``overwrite``, an input of the run
+    (the results, the labels CSV, an image) always.
     """
     if out_dir is None:
         if isinstance(results, pd.DataFrame):
             raise DeftCleanError("export_labels needs 'out_dir' for a DataFrame.", hint="Pass out_dir=.")
         out_dir = Path(results).parent
     if config.to == "csv":
-        return export_csv(results, out_dir, labels_csv=labels_csv, config=config)
-    return export_label_studio(results, out_dir, config=config)
+        return export_csv(results, out_dir, labels_csv=labels_csv, config=config, overwrite=overwrite)
+    return export_label_studio(results, out_dir, config=config, overwrite=overwrite)
 
 
+def _check_files(
+    out_dir: str | Path,
+    names: tuple[str, ...],
+    results: object,
+    frame: pd.DataFrame,
+    *,
+    labels_csv: object,
+    overwrite: bool,
+) -> None:
+    """Refuse, before any work, an export file that exists (without ``overwrite``) or is an input."""
+    given = [results if isinstance(results, (str, Path)) else None, labels_csv]
+    for name in names:
+        check_output(Path(out_dir) / name, inputs=given + recorded_inputs(frame, name), overwrite=overwrite)
+
+
+@releases_outputs
 def export_csv(
     results: str | Path | pd.DataFrame,
     out_dir: str | Path,
     *,
     labels_csv: str | Path | None = None,
     config: ExportConfig = ExportConfig(),
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Write ``corrected.csv`` (the labels CSV with confident suggestions applied) and ``review.csv``.
 
     ``labels_csv`` defaults to the CSV detect read (from the metadata); an ImageFolder or Parquet run
     gets a ``path,label`` CSV of its rows (a table's paths are its row indices). ``corrected.csv`` is an
-    ordinary labels CSV: pass it to ``finetune``.
+    ordinary labels CSV: pass it to ``finetune``. Outputs are checked first, as in :func:`export_labels`.
     """
     frame = _frame(results)
+    names = (CORRECTED_CSV, REVIEW_CSV)
+    _check_files(out_dir, names, results, frame, labels_csv=labels_csv, overwrite=overwrite)
     table, path_col, label_col = _user_table(frame, labels_csv)
     rows = _rows_of(frame, table[path_col])
     take = confident_suggestions(frame, config.accept_above)
@@ -100,15 +122,23 @@ def export_csv(
 _REVIEW_COLUMNS = ["path", "given_label", "suggested_label", "p_clean", "predicted_prob", "noise_rank"]
 
 
+@releases_outputs
 def export_label_studio(
-    results: str | Path | pd.DataFrame, out_dir: str | Path, *, config: ExportConfig = ExportConfig()
+    results: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    config: ExportConfig = ExportConfig(),
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Write Label Studio tasks for the flagged rows (most likely wrong first) and the labeling config.
 
     Each task: ``data`` holds ``image`` (``image_url_prefix`` + path), ``path``, ``given_label`` and
     ``noise_rank``; ``predictions`` holds one prediction, our suggested label, scored by ``p_clean``.
+    Outputs are checked first, as in :func:`export_labels`.
     """
     frame = _frame(results)
+    names = (TASKS_JSON, LABEL_CONFIG_XML)
+    _check_files(out_dir, names, results, frame, labels_csv=None, overwrite=overwrite)
     ids = list(frame["given_label"].cat.categories)
     names = list(frame.attrs.get("class_names") or ids)
     flagged = frame[frame["is_noisy"].fillna(False).to_numpy(bool)].sort_values("noise_rank")
@@ -159,6 +189,7 @@ def labeling_config(class_ids: list[str], class_names: list[str]) -> str:
     )
 
 
+@releases_outputs
 def import_review(
     export_json: str | Path,
     labels_csv: str | Path,
@@ -166,13 +197,17 @@ def import_review(
     *,
     image_col: str | None = None,
     label_col: str | None = None,
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Apply a reviewer's Label Studio export to ``labels_csv`` and write the result to ``out``.
 
     Tasks are matched to CSV rows by ``data.path``; the latest annotation that was not cancelled wins;
     tasks without one leave their row as it was, and so do all rows that were never sent for review.
-    Raises DataError naming every task whose path or chosen label is not in the CSV's.
+    Raises DataError naming every task whose path or chosen label is not in the CSV's. ``out`` is
+    checked first (:func:`check_output`): an existing file is refused unless ``overwrite``, either
+    input always (write the corrected CSV beside the original, not over it).
     """
+    check_output(out, inputs=[export_json, labels_csv], overwrite=overwrite)
     decisions = _decisions(_load_json(Path(export_json)))
     table, path_col, label_col = _read_labels(Path(labels_csv), image_col, label_col)
     index = {os.path.normpath(p.strip()): i for i, p in enumerate(table[path_col])}

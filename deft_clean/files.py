@@ -82,16 +82,38 @@ def check_output(
 
 
 def refuse_input(
-    target: Path, inputs: Iterable[str | Path | None], *, option: str = "--out", what: str = "an input"
+    target: Path,
+    inputs: Iterable[str | Path | None],
+    *,
+    option: str = "--out",
+    what: str = "an input of this run",
+    hint: str = "Choose another output path (--overwrite never replaces an input).",
 ) -> None:
-    """Refuse ``target`` when it is one of ``inputs`` (same resolved path): writing it would destroy it."""
+    """Refuse ``target`` when it is one of ``inputs``: writing it would destroy it. The same file counts
+    under any name: the same resolved path (symlinks), or the same inode on the same device (hard links;
+    compared only when ``target`` exists with more than one link, so a new output costs no stat per input)."""
     resolved = target.resolve()
+    try:
+        stat = target.stat()
+        inode = (stat.st_dev, stat.st_ino) if stat.st_nlink > 1 else None
+    except OSError:
+        inode = None
     for item in inputs:
-        if item is not None and Path(item).expanduser().resolve() == resolved:
-            raise OutputError(
-                f"{option} '{target}' is {what} of this run; writing it would destroy it.",
-                hint="Choose another output path (--overwrite never replaces an input).",
-            )
+        if item is not None and _same_file(Path(item).expanduser(), resolved, inode):
+            raise OutputError(f"{option} '{target}' is {what}; writing it would destroy it.", hint=hint)
+
+
+def _same_file(item: Path, resolved: Path, inode: tuple[int, int] | None) -> bool:
+    """Whether ``item`` is the file at ``resolved`` (by path, or by ``inode`` (st_dev, st_ino) when given)."""
+    if item.resolve() == resolved:
+        return True
+    if inode is None:
+        return False
+    try:
+        stat = item.stat()
+    except OSError:
+        return False
+    return (stat.st_dev, stat.st_ino) == inode
 
 
 def _refuse_existing(target: Path, kind: str, overwrite: bool, option: str) -> None:

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deft_clean.backbone import Backbone, input_size
-from deft_clean.checkpoint import Checkpoint, checkpoint_path
+from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.classifier import Classifier, build_tower, changed_tower_keys, classifier_info, evaluate
-from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone, to_dict
+from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone
 from deft_clean.data import Manifest, load_manifest
 from deft_clean.distributed import World, runs_distributed, world_from_env
 from deft_clean.embed import stage
@@ -35,6 +35,7 @@ from deft_clean.errors import ConfigError
 from deft_clean.files import check_output, releases_outputs
 from deft_clean.finetune_loop import refuse_uneven_batch, train_classifier
 from deft_clean.offline import OFFLINE_NOTE
+from deft_clean.preflight import refuse_one_class
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import confident_suggestions, read_results
 from deft_clean.runtime import (
@@ -93,6 +94,7 @@ def finetune(
         data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter,
         world=world,
     )  # fmt: skip
+    refuse_one_class(manifest, source=str(labels_csv or data_dir))
     rows, labels, n_dropped, n_relabelled = select_training_rows(
         manifest, flags_df, config, flags_name=f"'{flags}'"
     )
@@ -142,8 +144,7 @@ def _checkpoint(
     checkpoint of another run is never resumed."""
     if out is None:
         return None
-    key = {"configs": [to_dict(c) for c in configs], "input": manifest.fingerprint}
-    key.update(flags=None if flags is None else str(flags), rows=rows)
+    key = run_key(configs, manifest.fingerprint, flags=None if flags is None else str(flags), rows=rows)
     if world.active:
         key["world_size"] = world.size
     return Checkpoint(checkpoint_path(Path(out)), key, resume=resume, reporter=reporter)

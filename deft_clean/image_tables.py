@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 
 from deft_clean.config import DataConfig
 from deft_clean.files import atomic_folder
+from deft_clean.image_cache import cache_root
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.tables import LABEL_COLUMNS, fail
 from deft_clean.validation import Row
@@ -81,7 +81,7 @@ def read_image_table(
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     sha = digest.hexdigest()
-    folder = _cache_root() / "tables" / f"{sha[:24]}-{image_col}"
+    folder = cache_root() / "tables" / f"{sha[:24]}-{image_col}"
     labels = _labels(table, label_col)
     if not (folder / _COMPLETE).is_file():
         _write_images(table, image_col, folder, reporter)
@@ -108,10 +108,6 @@ def _declared_classes(schema: pa.Schema, column: str) -> tuple[list[str], list[s
     if feature.get("_type") != "ClassLabel" or not isinstance(names, list):
         return None
     return [str(k) for k in range(len(names))], [str(n) for n in names]
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("DEFT_CLEAN_CACHE", Path.home() / ".cache" / "deft-clean")).expanduser()
 
 
 def _column(

@@ -1,13 +1,9 @@
-"""Robust image decoding and the decode-once uint8 cache.
+"""Robust image decoding: any file PIL reads, as the RGB square every model sees.
 
 Every image becomes ``decode_square``: resized so its shorter side is ``size`` (bicubic,
-antialiased), centre-cropped to ``size x size``, stored as uint8 ``(N, 3, S, S)``. Validation does it
-when it knows the size (``data.load_manifest(image_size=...)`` keeps those pixels); otherwise
-:func:`build_image_cache` does, once per cache file.
-Training then reads batches from this tensor and augments them on the device (``augment.py``), so
-the GPU never waits for JPEG decoding. The cache lives in RAM when it is small (< 25% of the
-machine's memory) and otherwise in a numpy memmap file, written under a temporary name and
-renamed into place, so an interrupted run never leaves a half-written cache that looks complete.
+antialiased), centre-cropped to ``size x size``, uint8. The decode-once cache of a whole image set
+(``(N, 3, S, S)``, kept on disk between runs) is :mod:`deft_clean.image_cache`; bump
+:data:`DECODE_VERSION` whenever a change here changes the pixels, so caches of older pixels are not reused.
 
 Decoding copes with grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit PNG (scaled,
 not clipped, to 8 bit) and EXIF orientation. PIL's decompression-bomb guard stays on: wrap a pass in
@@ -16,31 +12,21 @@ not clipped, to 8 bit) and EXIF orientation. PIL's decompression-bomb guard stay
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import struct
-import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from deft_clean.config import DataConfig
 from deft_clean.errors import DataError, Problem
-from deft_clean.files import atomic_file
-from deft_clean.progress import Reporter, SilentReporter
 
 # Errors PIL's decoders raise for damaged files (truncated data, bad CRCs, unknown formats).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
-_RAM_FRACTION = 0.25
-_CHUNK = 64
+DECODE_VERSION = 1  # part of every decoded-image cache key: bump when decode_square's pixels change
 
 
 @contextmanager
@@ -144,94 +130,3 @@ def square(image: Image.Image, size: int) -> np.ndarray:
     box = (left, top, left + side, top + side)  # resize of the centre square == resize then crop
     square = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
     return np.asarray(square, dtype=np.uint8)
-
-
-def _ram_bytes() -> int:
-    """Total physical memory in bytes (/proc/meminfo, else sysconf)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def fits_in_ram(shape: tuple[int, ...]) -> bool:
-    """Whether a uint8 array of ``shape`` stays under the share of physical memory a cache may take."""
-    return int(np.prod(shape)) < _RAM_FRACTION * _ram_bytes()
-
-
-def _cache_key(files: Sequence[Path], readable: np.ndarray, size: int) -> str:
-    """Hash of everything the cache content depends on: files (path, size, mtime), mask, size."""
-    digest = hashlib.sha256(json.dumps([size, len(files)]).encode())
-    for file, ok in zip(files, readable, strict=True):
-        stat = file.stat() if ok else None
-        digest.update(f"{file}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
-
-
-def _fill(
-    array: np.ndarray,
-    files: Sequence[Path],
-    readable: np.ndarray,
-    size: int,
-    num_workers: int,
-    max_pixels: int | None,
-    reporter: Reporter,
-) -> None:
-    """Decode every readable file into ``array`` (N, 3, S, S) with a thread pool (PIL drops the GIL)."""
-
-    def work(rows: range) -> int:
-        for i in rows:
-            if readable[i]:
-                array[i] = decode_square(files[i], size).transpose(2, 0, 1)
-        return len(rows)
-
-    workers = num_workers or os.cpu_count() or 1  # 0: one thread per core (PIL decodes without the GIL)
-    chunks = [range(s, min(s + _CHUNK, len(files))) for s in range(0, len(files), _CHUNK)]
-    with reporter.task("Decoding images", total=len(files)), pixel_limit(max_pixels):
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for done in as_completed([pool.submit(work, c) for c in chunks]):
-                reporter.advance(done.result())
-
-
-def build_image_cache(
-    files: Sequence[Path],
-    size: int,
-    *,
-    readable: np.ndarray | None = None,
-    max_image_pixels: int | None = DataConfig.max_image_pixels,
-    cache_dir: Path | None = None,
-    num_workers: int = 0,
-    in_memory: bool | None = None,
-    reporter: Reporter = SilentReporter(),
-) -> torch.Tensor:
-    """Decode every image file once into a uint8 tensor of shape (N, 3, size, size), on the CPU.
-
-    Rows follow ``files``; rows with ``readable[i] == False`` are zeros (default: all readable).
-    ``in_memory=None`` chooses RAM when the tensor is under 25% of physical memory, else a memmap
-    file in ``cache_dir`` (default: ``<tmp>/deft_clean_cache``) named by a hash of the inputs, reused
-    when it exists.
-    """
-    if size < 1:
-        raise ValueError(f"cache size must be a positive number of pixels, got {size}")
-    files = [Path(f) for f in files]
-    readable = np.ones(len(files), dtype=bool) if readable is None else np.asarray(readable, dtype=bool)
-    shape = (len(files), 3, size, size)
-    fill = (files, readable, size, num_workers, max_image_pixels, reporter)
-    if in_memory if in_memory is not None else fits_in_ram(shape):
-        array = np.zeros(shape, dtype=np.uint8)
-        _fill(array, *fill)
-        return torch.from_numpy(array)
-    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "deft_clean_cache"
-    final = folder / f"images-{_cache_key(files, readable, size)}-{size}px.u8"
-    if final.is_file() and final.stat().st_size == int(np.prod(shape)):
-        reporter.log(f"reusing decoded image cache {final}")
-    else:
-        with atomic_file(final) as partial:
-            array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=shape)
-            _fill(array, *fill)
-            array.flush()
-    return torch.from_numpy(np.memmap(final, dtype=np.uint8, mode="c", shape=shape))

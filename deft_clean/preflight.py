@@ -6,6 +6,7 @@ among the *other* classes), so it needs two classes with readable images; and ev
 the chosen backbone's text tower next to the learned context vectors. :func:`detect_problems` is that
 list; ``detect`` refuses a data set it finds fault with before building the model, and ``deft-clean
 check`` reports the same problems, so a dataset that passes ``check`` does not fail ``detect`` on them.
+``finetune`` applies the class-count rule (:func:`refuse_one_class`) before it trains.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def class_count_problems(manifest: Manifest) -> list[Problem]:
             fix=fix,
         )
     ]
+
+
+def refuse_one_class(manifest: Manifest, source: str) -> None:
+    """``finetune``'s rule, before training: :func:`class_count_problems` (a classifier of one class
+    learns nothing), raised with the message ``check`` gives."""
+    problems = class_count_problems(manifest)
+    if problems:
+        raise DataError(problems, source=source)
 
 
 def name_length_problems(names: list[str], backbone: BackboneConfig, detect: DetectConfig) -> list[Problem]:

@@ -29,10 +29,10 @@ from deft_clean import report_charts
 from deft_clean.config import ReportConfig
 from deft_clean.data import Manifest, load_labels
 from deft_clean.errors import DeftCleanError
-from deft_clean.files import atomic_file
+from deft_clean.files import atomic_file, check_output, releases_outputs
 from deft_clean.images import open_image
 from deft_clean.progress import Reporter, SilentReporter
-from deft_clean.results import read_results
+from deft_clean.results import read_results, recorded_inputs
 from deft_clean.scoring import flag_metrics
 
 MAX_CHART_CLASSES = 30  # charts beyond this many classes become unreadable; the noisiest are drawn
@@ -51,6 +51,7 @@ class Report:
     seconds: float
 
 
+@releases_outputs
 def build_report(
     results: str | Path | pd.DataFrame,
     out: str | Path | None = None,
@@ -58,10 +59,12 @@ def build_report(
     data_dir: str | Path | None = None,
     truth_csv: str | Path | None = None,
     config: ReportConfig = ReportConfig(),
+    overwrite: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> Report:
     """Write the HTML report of a results file (or the frame ``read_results`` returned) to ``out``
-    (default: the results file with the suffix ``.html``).
+    (default: the results file with the suffix ``.html``), checked before the images are read
+    (:func:`check_output`: an existing file is refused unless ``overwrite``, an input of the run always).
 
     ``data_dir`` is where the images' ``path`` values are relative to (default: the folder detect read,
     from the metadata). ``truth_csv`` (path,label of verified labels) adds precision/recall/F1 and the
@@ -76,6 +79,8 @@ def build_report(
         frame, name = read_results(results), str(results)
         out_path = Path(out) if out is not None else Path(results).with_suffix(".html")
     root = _image_root(frame, data_dir)
+    inputs = [results if not isinstance(results, pd.DataFrame) else None, truth_csv]
+    check_output(out_path, inputs=inputs + recorded_inputs(frame, out_path.name, root), overwrite=overwrite)
     view = _View.of(frame, truth_csv, title=f"deft-clean report: {Path(name).name}")
     order = view.flagged_order()
     shown = order[: config.max_tiles]
@@ -91,10 +96,9 @@ def build_report(
     page = _PAGE.format(title=html.escape(view.title), style=_STYLE, body="\n".join(body), script=_SCRIPT)
     with atomic_file(out_path) as partial:
         partial.write_text(page, encoding="utf-8")
-    path = out_path
     return Report(
-        path=path,
-        size_bytes=path.stat().st_size,
+        path=out_path,
+        size_bytes=out_path.stat().st_size,
         n_rows=len(frame),
         n_flagged=len(order),
         n_shown=len(shown),

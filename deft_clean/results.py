@@ -204,6 +204,17 @@ def run_metadata(*, manifest: Manifest, configs: dict[str, Any], extra: dict | N
     return meta
 
 
+def recorded_inputs(frame: pd.DataFrame, name: str, root: str | Path | None = None) -> list[Path]:
+    """The inputs of the run that wrote ``frame`` which an output file called ``name`` could be: the
+    labels CSV detect read and its images of that name (under ``root``, default the recorded data_dir).
+    What ``report`` and ``export`` must never write over."""
+    source = frame.attrs.get("input", {})
+    folder = Path(root if root is not None else source.get("data_dir", "."))
+    paths = frame["path"].astype(str)
+    named = paths[(paths == name) | paths.str.endswith("/" + name)]
+    return ([Path(source["csv"])] if source.get("csv") else []) + [folder / path for path in named]
+
+
 def _conform(frame: pd.DataFrame, class_ids: list[str]) -> pd.DataFrame:
     """Columns in COLUMNS order with their declared dtypes; labels as Categoricals over ``class_ids``."""
     unknown = [c for c in frame.columns if c not in COLUMNS]

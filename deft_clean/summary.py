@@ -15,6 +15,7 @@ import torch
 
 from deft_clean.backbone import Backbone
 from deft_clean.data import Manifest
+from deft_clean.report import Report
 from deft_clean.scoring import flag_metrics
 
 
@@ -69,11 +70,12 @@ class DetectSummary:
 @dataclass(frozen=True)
 class DetectResult:
     """What ``detect()`` returns: the results table (as written, metadata in ``frame.attrs``), the
-    summary, and the file it was written to."""
+    summary, the file it was written to, and the HTML report when one was asked for (``report=True``)."""
 
     frame: pd.DataFrame
     summary: DetectSummary
     out: Path
+    report: Report | None = None
 
 
 def run_summary(

@@ -26,6 +26,14 @@ def write_image(
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Every test keeps decoded images and unpacked tables in a temporary cache, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEFT_CLEAN_CACHE", str(tmp_path_factory.mktemp("deft-clean-cache")))
+        yield
+
+
 @pytest.fixture
 def make_image() -> ImageWriter:
     """``make_image(path, size=(w, h), mode='RGB', seed=0, **save_kwargs) -> path``."""

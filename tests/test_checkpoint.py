@@ -3,6 +3,7 @@ uninterrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import AbstractContextManager
 from typing import Any
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from deft_clean.checkpoint import checkpoint_path
 from deft_clean.cli import app
+from deft_clean.config import DataConfig
 from deft_clean.detect import detect
 from deft_clean.errors import ConfigError
 from deft_clean.progress import SilentReporter
@@ -79,6 +81,33 @@ def test_a_checkpoint_of_another_run_is_refused(uninterrupted, tmp_path):
     assert checkpoint_path(out).is_file()  # kept: the user may still resume with the right options
 
 
+def test_where_decoded_images_are_kept_and_how_many_threads_decode_them_do_not_block_a_resume(
+    uninterrupted, tmp_path
+):
+    data, csv, whole = uninterrupted
+    out = tmp_path / "flags.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        detect(data, csv, out=out, reporter=KilledAtEpoch(2), **stage_configs("detect", **QUICK))
+    moved = stage_configs("detect", **QUICK, image_cache=str(tmp_path / "elsewhere"), num_workers=3)
+    resumed = detect(data, csv, out=out, resume=True, **moved).frame
+    assert resumed["p_clean"].tolist() == whole["p_clean"].tolist()
+    assert any((tmp_path / "elsewhere").iterdir())  # the new cache folder was used
+
+
+def test_the_run_key_leaves_out_only_the_options_that_cannot_change_the_result():
+    from deft_clean.checkpoint import run_key
+    from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, FinetuneConfig
+
+    def key(**options: Any) -> dict[str, Any]:
+        data, stage = DataConfig(**options.pop("data", {})), options.pop("stage", DetectConfig())
+        return run_key((data, BackboneConfig(model="test-tiny"), stage), {"csv_sha256": "0"})
+
+    same = key(data={"image_cache": "off"}, stage=DetectConfig(num_workers=4))
+    assert same == key()
+    assert key(stage=FinetuneConfig(num_workers=2)) == key(stage=FinetuneConfig())
+    assert key(data={"min_per_class": 3}) != key() and key(stage=DetectConfig(seed=1)) != key()
+
+
 def test_without_resume_a_leftover_checkpoint_is_replaced_with_a_notice(uninterrupted, tmp_path, caplog):
     data, csv, whole = uninterrupted
     out = tmp_path / "flags.parquet"
@@ -130,8 +159,44 @@ def test_a_killed_finetune_resumes_to_the_same_classifier(uninterrupted, tmp_pat
         finetune(data, csv, out=out, reporter=KilledAtEpoch(3, "Fine-tuning (tes) epoch"), **options)
     assert not out.exists() and checkpoint_path(out).is_file()
     torch.manual_seed(12345)
-    finetune(data, csv, out=out, resume=True, **options)
+    moved = {"data": DataConfig(image_cache="off"), **options}  # decoded pixels kept elsewhere: same run
+    moved["finetune"] = dataclasses.replace(options["finetune"], num_workers=2)
+    finetune(data, csv, out=out, resume=True, **moved)
     assert not checkpoint_path(out).exists()
     for name in ("tower.safetensors", "head.safetensors"):
         whole, resumed = load_file(tmp_path / "whole" / name), load_file(out / name)
         assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole), name
+
+
+def test_later_saves_sum_only_the_frozen_tensors_that_can_move(tmp_path, monkeypatch):
+    from torch import nn
+
+    from deft_clean import checkpoint as module
+    from deft_clean.checkpoint import Checkpoint
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.BatchNorm1d(3))
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad = name == "0.bias"  # one trained tensor; the rest frozen
+    optimizer = torch.optim.SGD([net[0].bias], lr=0.1)
+    saved = Checkpoint(tmp_path / "c", {}, resume=False)
+    saved.restore(net, optimizer, [])
+    summed: list[int] = []
+    real = module._sum
+    monkeypatch.setattr(module, "_sum", lambda t: summed.append(t.numel()) or real(t))
+    with torch.no_grad():
+        net[1].weight.add_(1.0)  # a frozen weight a forward changes in place: found by the full first scan
+    saved.save(1, [], net, optimizer, [])
+    first = torch.load(tmp_path / "c", weights_only=False)["params"]
+    assert set(first) == {"0.bias", "1.weight"} and len(summed) == 8  # every frozen tensor checked once
+    summed.clear()
+    with torch.no_grad():
+        net[1].weight.add_(1.0)
+        net[2].running_mean.add_(1.0)  # buffers (BatchNorm statistics) are checked at every save
+    net[0].weight = nn.Parameter(
+        net[0].weight.detach() + 1, requires_grad=False
+    )  # storage replaced (peft MHA)
+    saved.save(2, [], net, optimizer, [])
+    later = torch.load(tmp_path / "c", weights_only=False)["params"]
+    assert set(later) == {"0.bias", "0.weight", "1.weight", "2.running_mean"}
+    assert torch.equal(later["1.weight"], net[1].weight) and torch.equal(later["0.weight"], net[0].weight)
+    assert len(summed) == 5  # 0.weight, 1.weight and the 3 buffers; not 1.bias, 2.weight nor 2.bias

@@ -319,6 +319,7 @@ def test_cli_detect_writes_results_and_summary(tmp_path, wide_console):
         "flagged:" in result.output
         and "precision" in result.output
         and "labels.deft.parquet" in result.output
+        and "report: " in result.output  # where the page is, as `deft-clean report` says
     )
 
 

@@ -1,4 +1,4 @@
-"""Decoding every image mode to correct RGB, and the decode-once uint8 cache (RAM and memmap)."""
+"""Decoding every image mode to correct RGB, and the centre-cropped squares of an image set."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deft_clean import images
 from deft_clean.config import DataConfig
 from deft_clean.data import load_manifest
 from deft_clean.errors import DataError
-from deft_clean.images import build_image_cache, open_image, pixel_limit
+from deft_clean.image_cache import build_image_cache
+from deft_clean.images import open_image, pixel_limit
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -137,43 +137,3 @@ def test_cache_holds_centre_crops_in_input_order(striped_set: Path) -> None:
         assert torch.equal(cache[i].int(), green.expand(3, 6, 6)), manifest.paths[i]
     assert (cache[2].int() - green).abs().max() <= 3  # JPEG
     assert cache[3].sum() == 0  # unreadable row -> zeros
-
-
-def test_memmap_cache_matches_ram_is_atomic_and_reused(
-    striped_set: Path, tmp_path: Path, monkeypatch
-) -> None:
-    manifest = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"))
-    files, readable = manifest.files(), manifest.readable
-    in_ram = build_image_cache(files, 8, readable=readable, in_memory=True)
-    on_disk = build_image_cache(files, 8, readable=readable, in_memory=False, cache_dir=tmp_path / "cache")
-    assert torch.equal(in_ram, on_disk)
-    (file,) = (tmp_path / "cache").iterdir()
-    assert file.name.endswith("-8px.u8") and file.stat().st_size == in_ram.numel()
-
-    def fail(path: Path, size: int) -> np.ndarray:
-        raise AssertionError("the cache should be reused, not decoded again")
-
-    monkeypatch.setattr(images, "decode_square", fail)
-    assert torch.equal(
-        build_image_cache(files, 8, readable=readable, in_memory=False, cache_dir=tmp_path / "cache"), in_ram
-    )
-    with pytest.raises(AssertionError):  # a new size must decode; the failed pass leaves no file behind
-        build_image_cache(files, 4, readable=readable, in_memory=False, cache_dir=tmp_path / "cache")
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [file.name]
-
-
-def test_validation_keeps_what_it_decoded(striped_set: Path, monkeypatch) -> None:
-    """Decode once: with image_size, the pixels validation decoded are the cache (no second decode)."""
-    plain = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"))
-    expected = build_image_cache(plain.files(), 6, readable=plain.readable, in_memory=True)
-    manifest = load_manifest(striped_set, config=DataConfig(on_bad_image="skip"), image_size=6)
-    assert manifest.images is not None and torch.equal(manifest.images, expected)
-    assert plain.images is None  # without a size, validation decodes cheaply and keeps nothing
-
-    def fail(path: Path, size: int) -> np.ndarray:
-        raise AssertionError("the kept pixels should be used, not decoded again")
-
-    monkeypatch.setattr(images, "decode_square", fail)
-    assert manifest.decode(6) is manifest.images
-    with pytest.raises(AssertionError):  # another size still decodes
-        manifest.decode(4)

@@ -220,3 +220,139 @@ def test_every_command_refuses_an_existing_output_without_overwrite(tmp_path, cs
     assert "already exists" in result.output and "--overwrite" in result.output
     assert out.read_bytes() == b"keep me" and (folder / "keep.txt").read_text() == "keep me"
     assert not (tmp_path / "new.parquet").exists()
+
+
+def test_a_hard_link_of_an_input_is_an_input(tmp_path, csv_dataset, monkeypatch):
+    root, labels = csv_dataset
+    os.link(labels, tmp_path / "linked.csv")
+    with pytest.raises(OutputError, match="is an input of this run"):
+        check_output(tmp_path / "linked.csv", inputs=[None, labels], overwrite=True)
+    shutil.copy(labels, tmp_path / "copy.csv")  # a copy is another file: --overwrite may replace it
+    assert check_output(tmp_path / "copy.csv", inputs=[labels], overwrite=True) == tmp_path / "copy.csv"
+    image = root / "img" / "3.png"
+    before = image.read_bytes()
+    os.link(image, tmp_path / "linked.parquet")
+    monkeypatch.setattr(DETECT, "load_backbone_on", lambda *a: pytest.fail("model work started"))
+    args = ["detect", str(root), str(labels), "--out", str(tmp_path / "linked.parquet"), "--overwrite"]
+    result = CliRunner().invoke(app, [*args, "--model", "test-tiny"])
+    assert result.exit_code == 2, result.output
+    assert "is an image of this run" in " ".join(result.output.split())
+    assert image.read_bytes() == before
+
+
+def test_save_model_equal_to_out_is_named_as_such(tmp_path, csv_dataset):
+    root, labels = csv_dataset
+    same = tmp_path / "run"
+    args = ["detect", str(root), str(labels), "--model", "test-tiny"]
+    result = CliRunner().invoke(app, [*args, "--out", str(same), "--save-model", str(same)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"--save-model '{same}' is the same path as --out" in text and "input" not in text
+
+
+def _no_thumbnails(*args, **kwargs):
+    raise AssertionError("images were read before the output was checked")
+
+
+def test_report_output_is_checked_before_work_and_honours_overwrite(flags_case, tmp_path, monkeypatch):
+    from deft_clean import report
+
+    page = flags_case.flags.with_suffix(".html")
+    page.write_text("keep me")
+    runner = CliRunner()
+    monkeypatch.setattr(report, "_thumbnails", _no_thumbnails)
+    refused = runner.invoke(app, ["report", str(flags_case.flags)])
+    assert refused.exit_code == 2 and "already exists" in refused.output and "--overwrite" in refused.output
+    for target in (flags_case.labels_csv, flags_case.truth_csv, flags_case.flags):
+        args = ["report", str(flags_case.flags), "--truth", str(flags_case.truth_csv), "--out", str(target)]
+        refused = runner.invoke(app, [*args, "--overwrite"])
+        assert refused.exit_code == 2 and "is an input of this run" in " ".join(refused.output.split())
+    image = flags_case.root / "img" / "03.png"
+    refused = runner.invoke(app, ["report", str(flags_case.flags), "--out", str(image), "--overwrite"])
+    assert refused.exit_code == 2 and "is an input of this run" in " ".join(refused.output.split())
+    assert page.read_text() == "keep me" and image.read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.undo()
+    done = runner.invoke(app, ["report", str(flags_case.flags), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert page.read_text().startswith("<!doctype html>") and not list(tmp_path.glob(".*.lock"))
+
+
+def test_export_outputs_are_checked_before_work_and_honour_overwrite(flags_case, tmp_path, monkeypatch):
+    from deft_clean import export
+
+    runner = CliRunner()
+    first = runner.invoke(app, ["export", str(flags_case.flags)])
+    assert first.exit_code == 0, first.output
+    corrected = tmp_path / "corrected.csv"
+    written = corrected.read_bytes()
+    corrected.write_text("edited by hand")
+    monkeypatch.setattr(export, "_user_table", _no_thumbnails)
+    refused = runner.invoke(app, ["export", str(flags_case.flags)])
+    assert refused.exit_code == 2 and "already exists" in refused.output and "--overwrite" in refused.output
+    assert corrected.read_text() == "edited by hand"
+    (tmp_path / "round2").mkdir()
+    second_round = tmp_path / "round2" / "corrected.csv"  # correcting the file an earlier export wrote
+    second_round.write_bytes(written)
+    args = ["export", str(flags_case.flags), "--labels", str(second_round), "--out", str(second_round.parent)]
+    refused = runner.invoke(app, [*args, "--overwrite"])
+    assert refused.exit_code == 2 and "is an input of this run" in " ".join(refused.output.split())
+    assert second_round.read_bytes() == written
+    monkeypatch.undo()
+    done = runner.invoke(app, ["export", str(flags_case.flags), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert corrected.read_bytes() == written
+    tasks = runner.invoke(app, ["export", str(flags_case.flags), "--to", "label-studio"])
+    assert tasks.exit_code == 0, tasks.output
+    again = runner.invoke(app, ["export", str(flags_case.flags), "--to", "label-studio"])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_detect_report_page_is_checked_with_the_other_outputs_before_any_work(
+    tmp_path, csv_dataset, monkeypatch, wide_console
+):
+    root, labels = csv_dataset
+    page = labels.with_name("labels.deft.html")  # where --report writes: the results' name, suffix .html
+    page.write_text("keep me")
+    monkeypatch.setattr(DETECT, "load_manifest", lambda *a, **k: pytest.fail("data was read"))
+    args = ["detect", str(root), str(labels), "--model", "test-tiny", "--report"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"--report '{page}' already exists" in text and "--overwrite" in text
+    same = tmp_path / "flags.html"  # the results file itself would be the page
+    result = CliRunner().invoke(app, [*args, "--out", str(same), "--overwrite"])
+    assert result.exit_code == 2, result.output
+    assert f"--report '{same}' is the same path as --out" in " ".join(result.output.split())
+    truth = tmp_path / "flags.html"
+    truth.write_bytes(labels.read_bytes())
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "flags.parquet"), "--truth", str(truth)])
+    assert result.exit_code == 2, result.output
+    assert f"--report '{truth}' is an input of this run" in " ".join(result.output.split())
+    assert truth.read_bytes() == labels.read_bytes()
+    assert page.read_text() == "keep me" and not list(tmp_path.glob(".*.lock"))
+
+
+def test_import_review_output_is_checked_before_work_and_honours_overwrite(flags_case, tmp_path, monkeypatch):
+    import json
+
+    from deft_clean import export
+
+    review = tmp_path / "r.json"
+    review.write_text(json.dumps([{"path": "img/02.png", "label": "cat"}]))
+    out = tmp_path / "reviewed.csv"
+    out.write_text("keep me")
+    runner = CliRunner()
+    monkeypatch.setattr(export, "_load_json", lambda *a: pytest.fail("the review was read"))
+    args = ["import-review", str(review), str(flags_case.labels_csv), "--out"]
+    refused = runner.invoke(app, [*args, str(out)])
+    assert refused.exit_code == 2 and "already exists" in refused.output and "--overwrite" in refused.output
+    for target in (flags_case.labels_csv, review):
+        refused = runner.invoke(app, [*args, str(target), "--overwrite"])
+        assert refused.exit_code == 2 and "is an input of this run" in " ".join(refused.output.split())
+    assert out.read_text() == "keep me" and json.loads(review.read_text())[0]["label"] == "cat"
+    before = flags_case.labels_csv.read_bytes()
+    monkeypatch.undo()
+    done = runner.invoke(app, [*args, str(out), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert out.read_text().splitlines()[3].endswith("img/02.png,cat")
+    assert flags_case.labels_csv.read_bytes() == before and not list(tmp_path.glob(".*.lock"))

@@ -117,3 +117,18 @@ def test_one_class_from_a_forgotten_csv_says_how_the_folder_was_read(tmp_path, w
     assert result.exit_code == 2
     assert "1 class with readable images ('img')" in text
     assert "Without a labels CSV, DATA_DIR is read as an ImageFolder: each subfolder is a class." in text
+
+
+def test_finetune_refuses_one_class_with_checks_message_before_training(tmp_path, wide_console, monkeypatch):
+    finetune = importlib.import_module("deft_clean.finetune")  # the module, not the package's function
+    root = tmp_path / "data"
+    csv = _dataset(root, ["cat"] * 3)
+    monkeypatch.setattr(finetune, "build_tower", lambda *a: pytest.fail("training started"))
+    out = tmp_path / "model"
+    args = ["finetune", str(root), str(csv), "--model", "test-tiny"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    check = CliRunner().invoke(app, ["check", str(root), str(csv), "--model", "test-tiny"])
+    assert result.exit_code == check.exit_code == 2, result.output
+    message = "1 class with readable images ('cat'); DeFT needs at least 2"
+    assert message in " ".join(result.output.split()) and message in " ".join(check.output.split())
+    assert not out.exists()
