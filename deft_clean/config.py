@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from deft_clean.errors import ConfigError
+from deft_clean.run_defaults import FROZEN_MAX_BATCH, FROZEN_STEPS, TUNED_BATCH, TUNED_LR, decide
 
 T = TypeVar("T")
 DEFAULT_MODEL = "offline"
 CONV_ADAPTER_LR_FACTOR = 0.1  # frozen BatchNorm cannot renormalise LoRA's change in a conv tower
-# DeFT's batch and lr when not given. A tuned tower keeps the authors' 64 / 0.03. A frozen tower trains
-# only the heads and prompts, and its cost is the number of steps (the text tower runs every step): on
-# 2,000 CIFAR-10 images 4x larger steps (256, lr 0.06) scored as well or better at a quarter of the cost,
-# while lr 0.12 collapsed at 60% noise; on 300 images 256 left too few steps. So a frozen tower takes
-# about 8 steps per epoch: batch = rows / 8 within [64, 256], lr growing with its square root.
-TUNED_BATCH, TUNED_LR = 64, 0.03
-FROZEN_MAX_BATCH, FROZEN_STEPS = 256, 8
+CONFIDENT = 0.7  # predicted_prob to apply a suggestion unseen (--accept-above, --relabel): benchmarks.md
 TEMPLATE_EXAMPLE = "--templates 'a photo of a {}.|a blurry photo of a {}.'"
 
 
@@ -53,6 +49,15 @@ def _require(ok: bool, name: str, value: Any, expected: str) -> None:
     """Refuse ``value`` of field ``name`` unless ``ok``, naming the option, the value and what works."""
     if not ok:
         raise ConfigError(f"{flag(name)} {value!r} is invalid.", hint=f"Use a value {expected}.")
+
+
+def _require_choices(config: object) -> None:
+    """Refuse a value outside its field's ``Literal`` choices (the type is the one list of choices)."""
+    for name, kind in typing.get_type_hints(type(config)).items():
+        if typing.get_origin(kind) is Literal:
+            choices = [repr(choice) for choice in typing.get_args(kind)]
+            expected = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            _require(getattr(config, name) in typing.get_args(kind), name, getattr(config, name), expected)
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(
-            self.on_bad_image in ("error", "skip"), "on_bad_image", self.on_bad_image, "'error' or 'skip'"
-        )
+        _require_choices(self)
         _require(self.min_per_class >= 0, "min_per_class", self.min_per_class, ">= 0")
         pixels = self.max_image_pixels
         _require(pixels is None or pixels >= 1, "max_image_pixels", pixels, "of at least 1 (pixels)")
@@ -208,6 +211,11 @@ class DetectConfig:
         "--save-model then keeps the last fold's model).",
     )
     folds: int = _opt(5, "Folds for --scoring crossfit.")
+    neighbour_weight: float = _opt(
+        0.5,
+        "Share of the neighbour vote (the given labels of each image's nearest images in the detector's "
+        "embedding) in the class probabilities that decide flags, ranks and suggestions; 0: prompts only.",
+    )
     seed: int = _opt(0, "Random seed.")
     num_workers: int = _opt(
         0, "Threads decoding the images, once per run (0: automatic).", changes_result=False
@@ -232,47 +240,18 @@ class DetectConfig:
         decay = self.weight_decay
         _require(_finite(decay) and decay >= 0, "weight_decay", decay, "finite and >= 0")
         _require(self.folds >= 2, "folds", self.folds, "of at least 2")
-        _require(
-            self.scoring in ("insample", "crossfit"), "scoring", self.scoring, "'insample' or 'crossfit'"
-        )
-        _require(self.lr_schedule in ("epoch", "step"), "lr_schedule", self.lr_schedule, "'epoch' or 'step'")
-        peft = self.peft
-        _require(peft in ("auto", "lora", "vpt", "none"), "peft", peft, "'auto', 'lora', 'vpt' or 'none'")
-        _require(self.flag_rule in ("margin", "dual"), "flag_rule", self.flag_rule, "'margin' or 'dual'")
-        balance = self.class_balance
-        _require(balance in ("auto", "on", "off"), "class_balance", balance, "'auto', 'on' or 'off'")
+        weight = self.neighbour_weight
+        _require(_finite(weight) and 0 <= weight <= 1, "neighbour_weight", weight, "between 0 and 1")
+        _require_choices(self)
         _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
         _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
         _require(self.text_classes >= 2, "text_classes", self.text_classes, "of at least 2")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
 
     def resolved(self, cuda: bool, rows: int) -> tuple[DetectConfig, list[str]]:
-        """This config with 'auto' and unset values decided for the device (``cuda``) and the number of
-        rows, and one line per decision for the run's log. ``--peft auto``: LoRA on CUDA; on a CPU a frozen
-        tower, as LoRA trains about 14 times slower there for about the same F1 (docs/benchmarks.md)."""
-        notes = []
-        peft = self.peft
-        if peft == "auto":
-            peft = "lora" if cuda else "none"
-            why = (
-                "a GPU is in use"
-                if cuda
-                else "no GPU: LoRA would train ~14x slower on a CPU for about the same F1"
-            )
-            notes.append(f"--peft auto chose '{peft}' ({why}; pass --peft to choose).")
-        batch = self.batch_size
-        if batch is None:
-            batch = (
-                min(max(rows // FROZEN_STEPS, TUNED_BATCH), FROZEN_MAX_BATCH)
-                if peft == "none"
-                else TUNED_BATCH
-            )
-        lr = self.lr or round(TUNED_LR * (batch / TUNED_BATCH) ** 0.5, 4)
-        if self.batch_size is None or self.lr is None:
-            tower = "frozen" if peft == "none" else "tuned"
-            notes.append(
-                f"Batch size {batch}, lr {lr}: the defaults for a {tower} image tower and {rows} rows."
-            )
+        """This config with 'auto' and unset values decided for the device and the number of rows, and
+        the log lines saying so (:func:`deft_clean.run_defaults.decide`)."""
+        peft, batch, lr, notes = decide(self.peft, self.batch_size, self.lr, cuda, rows)
         return dataclasses.replace(self, peft=peft, batch_size=batch, lr=lr), notes
 
     @property
@@ -311,7 +290,7 @@ class FinetuneConfig:
     )
     clean_only: bool = _opt(False, "Train only on rows the flags file marks clean.")
     relabel: bool = _opt(False, "Use suggested_label for flagged rows predicted with high confidence.")
-    relabel_threshold: float = _opt(0.9, "Minimum predicted_prob for --relabel.")
+    relabel_threshold: float = _opt(CONFIDENT, "Minimum predicted_prob for --relabel.")
     templates: str = _opt("a photo of a {}.", "Prompt templates for the text classifier, separated by '|'.")
     tau: float = _opt(0.03, "TeS temperature.")
     lambda_t: float = _opt(0.4, "TeS weight of the text-classifier loss.")
@@ -329,8 +308,7 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.method in ("tes", "ce"), "method", self.method, "'tes' or 'ce'")
-        _require(self.tune in ("full", "lora", "linear"), "tune", self.tune, "'full', 'lora' or 'linear'")
+        _require_choices(self)
         _require(self.epochs >= 1, "epochs", self.epochs, "of at least 1")
         _require(self.batch_size >= 2, "batch_size", self.batch_size, "of at least 2 (BatchNorm)")
         _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "that is a finite positive number")
@@ -380,9 +358,9 @@ class ExportConfig:
         "csv", "'csv': corrected CSV + review.csv; 'label-studio': tasks + labeling config."
     )
     accept_above: float = _opt(
-        0.9,
+        CONFIDENT,
         "Apply a suggestion in the corrected CSV when predicted_prob >= this; the other flagged rows go to "
-        "review.csv (0.9: measured in docs/benchmarks.md; 1 accepts nothing).",
+        f"review.csv ({CONFIDENT}: measured in docs/benchmarks.md; 1 accepts nothing).",
     )
     image_url_prefix: str = _opt(
         "/data/local-files/?d=",
@@ -391,7 +369,7 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.to in ("csv", "label-studio"), "to", self.to, "'csv' or 'label-studio'")
+        _require_choices(self)
         _require(0.0 <= self.accept_above <= 1.0, "accept_above", self.accept_above, "in [0, 1]")
 
 

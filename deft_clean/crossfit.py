@@ -26,6 +26,7 @@ import torch
 
 from deft_clean.config import DetectConfig
 from deft_clean.distributed import World
+from deft_clean.neighbours import neighbour_votes
 from deft_clean.results import Scores
 from deft_clean.runtime import autocast
 from deft_clean.scoring import clean_probability
@@ -123,12 +124,42 @@ def score_pass(
         average.add(torch.cat(parts_pos), torch.cat(parts_neg), labels, scale)
 
 
-def verdict(average: EpochAverage, labels: np.ndarray, fold: np.ndarray, config: DetectConfig) -> Scores:
-    """Flags, ranks and predictions from the (epoch-averaged) probabilities of each row: ``--flag-rule
-    margin`` flags a negative clean score, ``dual`` the p_clean rule; ranks follow the deciding score."""
+def fold_votes(
+    embedded: dict[int, torch.Tensor],
+    labels: np.ndarray,
+    fold: np.ndarray,
+    num_classes: int,
+    config: DetectConfig,
+) -> tuple[np.ndarray | None, list[int]]:
+    """(N, K) neighbour votes (:mod:`deft_clean.neighbours`) of every row among the rows of its fold, in
+    the embedding of the fold's model (``embedded[k]``: (rows of fold k, E), in row order; all rows
+    in-sample), and the k chosen per fold; None and [] when ``--neighbour-weight`` is 0."""
+    if config.neighbour_weight == 0 or not embedded:
+        return None, []
+    votes, chosen = np.zeros((len(labels), num_classes), np.float32), []
+    for k, features in sorted(embedded.items()):
+        rows = np.flatnonzero(fold == k)
+        votes[rows], count = neighbour_votes(features, labels[rows], num_classes, seed=config.seed)
+        chosen.append(count)
+    return votes, chosen
+
+
+def verdict(
+    average: EpochAverage,
+    labels: np.ndarray,
+    fold: np.ndarray,
+    config: DetectConfig,
+    votes: np.ndarray | None = None,
+) -> Scores:
+    """Flags, ranks and predictions from the (epoch-averaged) probabilities of each row, mixed with its
+    neighbour ``votes`` (N, K) by ``--neighbour-weight`` when given: ``--flag-rule margin`` flags a
+    negative clean score, ``dual`` the p_clean rule; ranks follow the deciding score."""
     rows = np.arange(len(labels))
     p_given = average.p_clean[rows, labels]
-    score = clean_score(average.probs, labels)
+    probs = average.probs
+    if votes is not None:
+        probs = (1 - config.neighbour_weight) * probs + config.neighbour_weight * votes
+    score = clean_score(probs, labels)
     if config.flag_rule == "margin":
         is_noisy, key = score < 0, score
     else:
@@ -140,8 +171,8 @@ def verdict(average: EpochAverage, labels: np.ndarray, fold: np.ndarray, config:
         p_clean=p_given.astype(np.float32),
         margin=average.margin.astype(np.float32),
         is_noisy=is_noisy,
-        predicted=average.probs.argmax(axis=1).astype(np.int64) if len(labels) else np.zeros(0, np.int64),
-        predicted_prob=average.probs.max(axis=1, initial=0.0).astype(np.float32),
+        predicted=probs.argmax(axis=1).astype(np.int64) if len(labels) else np.zeros(0, np.int64),
+        predicted_prob=probs.max(axis=1, initial=0.0).astype(np.float32),
         clean_score=score.astype(np.float32),
         fold=fold.astype(np.int64),
         rank_key=key,

@@ -20,7 +20,7 @@ import torch
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
-from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, score_pass, verdict
+from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, fold_votes, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.distributed import World, runs_distributed, world_from_env
@@ -31,12 +31,12 @@ from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.report import build_report
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
-from deft_clean.runtime import StagedImages, autocast, cuda_autotune, seed_everything
+from deft_clean.runtime import StagedImages, cuda_autotune, seed_everything
 from deft_clean.scoring import (
     training_failure,
 )
 from deft_clean.summary import DetectResult, run_summary
-from deft_clean.training import Block, LabelledImages, batch_features, train_detector, trunk_cache, workers
+from deft_clean.training import Block, LabelledImages, embed_rows, score_into, train_detector, trunk_cache
 
 DEFAULT_OUT = "deft_results.parquet"
 
@@ -60,16 +60,12 @@ def detect(
 ) -> DetectResult:
     """Flag likely wrong labels in an image set; write the results (one row per input row) and return them.
 
-    ``out`` defaults to ``<labels stem>.deft.parquet`` beside ``labels_csv``, or ``deft_results.parquet``
-    in the working directory for an ImageFolder. ``truth_csv`` (path,label of verified labels for some
-    or all rows) adds precision/recall/F1 of the flags to the summary. ``save_model`` writes the
-    learned prompts and adapters (see :mod:`deft_clean.deft_model`); ``report`` the HTML report
-    (:func:`deft_clean.report.build_report`) beside the results, named like them with suffix ``.html``.
-    The result holds the table (its metadata in ``frame.attrs``, as
-    :func:`deft_clean.results.read_results` returns it), the typed summary, the path written and the
-    report. Outputs are checked before any work (:func:`check_output`): an existing
-    one is refused unless ``overwrite``, an input always. Each epoch ends with a checkpoint beside ``out``
-    (:mod:`deft_clean.checkpoint`); ``resume`` continues a killed run from it to the same result.
+    ``out``: default :func:`default_out`. ``truth_csv`` (path,label of verified labels, some or all rows)
+    adds precision/recall/F1 to the summary; ``save_model`` keeps the detector (:mod:`deft_clean.deft_model`);
+    ``report`` writes the HTML report beside the results (``<out>`` with suffix ``.html``). Outputs are
+    checked before any work (:func:`check_output`): an existing one is refused unless ``overwrite``, an
+    input always. Each epoch ends with a checkpoint beside ``out``; ``resume`` continues a killed run from
+    it to the same result. Returns the table (metadata in ``frame.attrs``), the summary, the paths written.
     """
     backbone = resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
@@ -303,6 +299,7 @@ def fit_and_score(
     average = EpochAverage.empty(len(samples), net.prompts.n_cls)
     first_scored = min(config.warmup_epochs, config.epochs - 1)  # the last epoch at least
     history: list[dict[str, float]] = []
+    embedded: dict[int, torch.Tensor] = {}  # fold → its rows' embeddings by its model (neighbour votes)
     for k in np.unique(fold):
         scored = np.flatnonzero(fold == k)
         train = np.arange(len(samples)) if k == IN_SAMPLE else np.flatnonzero(fold != k)
@@ -311,7 +308,7 @@ def fit_and_score(
 
         def after_epoch(epoch: int, part: EpochAverage = part, target: LabelledImages = target) -> None:
             if epoch >= first_scored:
-                _score_into(net, target, _rows(trunk, target.index), part, 2 * config.batch_size, world)
+                score_into(net, target, _rows(trunk, target.index), part, 2 * config.batch_size, world)
 
         if k != IN_SAMPLE:
             reporter.log(
@@ -330,37 +327,40 @@ def fit_and_score(
             world=world,
         )
         history += [dict(record, fold=int(k)) for record in records]
+        if config.neighbour_weight > 0:
+            embedded[int(k)] = embed_rows(
+                net, target, _rows(trunk, target.index), 2 * config.batch_size, world
+            )
         mean = part.mean()
         average.probs[scored], average.p_clean[scored], average.margin[scored] = (
             mean.probs,
             mean.p_clean,
             mean.margin,
         )
-    return verdict(average, samples.labels_np, fold, config), history
+    return _verdict(average, samples.labels_np, fold, embedded, config, reporter), history
+
+
+def _verdict(
+    average: EpochAverage,
+    labels: np.ndarray,
+    fold: np.ndarray,
+    embedded: dict[int, torch.Tensor],
+    config: DetectConfig,
+    reporter: Reporter,
+) -> Scores:
+    """The flags and ranks of :func:`verdict`, with the neighbour votes of each fold's ``embedded`` rows
+    mixed in (the log says which k was chosen)."""
+    votes, chosen = fold_votes(embedded, labels, fold, average.probs.shape[1], config)
+    if chosen:
+        reporter.log(
+            f"Neighbour votes: each image's {' / '.join(map(str, chosen))} nearest images (k chosen by "
+            f"leave-one-out agreement) weigh {config.neighbour_weight} in its class probabilities."
+        )
+    return verdict(average, labels, fold, config, votes)
 
 
 def _rows(trunk: torch.Tensor | None, index: np.ndarray) -> torch.Tensor | None:
     return None if trunk is None else trunk[torch.from_numpy(index).to(trunk.device)]
-
-
-def _score_into(
-    net: DeftModel,
-    data: LabelledImages,
-    trunk: torch.Tensor | None,
-    average: EpochAverage,
-    batch: int,
-    world: World = World(),
-) -> None:
-    """Add one un-augmented pass of ``net`` over ``data`` to ``average`` (shared among the processes)."""
-    with autocast(data.device):
-        text = net.prompts.encode_all()  # (K, E) each, once: the prompts do not change while scoring
-
-    def similarities(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = batch_features(net, data, index, trunk, train=False, generator=None)
-        return net.similarities(features, text)
-
-    who = workers(world, data, torch.arange(len(data)), trunk)
-    score_pass(similarities, len(data), data.labels, average, net.scale, batch, world=world, who=who)
 
 
 def score_detector(
@@ -377,6 +377,6 @@ def score_detector(
         trunk = trunk_cache(net, data.images, 2 * config.batch_size)
     average = EpochAverage.empty(len(data), net.prompts.n_cls)
     with reporter.task("Scoring", total=len(data)):
-        _score_into(net, data, trunk, average, 2 * config.batch_size)
+        score_into(net, data, trunk, average, 2 * config.batch_size)
         reporter.advance(len(data))
     return verdict(average, data.labels_np, np.full(len(data), IN_SAMPLE), config)

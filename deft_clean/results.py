@@ -50,9 +50,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
     ),
     "clean_score": (
         "float32",
-        "P(given label) - max P(other class), the positive prompts' class probabilities averaged over the "
-        "epochs after warm-up, in [-1, 1]. Below 0 = another class is more probable (flagged under "
-        "--flag-rule margin). NaN for unreadable rows.",
+        "P(given label) - max P(other class), in [-1, 1]: P = the positive prompts' class probabilities "
+        "averaged over the epochs after warm-up, mixed with the labels of the image's nearest images "
+        "(--neighbour-weight). Below 0 = another class is more probable (flagged under --flag-rule margin). "
+        "NaN for unreadable rows.",
     ),
     "p_clean": (
         "float32",

@@ -6,6 +6,8 @@ batches are drawn by index with seeded generators and augmented on the device; t
 on the device except once per epoch, to read the epoch's loss and timing. Warm-up epochs train CE on
 every sample; later epochs CE on the samples the current model calls clean (in the same batch) and
 pseudo-labels for the rest in the negative-prompt loss (:func:`deft_clean.scoring.deft_loss`).
+The un-augmented passes of the trained detector over some rows (:func:`score_into`, :func:`embed_rows`)
+are here too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from deft_clean.checkpoint import Checkpoint
 from deft_clean.config import DetectConfig
+from deft_clean.crossfit import EpochAverage, score_pass
 from deft_clean.deft_model import DeftModel
 from deft_clean.distributed import World
 from deft_clean.progress import Reporter, SilentReporter
@@ -265,3 +268,43 @@ def _train_step(
     count = torch.full((), float(len(index)), device=data.device)
     chosen = selected.sum().float() if selected is not None else count
     return torch.stack([loss.detach() * count, ce.detach() * count, neg.detach() * count, chosen])
+
+
+def score_into(
+    net: DeftModel,
+    data: LabelledImages,
+    trunk: torch.Tensor | None,
+    average: EpochAverage,
+    batch: int,
+    world: World = World(),
+) -> None:
+    """Add one un-augmented pass of ``net`` over ``data`` to ``average`` (shared among the processes)."""
+    with autocast(data.device):
+        text = net.prompts.encode_all()  # (K, E) each, once: the prompts do not change while scoring
+
+    def similarities(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = batch_features(net, data, index, trunk, train=False, generator=None)
+        return net.similarities(features, text)
+
+    who = workers(world, data, torch.arange(len(data)), trunk)
+    score_pass(similarities, len(data), data.labels, average, net.scale, batch, world=world, who=who)
+
+
+@torch.no_grad()
+def embed_rows(
+    net: DeftModel, data: LabelledImages, trunk: torch.Tensor | None, batch: int, world: World = World()
+) -> torch.Tensor:
+    """(N, E) un-augmented image embeddings of ``data`` by ``net`` (for :func:`fold_votes`); under
+    torchrun each process embeds the rows whose images it holds and every process gets them all."""
+    if trunk is not None:
+        with autocast(data.device):
+            return net.image_features(trunk=trunk).float()
+    if not world.active:
+        return feature_pass(net.image_features, data.images, batch_size=batch)  # type: ignore[arg-type]
+    own = np.flatnonzero(data.owners == world.rank)
+    parts = [torch.zeros(0, net.embed_dim, device=data.device)]
+    for start in range(0, len(own), batch):
+        index = torch.from_numpy(own[start : start + batch])
+        with autocast(data.device):
+            parts.append(net.image_features(data.images.images_at(index, train=False)).float())
+    return world.gather_rows(torch.cat(parts), data.owners)
