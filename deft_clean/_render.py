@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from deft_clean.distributed import is_main
 from deft_clean.errors import DataError, DeftCleanError
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from deft_clean.finetune import FinetuneResult
     from deft_clean.summary import DetectResult
 
-console = Console(stderr=True)
+console = Console(stderr=True, quiet=not is_main())  # under torchrun only the main process prints
 
 
 class RichReporter:

@@ -36,6 +36,7 @@ from deft_clean.adapters import apply_peft
 from deft_clean.backbone import Backbone, load_backbone_on
 from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, from_dict, to_dict
 from deft_clean.data import Manifest, has_loose_images, load_manifest, load_unlabelled
+from deft_clean.distributed import World, runs_distributed, world_from_env
 from deft_clean.embed import image_tower
 from deft_clean.errors import ConfigError
 from deft_clean.files import (
@@ -242,20 +243,24 @@ def _image_set(
     labels_csv: str | Path | None,
     data_config: DataConfig,
     reporter: Reporter,
+    world: World = World(),
 ) -> tuple[Manifest, np.ndarray]:
     """(manifest, labels (N,) as indices into the classifier's classes, -1 when unlabelled).
 
     A labels CSV or an ImageFolder gives labels (classes the classifier does not know are refused);
     a folder holding images itself (not only in class folders) is read as unlabelled images.
+    ``world``: under torchrun each process decodes its block of rows.
     """
     data_config = dataclasses.replace(data_config, min_per_class=0)  # class sizes do not matter here
+    size = classifier.image_size
     if labels_csv is None and has_loose_images(data_dir):
         manifest = load_unlabelled(
-            data_dir, config=data_config, image_size=classifier.image_size, reporter=reporter
+            data_dir, config=data_config, image_size=size, reporter=reporter, world=world
         )
         return manifest, np.full(len(manifest), -1, dtype=np.int64)
-    size = classifier.image_size
-    manifest = load_manifest(data_dir, labels_csv, config=data_config, image_size=size, reporter=reporter)
+    manifest = load_manifest(
+        data_dir, labels_csv, config=data_config, image_size=size, reporter=reporter, world=world
+    )
     index = {cid: k for k, cid in enumerate(classifier.class_ids)}
     unknown = sorted(set(manifest.class_ids) - set(index))
     if unknown:
@@ -268,15 +273,21 @@ def _image_set(
 
 
 def _probabilities_of(
-    classifier: Classifier, manifest: Manifest, batch_size: int, reporter: Reporter
+    classifier: Classifier, manifest: Manifest, batch_size: int, reporter: Reporter, world: World = World()
 ) -> np.ndarray:
-    """(N, K) probabilities of every row, NaN for unreadable rows."""
-    cache = manifest.decode(classifier.image_size, reporter=reporter)
+    """(N, K) probabilities of every row, NaN for unreadable rows; under torchrun each process computes
+    those of its block and every process gets them all."""
     rows = np.flatnonzero(manifest.readable)
+    owners = world.owners(len(manifest))[rows]
+    own = rows[owners == world.rank]
+    cache = manifest.decode(classifier.image_size, rows=own, reporter=reporter)
     probs = np.full((len(manifest), len(classifier.class_ids)), np.nan, dtype=np.float32)
+    found = torch.zeros(0, probs.shape[1], device=classifier.device)
+    if len(own):
+        span = cache[own[0] : own[-1] + 1]  # this process's block (all rows in one process)
+        found = classifier._probabilities(span, own - own[0], batch_size=batch_size, reporter=reporter)
     if len(rows):
-        found = classifier._probabilities(cache, rows, batch_size=batch_size, reporter=reporter)
-        probs[rows] = found.cpu().numpy()
+        probs[rows] = world.gather_rows(found, owners).cpu().numpy()
     return probs
 
 
@@ -288,19 +299,22 @@ def evaluate(
     data_config: DataConfig = DataConfig(),
     batch_size: int = 256,
     reporter: Reporter = SilentReporter(),
+    world: World = World(),
 ) -> dict[str, Any]:
-    """:func:`classification_metrics` of ``classifier`` on a labelled split (readable rows only)."""
-    manifest, labels = _image_set(classifier, data_dir, labels_csv, data_config, reporter)
+    """:func:`classification_metrics` of ``classifier`` on a labelled split (readable rows only); under
+    torchrun (``world``) each process scores its block and every process gets the metrics."""
+    manifest, labels = _image_set(classifier, data_dir, labels_csv, data_config, reporter, world)
     if (labels < 0).all():
         raise ConfigError(
             f"{data_dir} has no labels to evaluate against.", hint="Pass a labels CSV or an ImageFolder."
         )
-    probs = _probabilities_of(classifier, manifest, batch_size, reporter)
+    probs = _probabilities_of(classifier, manifest, batch_size, reporter, world)
     readable = manifest.readable
     return classification_metrics(probs[readable], labels[readable], classifier.class_ids)
 
 
 @releases_outputs
+@runs_distributed
 def predict(
     model: Classifier | str | Path,
     data_dir: str | Path,
@@ -321,12 +335,17 @@ def predict(
     NA predictions. ``out`` writes the frame with ``results.write_results`` (atomic, with metadata); it is
     checked first (:func:`check_output`: an existing file is refused unless ``overwrite``).
     """
+    world = world_from_env()
     if out is not None:
         inputs = [data_dir, labels_csv, data.classes_file, None if isinstance(model, Classifier) else model]
-        check_output(out, inputs=inputs, overwrite=overwrite)
-    classifier = model if isinstance(model, Classifier) else load_classifier(model, device=device)
-    manifest, labels = _image_set(classifier, data_dir, labels_csv, data, reporter)
-    probs = _probabilities_of(classifier, manifest, batch_size, reporter)
+        world.on_main(lambda: check_output(out, inputs=inputs, overwrite=overwrite))
+    classifier = (
+        model
+        if isinstance(model, Classifier)
+        else world.together(lambda: load_classifier(model, device=device))
+    )
+    manifest, labels = _image_set(classifier, data_dir, labels_csv, data, reporter, world)
+    probs = _probabilities_of(classifier, manifest, batch_size, reporter, world)
     ids = classifier.class_ids
     frame = base_frame(manifest)
     frame["given_label"] = pd.Series([ids[k] if k >= 0 else pd.NA for k in labels], dtype="string")
@@ -336,6 +355,10 @@ def predict(
     frame["probs"] = list(probs)
     if out is not None:
         configs = {"finetune": classifier.info["finetune"], "backbone": classifier.info["backbone"]}
-        extra = {"class_ids": ids, "class_names": classifier.class_names, "classifier": str(model)}
-        write_results(frame, out, metadata=run_metadata(manifest=manifest, configs=configs, extra=extra))
+        extra = {
+            "class_ids": ids, "class_names": classifier.class_names, "classifier": str(model),
+            "world_size": world.size,
+        }  # fmt: skip
+        metadata = run_metadata(manifest=manifest, configs=configs, extra=extra)
+        world.on_main(lambda: write_results(frame, out, metadata=metadata))  # one writer
     return frame

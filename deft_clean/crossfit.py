@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from deft_clean.config import DetectConfig
+from deft_clean.distributed import World
 from deft_clean.neighbours import neighbour_votes
 from deft_clean.results import Scores
 from deft_clean.runtime import autocast
@@ -93,18 +94,33 @@ Similarities = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 @torch.no_grad()
 def score_pass(
-    similarities: Similarities, n: int, labels: torch.Tensor, average: EpochAverage, scale: float, batch: int
+    similarities: Similarities,
+    n: int,
+    labels: torch.Tensor,
+    average: EpochAverage,
+    scale: float,
+    batch: int,
+    *,
+    world: World = World(),
+    who: np.ndarray | None = None,
 ) -> None:
     """One un-augmented pass over ``n`` rows: ``similarities(index)`` → (s⁺, s⁻) of rows ``index``,
-    added to ``average``."""
+    added to ``average``. Under torchrun, process ``who[i]`` scores row ``i`` and every process adds
+    the whole pass (gathered in order), so all hold the same average."""
+    own = np.arange(n) if who is None else np.flatnonzero(who == world.rank)
     parts_pos, parts_neg = [], []
-    for start in range(0, n, batch):
-        index = torch.arange(start, min(start + batch, n))
+    for start in range(0, len(own), batch):
+        index = torch.from_numpy(own[start : start + batch])
         with autocast(labels.device):
             s_pos, s_neg = similarities(index)
         parts_pos.append(s_pos.float())
         parts_neg.append(s_neg.float())
-    if parts_pos:
+    if world.active and who is not None:
+        empty = torch.zeros(0, average.probs.shape[1], device=labels.device)
+        s_pos = world.gather_rows(torch.cat(parts_pos) if parts_pos else empty, who)
+        s_neg = world.gather_rows(torch.cat(parts_neg) if parts_neg else empty, who)
+        parts_pos, parts_neg = [s_pos], [s_neg]
+    if n:
         average.add(torch.cat(parts_pos), torch.cat(parts_neg), labels, scale)
 
 

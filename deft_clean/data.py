@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from deft_clean.config import DataConfig
+from deft_clean.distributed import World
 from deft_clean.errors import DataError, Problem
 from deft_clean.image_cache import DecodedImages, build_image_cache, cache_folder, fits_in_ram
 from deft_clean.image_tables import find_image_table, read_image_table
@@ -75,17 +76,22 @@ class Manifest:
         self,
         size: int,
         *,
+        rows: np.ndarray | None = None,
         num_workers: int = 0,
         cache_dir: Path | None = None,
         reporter: Reporter = SilentReporter(),
     ) -> torch.Tensor:
-        """Every row's image as uint8 (N, 3, size, size), unreadable rows zero: the pixels validation kept
-        when it decoded at this size, else from the image cache (``build_image_cache``; ``cache_dir``
+        """The images of ``rows`` (default: all) as uint8 (N, 3, size, size) in row order, other and
+        unreadable rows zero: the pixels validation kept when it decoded at this size (under torchrun,
+        those of this process's block), else from the image cache (``build_image_cache``; ``cache_dir``
         overrides the manifest's ``cache_folder``)."""
         if self.images is not None and self.images.shape[-1] == size:
             return self.images
+        wanted = self.readable.copy()
+        if rows is not None:
+            wanted &= np.isin(np.arange(len(self)), rows)
         return build_image_cache(
-            self.files(), size, readable=self.readable, max_image_pixels=self.max_image_pixels,
+            self.files(), size, readable=wanted, max_image_pixels=self.max_image_pixels,
             cache_dir=cache_dir or self.cache_folder, num_workers=num_workers, reporter=reporter,
         )  # fmt: skip
 
@@ -172,6 +178,7 @@ def _readable(
     source: str,
     pixels: DecodedImages | None = None,
     num_workers: int = 0,
+    world: World = World(),
 ) -> np.ndarray:
     """Validate every row (``validation.find_problems``); the readable mask, or one DataError with all."""
     findings = find_problems(
@@ -185,6 +192,7 @@ def _readable(
         num_workers=num_workers or None,
         follow_links=config.follow_links,
         reporter=reporter,
+        world=world,
     )
     if findings.problems:
         raise DataError(findings.problems, source=source)
@@ -201,24 +209,28 @@ def load_manifest(
     image_size: int | None = None,
     num_workers: int = 0,
     reporter: Reporter = SilentReporter(),
+    world: World = World(),
 ) -> Manifest:
     """Read, validate (every image is opened and fully decoded) and return the labelled image set.
 
     ``image_size``: the size the images are wanted at (the backbone's input); validation then decodes
     each image at that size and keeps the pixels (``Manifest.images``, when they fit in RAM), so each
     image is decoded once per run. Without it, validation decodes cheaply (JPEGs at reduced scale).
-    ``num_workers``: decoding threads (0: automatic).
+    ``num_workers``: decoding threads (0: automatic). ``world``: under torchrun each process decodes
+    (and keeps) only the images of its block of rows; every process gets the same manifest.
     Raises ``DataError`` listing every problem (each naming the CSV row and file). Rows skipped with
     ``on_bad_image='skip'`` are kept with ``readable=False``.
     """
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
-    root, rows, fingerprint, classes = _read_inputs(data_dir, csv_path, config, reporter)
+    root, rows, fingerprint, classes = world.together(
+        lambda: _read_inputs(data_dir, csv_path, config, reporter)
+    )  # a file missing on one machine stops every process
     for warning in label_warnings(rows, str(csv_path or data_dir)):
         reporter.log(warning, level="warning")
     class_ids, class_names = classes or (class_order([r.label for r in rows]), None)
-    pixels = _pixels([root / r.path for r in rows], image_size, config, reporter)
+    pixels = _pixels([root / r.path for r in rows], image_size, config, reporter, world)
     source = str(csv_path or data_dir)
-    readable = _readable(rows, root, class_ids, config, reporter, source, pixels, num_workers)
+    readable = _readable(rows, root, class_ids, config, reporter, source, pixels, num_workers, world)
     index = {cid: k for k, cid in enumerate(class_ids)}
     fingerprint.update(n_rows=len(rows), n_files=int(readable.sum()))
     return Manifest(
@@ -231,23 +243,31 @@ def load_manifest(
         fingerprint=fingerprint,
         max_image_pixels=config.max_image_pixels,
         images=None if pixels is None else pixels.finish(readable),
-        cache_folder=cache_folder(config.image_cache),
+        cache_folder=_cache_folder(config, world),
     )
 
 
 def _pixels(
-    files: list[Path], size: int | None, config: DataConfig, reporter: Reporter
+    files: list[Path], size: int | None, config: DataConfig, reporter: Reporter, world: World = World()
 ) -> DecodedImages | None:
     """What validation decodes into, keeping the pixels (from the image cache when its key matches), or
     None when no size is given, or when the pixels would not fit in RAM and the cache does not hold them
-    (validation then decodes cheaply and ``Manifest.decode`` decodes into the cache's memmap)."""
+    (validation then decodes cheaply and ``Manifest.decode`` decodes into the cache's memmap). Under
+    torchrun a process decodes only its block (the other rows stay zero, and take no memory: zeros are
+    lazy), so the decoded images are not kept between runs: a pass of one block is not a whole pass."""
     if size is None:
         return None
-    folder, ram = cache_folder(config.image_cache), fits_in_ram((len(files), 3, size, size))
+    start, stop = world.block(len(files))
+    folder, ram = _cache_folder(config, world), fits_in_ram((stop - start, 3, size, size))
     pixels = DecodedImages(
         files, size, folder=folder, max_pixels=config.max_image_pixels, reporter=reporter, in_memory=ram
     )
     return None if pixels.pixels is None else pixels
+
+
+def _cache_folder(config: DataConfig, world: World) -> Path | None:
+    """Where decoded images are kept between runs; none under torchrun (see :func:`_pixels`)."""
+    return None if world.active else cache_folder(config.image_cache)
 
 
 def has_loose_images(data_dir: str | Path) -> bool:
@@ -265,10 +285,11 @@ def load_unlabelled(
     config: DataConfig = DataConfig(),
     image_size: int | None = None,
     reporter: Reporter = SilentReporter(),
+    world: World = World(),
 ) -> Manifest:
     """Every image under a plain folder (sorted paths, subfolders included), validated like a labelled
-    set (``image_size`` as in :func:`load_manifest`), as a Manifest without classes: ``labels`` are all
-    -1, ``class_ids`` empty."""
+    set (``image_size`` and ``world`` as in :func:`load_manifest`), as a Manifest without classes:
+    ``labels`` are all -1, ``class_ids`` empty."""
     root = _root(data_dir)
     paths = sorted(
         f.relative_to(root).as_posix()
@@ -280,9 +301,9 @@ def load_unlabelled(
     if not paths:
         raise fail("empty_folder", "no images found", str(root), fix="Pass a folder holding image files.")
     rows = [Row(None, path, "?") for path in paths]  # one placeholder class: no label checks apply
-    pixels = _pixels([root / path for path in paths], image_size, config, reporter)
+    pixels = _pixels([root / path for path in paths], image_size, config, reporter, world)
     unsized = dataclasses.replace(config, min_per_class=0)
-    readable = _readable(rows, root, ["?"], unsized, reporter, str(root), pixels)
+    readable = _readable(rows, root, ["?"], unsized, reporter, str(root), pixels, world=world)
     listing = hashlib.sha256("\n".join(paths).encode()).hexdigest()
     return Manifest(
         data_dir=root,
@@ -294,7 +315,7 @@ def load_unlabelled(
         fingerprint={"source": "folder", "listing_sha256": listing, "n_rows": len(paths)},
         max_image_pixels=config.max_image_pixels,
         images=None if pixels is None else pixels.finish(readable),
-        cache_folder=cache_folder(config.image_cache),
+        cache_folder=_cache_folder(config, world),
     )
 
 

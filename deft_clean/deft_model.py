@@ -51,7 +51,7 @@ class DeftModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.model = backbone.model
+        self.model, self.embed_dim = backbone.model, backbone.embed_dim
         self.tuning: ImageTuning = apply_peft(backbone, config.tuning)
         self.prompts = DualPromptLearner(
             self.model,

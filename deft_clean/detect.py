@@ -20,9 +20,10 @@ import torch
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
-from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, fold_votes, score_pass, verdict
+from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, fold_votes, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
+from deft_clean.distributed import World, runs_distributed, world_from_env
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.files import check_output, refuse_input, releases_outputs
@@ -30,17 +31,18 @@ from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.report import build_report
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
-from deft_clean.runtime import StagedImages, autocast, cuda_autotune, feature_pass, seed_everything
+from deft_clean.runtime import StagedImages, cuda_autotune, seed_everything
 from deft_clean.scoring import (
     training_failure,
 )
 from deft_clean.summary import DetectResult, run_summary
-from deft_clean.training import LabelledImages, batch_features, train_detector, trunk_cache
+from deft_clean.training import Block, LabelledImages, embed_rows, score_into, train_detector, trunk_cache
 
 DEFAULT_OUT = "deft_results.parquet"
 
 
 @releases_outputs
+@runs_distributed
 def detect(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -68,37 +70,45 @@ def detect(
     backbone = resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
     _refuse_crossfit_resume(detect, resume)
-    out_path, page = _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, report, overwrite)
+    world = world_from_env()
+    out_path, page = world.on_main(
+        lambda: _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, report, overwrite)
+    )
     size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
-        data_dir, labels_csv, config=data, image_size=size, num_workers=detect.num_workers, reporter=reporter
-    )
+        data_dir, labels_csv, config=data, image_size=size, num_workers=detect.num_workers, reporter=reporter,
+        world=world,
+    )  # fmt: skip
     _refuse_unfit(manifest, (out_path, page), backbone, detect, source=str(labels_csv or data_dir))
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(detect.seed)
-    built, device = load_backbone_on(backbone)
+    built, device = world.together(lambda: load_backbone_on(backbone))
     config, choices = detect.resolved(cuda=device.type == "cuda", rows=int(manifest.readable.sum()))
     _log_notes(reporter, built.notes, choices)
-    rows, images, samples, net = _prepare(manifest, built, device, config, reporter)
+    rows, images, samples, net = _prepare(manifest, built, device, config, reporter, world)
     clock["prepared"] = time.perf_counter()
     with cuda_autotune(device, built.model.visual):
-        trunk = trunk_cache(net, images, 2 * config.batch_size) if net.caches_features else None
+        trunk = _trunk(net, images, samples, config, world)
         clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
-        checkpoint = _checkpoint(out_path, (data, backbone, config), manifest, resume, reporter)
+        checkpoint = _checkpoint(out_path, (data, backbone, config), manifest, resume, reporter, world)
         scores, history = fit_and_score(
-            net, samples, config, trunk=trunk, reporter=reporter, checkpoint=checkpoint
+            net, samples, config, trunk=trunk, reporter=reporter, checkpoint=checkpoint, world=world
         )
         clock["trained"] = clock["scored"] = time.perf_counter()  # scoring passes run inside training
     _refuse_failed_training(history, scores, samples, net, built, config)
     frame = result_frame(manifest, rows, scores)
     summary = run_summary(manifest, frame, history, clock, device, built, truth)
     configs = {"data": data, "backbone": backbone, "detect": config}
-    metadata = run_metadata(manifest=manifest, configs=configs, extra={"detect": summary.to_dict()})
-    write_results(frame, out_path, metadata=metadata)
-    checkpoint.remove()
-    if save_model is not None:
-        _save(net, save_model, backbone, config, manifest)
-    html = page and build_report(out_path, page, truth_csv=truth_csv, overwrite=overwrite, reporter=reporter)
+    extra = {"detect": summary.to_dict(), "world_size": world.size}
+    metadata = run_metadata(manifest=manifest, configs=configs, extra=extra)
+    world.on_main(lambda: (write_results(frame, out_path, metadata=metadata), checkpoint.remove()))
+    if save_model is not None:  # one writer; a failed write stops every process with its message
+        world.on_main(lambda: _save(net, save_model, backbone, config, manifest))
+    html = None  # the report reads the results file, as `deft-clean report` does
+    if page is not None:
+        html = world.on_main(
+            lambda: build_report(out_path, page, truth_csv=truth_csv, overwrite=overwrite, reporter=reporter)
+        )
     frame.attrs.update(metadata, out=str(out_path))
     return DetectResult(frame, summary, out_path, html)
 
@@ -162,23 +172,51 @@ def _log_notes(reporter: Reporter, warnings: tuple[str, ...], choices: list[str]
 
 
 def _checkpoint(
-    out_path: Path, configs: tuple[object, ...], manifest: Manifest, resume: bool, reporter: Reporter
+    out_path: Path,
+    configs: tuple[object, ...],
+    manifest: Manifest,
+    resume: bool,
+    reporter: Reporter,
+    world: World,
 ) -> Checkpoint:
-    """The run's epoch checkpoint beside ``out_path``, keyed by its configs and input fingerprint."""
-    key = run_key(configs, manifest.fingerprint)
+    """The run's epoch checkpoint beside ``out_path``, keyed by its configs and input fingerprint (and the
+    number of processes under torchrun: image augmentation draws differ with it)."""
+    key = run_key(configs, manifest.fingerprint, **({"world_size": world.size} if world.active else {}))
     return Checkpoint(checkpoint_path(out_path), key, resume=resume, reporter=reporter)
 
 
 def _prepare(
-    manifest: Manifest, built: Backbone, device: torch.device, config: DetectConfig, reporter: Reporter
+    manifest: Manifest,
+    built: Backbone,
+    device: torch.device,
+    config: DetectConfig,
+    reporter: Reporter,
+    world: World,
 ) -> tuple[np.ndarray, StagedImages, LabelledImages, DeftModel]:
-    """The readable rows, their images staged for ``device`` (decoded once), them with their labels, and
-    the untrained detector."""
+    """The readable rows, this process's share of their images staged for ``device`` (decoded once; all
+    of them in one process), the rows with their labels, and the untrained detector (the same
+    weights in every process)."""
     rows = np.flatnonzero(manifest.readable)
-    images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
-    samples = LabelledImages(images, manifest.labels[rows])
+    owners = world.owners(len(manifest))[rows]  # the process that validated (and kept) each row's image
+    own = np.flatnonzero(owners == world.rank)
+    staged = rows if not world.active else rows[own]
+    images = stage(manifest, built, device, rows=staged, num_workers=config.num_workers, reporter=reporter)
+    held = images if not world.active else Block(images, int(own[0]) if len(own) else 0, len(rows))
+    samples = LabelledImages(held, manifest.labels[rows], owners)
     generator = torch.Generator().manual_seed(config.seed)
-    return rows, images, samples, DeftModel(built, manifest.prompt_names(), config, generator=generator)
+    net = DeftModel(built, manifest.prompt_names(), config, generator=generator)
+    world.broadcast_tensors([p for p in net.parameters() if p.requires_grad])
+    return rows, images, samples, net
+
+
+def _trunk(
+    net: DeftModel, images: StagedImages, samples: LabelledImages, config: DetectConfig, world: World
+) -> torch.Tensor | None:
+    """(N, F) frozen-trunk features of every sample when the tower is frozen, else None; under torchrun
+    each process computes its share and every process gets them all."""
+    if not net.caches_features:
+        return None
+    return world.gather_rows(trunk_cache(net, images, 2 * config.batch_size), samples.owners)
 
 
 def _refuse_crossfit_resume(config: DetectConfig, resume: bool) -> None:
@@ -246,13 +284,15 @@ def fit_and_score(
     trunk: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),
     checkpoint: Checkpoint | None = None,
+    world: World = World(),
 ) -> tuple[Scores, list[dict[str, float]]]:
     """Train and score under ``config.scoring`` (:mod:`deft_clean.crossfit`): one model on every row, or
     one per fold restarted from the same weights, each scoring only rows it did not train on. Scores are
     averaged over each model's epochs after warm-up. Returns the scores and the per-epoch records (with
     the ``fold`` they belong to). ``checkpoint`` (in-sample scoring only: one model, one epoch count)
     saves the model and the running score average after every epoch, so a resumed run averages the same
-    epochs as an uninterrupted one."""
+    epochs as an uninterrupted one. ``world``: under torchrun every fold trains with every process
+    (:func:`train_detector`) and each scoring pass is shared among them."""
     folds = config.folds if config.scoring == "crossfit" else 1
     fold = fold_plan(samples.labels_np, folds, config.seed)
     initial = net.trainable_state()
@@ -268,7 +308,7 @@ def fit_and_score(
 
         def after_epoch(epoch: int, part: EpochAverage = part, target: LabelledImages = target) -> None:
             if epoch >= first_scored:
-                _score_into(net, target, _rows(trunk, target.index), part, 2 * config.batch_size)
+                score_into(net, target, _rows(trunk, target.index), part, 2 * config.batch_size, world)
 
         if k != IN_SAMPLE:
             reporter.log(
@@ -284,10 +324,13 @@ def fit_and_score(
             reporter=reporter,
             after_epoch=after_epoch,
             checkpoint=checkpoint if k == IN_SAMPLE else None,
+            world=world,
         )
         history += [dict(record, fold=int(k)) for record in records]
         if config.neighbour_weight > 0:
-            embedded[int(k)] = _embed(net, target, _rows(trunk, target.index), 2 * config.batch_size)
+            embedded[int(k)] = embed_rows(
+                net, target, _rows(trunk, target.index), 2 * config.batch_size, world
+            )
         mean = part.mean()
         average.probs[scored], average.p_clean[scored], average.margin[scored] = (
             mean.probs,
@@ -320,29 +363,6 @@ def _rows(trunk: torch.Tensor | None, index: np.ndarray) -> torch.Tensor | None:
     return None if trunk is None else trunk[torch.from_numpy(index).to(trunk.device)]
 
 
-def _score_into(
-    net: DeftModel, data: LabelledImages, trunk: torch.Tensor | None, average: EpochAverage, batch: int
-) -> None:
-    """Add one un-augmented pass of ``net`` over ``data`` to ``average``."""
-    with autocast(data.device):
-        text = net.prompts.encode_all()  # (K, E) each, once: the prompts do not change while scoring
-
-    def similarities(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = batch_features(net, data, index, trunk, train=False, generator=None)
-        return net.similarities(features, text)
-
-    score_pass(similarities, len(data), data.labels, average, net.scale, batch)
-
-
-@torch.no_grad()
-def _embed(net: DeftModel, data: LabelledImages, trunk: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """(N, E) un-augmented image embeddings of ``data`` by ``net`` (for :func:`fold_votes`)."""
-    if trunk is not None:
-        with autocast(data.device):
-            return net.image_features(trunk=trunk).float()
-    return feature_pass(net.image_features, data.images, batch_size=batch)  # type: ignore[arg-type]
-
-
 def score_detector(
     net: DeftModel,
     data: LabelledImages,
@@ -357,6 +377,6 @@ def score_detector(
         trunk = trunk_cache(net, data.images, 2 * config.batch_size)
     average = EpochAverage.empty(len(data), net.prompts.n_cls)
     with reporter.task("Scoring", total=len(data)):
-        _score_into(net, data, trunk, average, 2 * config.batch_size)
+        score_into(net, data, trunk, average, 2 * config.batch_size)
         reporter.advance(len(data))
     return verdict(average, data.labels_np, np.full(len(data), IN_SAMPLE), config)

@@ -50,15 +50,20 @@ def stage(
     cache_dir: Path | None = None,
     reporter: Reporter = SilentReporter(),
 ) -> StagedImages:
-    """Decode ``manifest``'s images once at the backbone's size and stage ``rows`` (default: all) for
-    ``device``, normalised with the backbone's mean/std: what every stage feeds its tower with."""
+    """Decode ``manifest``'s images of ``rows`` (default: all) once at the backbone's size and stage
+    them for ``device``, normalised with the backbone's mean/std: what every stage feeds its tower
+    with. Only the span of the cache from the first to the last of ``rows`` is staged (under torchrun,
+    a process's block)."""
+    rows = np.arange(len(manifest)) if rows is None else np.asarray(rows)
     cache = manifest.decode(
-        backbone.image_size, num_workers=num_workers, cache_dir=cache_dir, reporter=reporter
+        backbone.image_size, rows=rows, num_workers=num_workers, cache_dir=cache_dir, reporter=reporter
     )
-    rows = np.arange(len(manifest)) if rows is None else rows
+    first = int(rows.min()) if len(rows) else 0
+    last = int(rows.max()) + 1 if len(rows) else 0
     return StagedImages(
-        cache, rows, mean=backbone.mean, std=backbone.std, size=backbone.image_size, device=device
-    )
+        cache[first:last], rows - first, mean=backbone.mean, std=backbone.std, size=backbone.image_size,
+        device=device,
+    )  # fmt: skip
 
 
 def embed_images(

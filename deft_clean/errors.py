@@ -85,3 +85,7 @@ class MissingExtraError(DeftCleanError):
 
 class TrainingError(DeftCleanError):
     """Training produced a model that cannot be trusted (diverged or collapsed); nothing is written."""
+
+
+class ProcessLostError(DeftCleanError):
+    """Under torchrun, another process of the run stopped (killed, out of memory, its own failure)."""

@@ -3,7 +3,8 @@
 ``finetune`` reads the data like ``detect`` (decode once into a uint8 cache staged for the device,
 augment on the device, bf16 autocast on CUDA, no host sync inside a step), picks the training rows
 from a flags file, trains a linear head (and the tower for ``--tune full``/``lora``) with SGD + cosine
-schedule, and returns/saves a :class:`~deft_clean.classifier.Classifier` (the saved model's story is
+schedule (the loop is :mod:`deft_clean.finetune_loop`), and returns/saves a
+:class:`~deft_clean.classifier.Classifier` (the saved model's story is
 in ``classifier.py``). For TeS it also builds the fixed text classifier and the projection head
 (:class:`ClassifierHead`), which are used in training only.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,23 +29,21 @@ from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.classifier import Classifier, build_tower, changed_tower_keys, classifier_info, evaluate
 from deft_clean.config import BackboneConfig, DataConfig, FinetuneConfig, resolve_backbone
 from deft_clean.data import Manifest, load_manifest
+from deft_clean.distributed import World, runs_distributed, world_from_env
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
 from deft_clean.files import check_output, releases_outputs
+from deft_clean.finetune_loop import refuse_uneven_batch, train_classifier
 from deft_clean.offline import OFFLINE_NOTE
 from deft_clean.preflight import refuse_one_class
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import confident_suggestions, read_results
 from deft_clean.runtime import (
-    StagedImages,
-    autocast,
-    cosine_lr,
     cuda_autotune,
-    feature_pass,
     is_conv,
     seeded,
 )
-from deft_clean.tes import tes_loss, text_logits
+from deft_clean.tes import text_logits
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,7 @@ class FinetuneResult:
 
 
 @releases_outputs
+@runs_distributed
 def finetune(
     data_dir: str | Path,
     labels_csv: str | Path | None = None,
@@ -82,38 +82,47 @@ def finetune(
     (:func:`check_output`: an existing non-empty folder is refused unless ``overwrite``). With ``out``,
     each epoch ends with a checkpoint beside it; ``resume`` continues a killed run from it.
     """
-    config = finetune
+    config, world = finetune, world_from_env()
     if out is not None:
         inputs = [data_dir, labels_csv, flags, test_dir, test_csv, data.classes_file]
-        check_output(out, inputs=inputs, overwrite=overwrite, kind="folder")
-    flags_df = read_results(flags) if flags is not None else None
+        world.on_main(lambda: check_output(out, inputs=inputs, overwrite=overwrite, kind="folder"))
+    flags_df = world.together(lambda: read_results(flags)) if flags is not None else None
     recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
     bcfg = resolve_backbone(backbone, recorded)
     size = input_size(bcfg)  # validation keeps the pixels it decodes at this size: one decode per image
     manifest = load_manifest(
-        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter
-    )
+        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter,
+        world=world,
+    )  # fmt: skip
     refuse_one_class(manifest, source=str(labels_csv or data_dir))
     rows, labels, n_dropped, n_relabelled = select_training_rows(
         manifest, flags_df, config, flags_name=f"'{flags}'"
     )
-    built, tower = build_tower(bcfg, config)  # load_classifier rebuilds it the same way
+    refuse_uneven_batch(config, world)
+    built, tower = world.together(lambda: build_tower(bcfg, config))  # load_classifier rebuilds it so
     for note in built.notes:
         if note != OFFLINE_NOTE:  # that one is about detection; TeS trains the towers it needs anyway
             reporter.log(note, "warning")
     device = next(tower.parameters()).device
-    head = _head(built, tower, manifest, config, device)
-    images = stage(manifest, built, device, rows=rows, num_workers=config.num_workers, reporter=reporter)
+    head = _head(built, tower, manifest, config, device).to(device)
+    owners = world.owners(len(manifest))[rows]  # the process that validated (and kept) each row's image
+    own = rows[owners == world.rank]
+    images = stage(manifest, built, device, rows=own, num_workers=config.num_workers, reporter=reporter)
     images.channels_last = device.type == "cuda" and is_conv(tower)
-    checkpoint = _checkpoint(out, (data, bcfg, config), manifest, flags, len(rows), resume, reporter)
+    world.broadcast_tensors([p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad])
+    checkpoint = _checkpoint(out, (data, bcfg, config), manifest, flags, len(rows), resume, reporter, world)
     with cuda_autotune(device, tower):
-        _train(tower, head.to(device), images, torch.from_numpy(labels), config, reporter, checkpoint)
+        train_classifier(
+            tower, head, images, torch.from_numpy(labels), config, reporter, checkpoint, (world, owners)
+        )
+    world.broadcast_tensors([*tower.buffers(), *head.buffers()])  # BatchNorm statistics: rank 0's
     info = classifier_info(built, bcfg, config, manifest)
     info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}
     info["training"].update(fingerprint=manifest.fingerprint, flags=None if flags is None else str(flags))
+    info["training"]["world_size"] = world.size
     classifier = Classifier(tower, head.fc, info, changed_tower_keys(tower))
-    metrics = _evaluate_and_save(classifier, data, out, test_dir, test_csv, reporter)
-    if checkpoint is not None:
+    metrics = _evaluate_and_save(classifier, data, out, test_dir, test_csv, reporter, world)
+    if checkpoint is not None and world.is_main:
         checkpoint.remove()
     return FinetuneResult(
         classifier, len(rows), n_dropped, n_relabelled, metrics, None if out is None else Path(out)
@@ -128,12 +137,16 @@ def _checkpoint(
     rows: int,
     resume: bool,
     reporter: Reporter,
+    world: World,
 ) -> Checkpoint | None:
     """The epoch checkpoint beside ``out`` (none without ``out``), keyed by the run's configs, input
-    fingerprint, flags file and row count, so a checkpoint of another run is never resumed."""
+    fingerprint, flags file and row count (and the number of processes under torchrun), so a
+    checkpoint of another run is never resumed."""
     if out is None:
         return None
     key = run_key(configs, manifest.fingerprint, flags=None if flags is None else str(flags), rows=rows)
+    if world.active:
+        key["world_size"] = world.size
     return Checkpoint(checkpoint_path(Path(out)), key, resume=resume, reporter=reporter)
 
 
@@ -159,16 +172,19 @@ def _evaluate_and_save(
     test_dir: str | Path | None,
     test_csv: str | Path | None,
     reporter: Reporter,
+    world: World,
 ) -> dict[str, Any] | None:
-    """Test-set metrics (with ``test_dir``), then the classifier saved to ``out`` with ``metrics.json``
-    in the same atomic folder."""
+    """Test-set metrics (with ``test_dir``; each process scores its block), then the classifier saved
+    to ``out`` with ``metrics.json`` in the same atomic folder, by the main process."""
     metrics = None
     if test_dir is not None:
         test_data = dataclasses.replace(data, min_per_class=0)
-        metrics = evaluate(classifier, test_dir, test_csv, data_config=test_data, reporter=reporter)
+        metrics = evaluate(
+            classifier, test_dir, test_csv, data_config=test_data, reporter=reporter, world=world
+        )
     if out is not None:
         extra = {"metrics.json": json.dumps(metrics, indent=2) + "\n"} if metrics is not None else {}
-        classifier.save(out, extra_files=extra)
+        world.on_main(lambda: classifier.save(out, extra_files=extra))
     return metrics
 
 
@@ -314,83 +330,3 @@ def text_classifier(
         total = emb if total is None else total + emb
     model.train(was_training)
     return F.normalize(total, dim=-1)
-
-
-def _train(
-    tower: nn.Module,
-    head: ClassifierHead,
-    images: StagedImages,
-    labels: torch.Tensor,
-    cfg: FinetuneConfig,
-    reporter: Reporter,
-    checkpoint: Checkpoint | None = None,
-) -> None:
-    """SGD over the staged ``images`` (N samples) with ``labels`` (N,); TeS or CE per ``cfg.method``.
-
-    The loss is read back once per epoch (no host sync per step). ``checkpoint``: saved after every
-    epoch; the epochs it holds are skipped when resuming.
-    """
-    device = next(head.parameters()).device
-    labels = labels.to(device)
-    features_of, augment_gen = _feature_source(tower, images, cfg, reporter)
-    params = [p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    n = len(labels)
-    batch_size = min(cfg.batch_size, n)
-    steps_per_epoch = n // batch_size  # drop the ragged last batch (BatchNorm needs B > 1)
-    total_steps = steps_per_epoch * cfg.epochs
-    order_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    tower.train(cfg.tune != "linear")
-    head.train()
-    net, generators = nn.ModuleDict({"tower": tower, "head": head}), [order_gen, augment_gen]
-    start, _ = checkpoint.restore(net, optimizer, generators) if checkpoint else (0, [])
-    step = start * steps_per_epoch
-    for epoch in range(start, cfg.epochs):
-        order = torch.randperm(n, generator=order_gen, device=device)
-        running = torch.zeros((), device=device)
-        with reporter.task(
-            f"Fine-tuning ({cfg.method}) epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * batch_size
-        ):
-            for i in range(steps_per_epoch):
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(cfg.lr, step / max(total_steps, 1))
-                idx = order[i * batch_size : (i + 1) * batch_size]
-                y = labels[idx]  # (B,)
-                with autocast(device):
-                    vision_logits, text_logits = head(features_of(idx))  # (B, K), (B, K) or None
-                if text_logits is None:
-                    loss = F.cross_entropy(vision_logits.float(), y)
-                else:
-                    loss = tes_loss(
-                        vision_logits, text_logits, y, lambda_t=cfg.lambda_t, lambda_v=cfg.lambda_v
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += loss.detach()
-                step += 1
-                reporter.advance(len(idx))
-            reporter.advance(0, loss=float(running / max(steps_per_epoch, 1)))  # one sync per epoch
-        if checkpoint is not None:
-            checkpoint.save(epoch + 1, [], net, optimizer, generators)
-    tower.eval()
-    head.eval()
-
-
-def _feature_source(
-    tower: nn.Module, images: StagedImages, cfg: FinetuneConfig, reporter: Reporter
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Generator]:
-    """A function: batch indices (B,) on the device -> training features (B, E); and the generator of
-    its augmentations (part of a checkpoint).
-
-    ``--tune linear``: the frozen features, computed once by the one feature pass. Otherwise each call
-    crops/flips/normalises the batch on the device and runs the tower.
-    """
-    generator = torch.Generator(device=images.device).manual_seed(cfg.seed + 1)
-    if cfg.tune == "linear":
-        tower.eval()
-        features = feature_pass(tower, images, batch_size=256, reporter=reporter)  # (N, E) float32
-        return (lambda idx: features[idx]), generator
-    if images.channels_last:
-        tower.to(memory_format=torch.channels_last)
-    return (lambda idx: tower(images.images_at(idx, train=True, generator=generator))), generator

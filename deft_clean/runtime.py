@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from deft_clean.augment import gpu_augment
+from deft_clean.distributed import local_rank, world_from_env
 from deft_clean.errors import ConfigError
 from deft_clean.progress import Reporter, SilentReporter
 
@@ -25,7 +26,16 @@ GPU_CACHE_FRACTION = 0.5  # the image cache moves to the GPU when it takes at mo
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → ``cuda`` when available, else ``cpu``; otherwise the named device, checked to exist."""
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; otherwise the named device, checked to exist.
+    Under torchrun, ``cuda`` without an index is this process's GPU (``LOCAL_RANK``)."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and world_from_env().active:
+        if local_rank() >= torch.cuda.device_count():
+            raise ConfigError(
+                f"This is process {local_rank()} of those torchrun started on this machine, which has "
+                f"{torch.cuda.device_count()} CUDA device(s).",
+                hint=f"Start one process per GPU: --nproc-per-node {torch.cuda.device_count()}.",
+            )
+        return torch.device("cuda", local_rank())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

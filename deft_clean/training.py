@@ -6,6 +6,8 @@ batches are drawn by index with seeded generators and augmented on the device; t
 on the device except once per epoch, to read the epoch's loss and timing. Warm-up epochs train CE on
 every sample; later epochs CE on the samples the current model calls clean (in the same batch) and
 pseudo-labels for the rest in the negative-prompt loss (:func:`deft_clean.scoring.deft_loss`).
+The un-augmented passes of the trained detector over some rows (:func:`score_into`, :func:`embed_rows`)
+are here too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 
 from deft_clean.checkpoint import Checkpoint
 from deft_clean.config import DetectConfig
+from deft_clean.crossfit import EpochAverage, score_pass
 from deft_clean.deft_model import DeftModel
+from deft_clean.distributed import World
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.runtime import StagedImages, autocast, cosine_lr, feature_pass
 from deft_clean.scoring import clean_probability, complementary_labels, deft_loss, select_clean
@@ -27,25 +31,48 @@ from deft_clean.text_sampling import step_classes, to_local
 
 
 class LabelledImages:
-    """The staged images of the readable rows and their given labels ``labels_np`` (N,), on the device too."""
+    """The staged images of the readable rows and their given labels ``labels_np`` (N,), on the device too.
 
-    def __init__(self, images: StagedImages | _Subset, labels_np: np.ndarray) -> None:
+    ``owners`` (N,): the process holding each sample's image (under torchrun, see :class:`Block`;
+    all 0 in one process)."""
+
+    def __init__(
+        self, images: StagedImages | Block | _Subset, labels_np: np.ndarray, owners: np.ndarray | None = None
+    ) -> None:
         self.images, self.labels_np, self.device = images, labels_np, images.device
         self.labels = torch.from_numpy(labels_np).to(images.device)
         self.index = getattr(images, "index", np.arange(len(labels_np)))  # samples of the full set held here
+        self.owners = np.zeros(len(labels_np), dtype=np.int64) if owners is None else owners
 
     def __len__(self) -> int:
         return len(self.labels_np)
 
     def subset(self, index: np.ndarray) -> LabelledImages:
         """The samples ``index`` (M,) of this set (a view: nothing is copied or moved)."""
-        return LabelledImages(_Subset(self.images, np.asarray(index)), self.labels_np[index])
+        index = np.asarray(index)
+        return LabelledImages(_Subset(self.images, index), self.labels_np[index], self.owners[index])
+
+
+class Block:
+    """Under torchrun: the ``n`` samples of a run, of which this process staged ``images``, samples
+    ``start`` to ``start + len(images)``; only those may be asked for (the others live elsewhere)."""
+
+    def __init__(self, images: StagedImages, start: int, n: int) -> None:
+        self.images, self.start, self.n, self.device = images, start, n, images.device
+
+    def __len__(self) -> int:
+        return self.n
+
+    def images_at(
+        self, index: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return self.images.images_at(index.cpu() - self.start, train=train, generator=generator)
 
 
 class _Subset:
     """Some samples of a :class:`StagedImages`: sample ``i`` here is sample ``index[i]`` there."""
 
-    def __init__(self, images: StagedImages | _Subset, index: np.ndarray) -> None:
+    def __init__(self, images: StagedImages | Block | _Subset, index: np.ndarray) -> None:
         self.images, self.device = images, images.device
         self.index = getattr(images, "index", np.arange(len(images)))[index]
         self._local = torch.from_numpy(index)
@@ -62,6 +89,38 @@ class _Subset:
 def trunk_cache(net: DeftModel, images: StagedImages, batch_size: int) -> torch.Tensor:
     """(N, F) frozen-trunk features of the un-augmented images, computed once (``net.caches_features``)."""
     return feature_pass(net.trunk_features, images, batch_size=batch_size)
+
+
+def workers(
+    world: World, data: LabelledImages, index: torch.Tensor, trunk: torch.Tensor | None
+) -> np.ndarray:
+    """(B,) the process that computes each of samples ``index`` (B,): with a trunk cache (every process
+    holds all of it) the batch is dealt evenly; otherwise each sample goes to the process holding
+    its image."""
+    if trunk is not None:
+        return world.owners(len(index))
+    return data.owners[index.cpu().numpy()]
+
+
+def world_features(
+    net: DeftModel,
+    data: LabelledImages,
+    index: torch.Tensor,
+    trunk: torch.Tensor | None,
+    *,
+    world: World,
+    train: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """:func:`batch_features` of samples ``index`` (B,), each computed by one process (:func:`workers`)
+    and gathered in order on every process (:meth:`World.gather_rows`); in one process, the same."""
+    if not world.active:
+        return batch_features(net, data, index, trunk, train=train, generator=generator)
+    who = workers(world, data, index, trunk)
+    mine = index[torch.from_numpy(np.flatnonzero(who == world.rank))]
+    if len(mine) == 0:  # none of this batch is here (and a tower cannot run on an empty batch)
+        return world.gather_rows(torch.zeros(0, net.embed_dim, device=data.device), who)
+    return world.gather_rows(batch_features(net, data, mine, trunk, train=train, generator=generator), who)
 
 
 def batch_features(
@@ -88,6 +147,7 @@ def train_detector(
     reporter: Reporter = SilentReporter(),
     checkpoint: Checkpoint | None = None,
     after_epoch: Callable[[int], None] | None = None,
+    world: World = World(),
 ) -> list[dict[str, float]]:
     """Train prompts and tuning on the given labels; returns per-epoch dicts (loss, ce, neg, selected, img_s).
 
@@ -96,7 +156,10 @@ def train_detector(
     ``trunk``: features from :func:`trunk_cache` when the tower is frozen (computed here if not given).
     ``after_epoch(epoch)`` (0-based) runs after each epoch with the model in eval mode.
     ``checkpoint``: saved after every epoch (after ``after_epoch``), and the epochs it holds are skipped
-    when resuming.
+    when resuming. ``world``: under torchrun every process draws the same global batches of
+    ``config.batch_size`` samples, computes the image features of its share (:func:`world_features`),
+    the loss of the whole batch, and the gradients are averaged: the same steps as one process
+    (image augmentation draws from a generator of each process's own).
     """
     device, n = data.device, len(data)
     cpu_gen = torch.Generator().manual_seed(config.seed)
@@ -109,8 +172,11 @@ def train_detector(
     steps = math.ceil(n / config.batch_size)
     generators = [cpu_gen, dev_gen]
     start, history = checkpoint.restore(net, optimizer, generators) if checkpoint else (0, [])
+    augment = torch.Generator(device=device) if world.active else dev_gen
     net.train()
     for epoch in range(start, config.epochs):
+        if world.active:  # seeded per epoch and process, so a resumed run draws the same
+            augment.manual_seed(config.seed + 2 + world.rank + world.size * epoch)
         order = torch.randperm(n, generator=cpu_gen)
         totals = torch.zeros(4, device=device)  # sums of loss, ce, neg over samples; selected count
         started = time.perf_counter()
@@ -120,8 +186,9 @@ def train_detector(
                 index = order[step * config.batch_size : (step + 1) * config.batch_size]
                 warm = epoch < config.warmup_epochs
                 totals += _train_step(
-                    net, data, index, trunk, optimizer, config, warm=warm, generator=dev_gen
-                )
+                    net, data, index, trunk, optimizer, config, warm=warm, generator=dev_gen, augment=augment,
+                    world=world,
+                )  # fmt: skip
                 if step < steps - 1:
                     reporter.advance(len(index))
             record = _epoch_record(epoch, totals, n, time.perf_counter() - started)
@@ -131,7 +198,7 @@ def train_detector(
             net.eval()
             after_epoch(epoch)
             net.train()
-        if checkpoint is not None:
+        if checkpoint is not None and world.is_main:
             checkpoint.save(epoch + 1, history, net, optimizer, generators)
     net.eval()
     return history
@@ -172,11 +239,15 @@ def _train_step(
     *,
     warm: bool,
     generator: torch.Generator,
+    augment: torch.Generator | None = None,
+    world: World = World(),
 ) -> torch.Tensor:
-    """One SGD step on samples ``index`` (B,); returns (4,) on the device: B·loss, B·ce, B·neg, #selected."""
+    """One SGD step on samples ``index`` (B,); returns (4,) on the device: B·loss, B·ce, B·neg, #selected.
+    ``generator`` draws the labels' random choices, ``augment`` (default: the same) the augmentations."""
+    augment = generator if augment is None else augment
     labels = data.labels[index.to(data.device, non_blocking=True)]
     with autocast(data.device):
-        features = batch_features(net, data, index, trunk, train=True, generator=generator)
+        features = world_features(net, data, index, trunk, world=world, train=True, generator=augment)
     complementary = complementary_labels(labels, net.prompts.n_cls, generator)
     # Many classes: encode only those the loss needs plus a sample (labels become columns of s±).
     classes = step_classes(labels, complementary, net.prompts.n_cls, config.text_classes, generator)
@@ -192,7 +263,48 @@ def _train_step(
     loss, ce, neg = deft_loss(s_pos, s_neg, labels, complementary, selected, balance=config.balances)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    world.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
     optimizer.step()
     count = torch.full((), float(len(index)), device=data.device)
     chosen = selected.sum().float() if selected is not None else count
     return torch.stack([loss.detach() * count, ce.detach() * count, neg.detach() * count, chosen])
+
+
+def score_into(
+    net: DeftModel,
+    data: LabelledImages,
+    trunk: torch.Tensor | None,
+    average: EpochAverage,
+    batch: int,
+    world: World = World(),
+) -> None:
+    """Add one un-augmented pass of ``net`` over ``data`` to ``average`` (shared among the processes)."""
+    with autocast(data.device):
+        text = net.prompts.encode_all()  # (K, E) each, once: the prompts do not change while scoring
+
+    def similarities(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = batch_features(net, data, index, trunk, train=False, generator=None)
+        return net.similarities(features, text)
+
+    who = workers(world, data, torch.arange(len(data)), trunk)
+    score_pass(similarities, len(data), data.labels, average, net.scale, batch, world=world, who=who)
+
+
+@torch.no_grad()
+def embed_rows(
+    net: DeftModel, data: LabelledImages, trunk: torch.Tensor | None, batch: int, world: World = World()
+) -> torch.Tensor:
+    """(N, E) un-augmented image embeddings of ``data`` by ``net`` (for :func:`fold_votes`); under
+    torchrun each process embeds the rows whose images it holds and every process gets them all."""
+    if trunk is not None:
+        with autocast(data.device):
+            return net.image_features(trunk=trunk).float()
+    if not world.active:
+        return feature_pass(net.image_features, data.images, batch_size=batch)  # type: ignore[arg-type]
+    own = np.flatnonzero(data.owners == world.rank)
+    parts = [torch.zeros(0, net.embed_dim, device=data.device)]
+    for start in range(0, len(own), batch):
+        index = torch.from_numpy(own[start : start + batch])
+        with autocast(data.device):
+            parts.append(net.image_features(data.images.images_at(index, train=False)).float())
+    return world.gather_rows(torch.cat(parts), data.owners)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deft_clean.distributed import World
 from deft_clean.errors import DataError, Problem
 from deft_clean.images import pixel_limit, verify_image
 from deft_clean.progress import Reporter, SilentReporter
@@ -200,6 +201,7 @@ def find_problems(
     decode: Decoder | None = None,
     follow_links: bool = False,
     reporter: Reporter = SilentReporter(),
+    world: World = World(),
 ) -> Findings:
     """Check every row at once; return all problems (row-ordered) and the readable mask.
 
@@ -210,12 +212,15 @@ def find_problems(
     how each image is decoded, called once per distinct file with its row index (``data`` passes one
     that keeps the pixels, so the image cache needs no second decode); default: a cheap full decode.
     ``follow_links``: accept symlinks out of ``root`` to readable files (``--follow-links``).
+    ``world``: under torchrun each process opens only the files of its block of rows
+    (:meth:`World.block`) and the image problems are exchanged, so every process returns the same.
     """
     problems, first = _row_problems(rows, root, class_ids, follow_links)
     listings: dict[Path, list[str]] = {}
     bad: list[Problem] = []
     to_decode: list[tuple[int, Row]] = []
-    for i in first.values():
+    start, stop = world.block(len(rows))
+    for i in (i for i in first.values() if start <= i < stop):
         problem = _file_problem(root, rows[i].path, listings)
         if problem is None:
             to_decode.append((i, rows[i]))
@@ -223,6 +228,7 @@ def find_problems(
             bad.append(replace(problem, row=rows[i].line))
     workers = num_workers or min(8, os.cpu_count() or 1)
     bad += _decode_problems(root, to_decode, workers, max_pixels, decode, reporter)
+    bad = [problem for found in world.gather_objects(bad) for problem in found]
     skip = on_bad_image == "skip"
     bad_keys = {_key(p.path or "") for p in bad} if skip else set()
     readable = np.array([_key(row.path) not in bad_keys for row in rows], dtype=bool)
