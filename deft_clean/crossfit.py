@@ -74,6 +74,10 @@ class EpochAverage:
         self.margin += ((s_pos - s_neg)[rows, labels] / scale).double().cpu().numpy()
         self.epochs += 1
 
+    def place(self, rows: np.ndarray, part: EpochAverage) -> None:
+        """Put ``part`` (the average of some rows, e.g. one fold's) at ``rows`` (M,) of this average."""
+        self.probs[rows], self.p_clean[rows], self.margin[rows] = part.probs, part.p_clean, part.margin
+
     def mean(self) -> EpochAverage:
         """The average over the passes added (``epochs`` 1)."""
         count = max(self.epochs, 1)

@@ -58,14 +58,12 @@ def detect(
     resume: bool = False,
     reporter: Reporter = SilentReporter(),
 ) -> DetectResult:
-    """Flag likely wrong labels in an image set; write the results (one row per input row) and return them.
+    """Flag likely wrong labels; write the results (one row per input row), return them with the summary.
 
-    ``out``: default :func:`default_out`. ``truth_csv`` (path,label of verified labels, some or all rows)
-    adds precision/recall/F1 to the summary; ``save_model`` keeps the detector (:mod:`deft_clean.deft_model`);
-    ``report`` writes the HTML report beside the results (``<out>`` with suffix ``.html``). Outputs are
-    checked before any work (:func:`check_output`): an existing one is refused unless ``overwrite``, an
-    input always. Each epoch ends with a checkpoint beside ``out``; ``resume`` continues a killed run from
-    it to the same result. Returns the table (metadata in ``frame.attrs``), the summary, the paths written.
+    ``out``: default :func:`default_out`. ``truth_csv`` (verified path,label of some or all rows) adds
+    precision/recall/F1; ``save_model`` keeps the detector; ``report`` writes ``<out>.html``. Outputs are
+    checked before any work: an existing one is refused unless ``overwrite``, an input always. Each epoch
+    ends with a checkpoint beside ``out``; ``resume`` continues a killed run from it to the same result.
     """
     backbone = resolve_backbone(backbone)
     clock = {"start": time.perf_counter()}
@@ -74,11 +72,7 @@ def detect(
     out_path, page = world.on_main(
         lambda: _check_outputs(data_dir, labels_csv, data, out, truth_csv, save_model, report, overwrite)
     )
-    size = input_size(backbone)  # validation keeps the pixels it decodes at this size: one decode per image
-    manifest = load_manifest(
-        data_dir, labels_csv, config=data, image_size=size, num_workers=detect.num_workers, reporter=reporter,
-        world=world,
-    )  # fmt: skip
+    manifest = _read_data(data_dir, labels_csv, data, backbone, detect, reporter, world)
     _refuse_unfit(manifest, (out_path, page), backbone, detect, source=str(labels_csv or data_dir))
     truth = load_labels(truth_csv, manifest, allow_missing=True) if truth_csv is not None else None
     seed_everything(detect.seed)
@@ -104,13 +98,28 @@ def detect(
     world.on_main(lambda: (write_results(frame, out_path, metadata=metadata), checkpoint.remove()))
     if save_model is not None:  # one writer; a failed write stops every process with its message
         world.on_main(lambda: _save(net, save_model, backbone, config, manifest))
-    html = None  # the report reads the results file, as `deft-clean report` does
-    if page is not None:
-        html = world.on_main(
-            lambda: build_report(out_path, page, truth_csv=truth_csv, overwrite=overwrite, reporter=reporter)
-        )
+    html = page and world.on_main(  # the report reads the results file, as `deft-clean report` does
+        lambda: build_report(out_path, page, truth_csv=truth_csv, overwrite=overwrite, reporter=reporter)
+    )
     frame.attrs.update(metadata, out=str(out_path))
     return DetectResult(frame, summary, out_path, html)
+
+
+def _read_data(
+    data_dir: str | Path,
+    labels_csv: str | Path | None,
+    data: DataConfig,
+    backbone: BackboneConfig,
+    detect: DetectConfig,
+    reporter: Reporter,
+    world: World,
+) -> Manifest:
+    """The validated rows of this process; validation keeps the pixels it decodes at the backbone's input
+    size, so each image is decoded once."""
+    return load_manifest(
+        data_dir, labels_csv, config=data, image_size=input_size(backbone), num_workers=detect.num_workers,
+        reporter=reporter, world=world,
+    )  # fmt: skip
 
 
 def _check_outputs(
@@ -331,12 +340,7 @@ def fit_and_score(
             embedded[int(k)] = embed_rows(
                 net, target, _rows(trunk, target.index), 2 * config.batch_size, world
             )
-        mean = part.mean()
-        average.probs[scored], average.p_clean[scored], average.margin[scored] = (
-            mean.probs,
-            mean.p_clean,
-            mean.margin,
-        )
+        average.place(scored, part.mean())
     return _verdict(average, samples.labels_np, fold, embedded, config, reporter), history
 
 

@@ -6,7 +6,7 @@ from a flags file, trains a linear head (and the tower for ``--tune full``/``lor
 schedule (the loop is :mod:`deft_clean.finetune_loop`), and returns/saves a
 :class:`~deft_clean.classifier.Classifier` (the saved model's story is
 in ``classifier.py``). For TeS it also builds the fixed text classifier and the projection head
-(:class:`ClassifierHead`), which are used in training only.
+(:class:`deft_clean.tes.ClassifierHead`), which are used in training only.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ from deft_clean.preflight import refuse_one_class
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.results import confident_suggestions, read_results
 from deft_clean.runtime import (
+    StagedImages,
     cuda_autotune,
     is_conv,
     seeded,
 )
-from deft_clean.tes import text_logits
+from deft_clean.tes import ClassifierHead
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,9 @@ def finetune(
     flags_df = world.together(lambda: read_results(flags)) if flags is not None else None
     recorded = (flags_df.attrs.get("configs", {}) if flags_df is not None else {}).get("backbone")
     bcfg = resolve_backbone(backbone, recorded)
-    size = input_size(bcfg)  # validation keeps the pixels it decodes at this size: one decode per image
-    manifest = load_manifest(
-        data_dir, labels_csv, config=data, image_size=size, num_workers=config.num_workers, reporter=reporter,
-        world=world,
+    manifest = load_manifest(  # validation keeps the pixels it decodes at this size: one decode per image
+        data_dir, labels_csv, config=data, image_size=input_size(bcfg), num_workers=config.num_workers,
+        reporter=reporter, world=world,
     )  # fmt: skip
     refuse_one_class(manifest, source=str(labels_csv or data_dir))
     rows, labels, n_dropped, n_relabelled = select_training_rows(
@@ -100,15 +100,10 @@ def finetune(
     )
     refuse_uneven_batch(config, world)
     built, tower = world.together(lambda: build_tower(bcfg, config))  # load_classifier rebuilds it so
-    for note in built.notes:
-        if note != OFFLINE_NOTE:  # that one is about detection; TeS trains the towers it needs anyway
-            reporter.log(note, "warning")
+    _log_notes(built.notes, reporter)
     device = next(tower.parameters()).device
     head = _head(built, tower, manifest, config, device).to(device)
-    owners = world.owners(len(manifest))[rows]  # the process that validated (and kept) each row's image
-    own = rows[owners == world.rank]
-    images = stage(manifest, built, device, rows=own, num_workers=config.num_workers, reporter=reporter)
-    images.channels_last = device.type == "cuda" and is_conv(tower)
+    images, owners = _stage_own(manifest, rows, built, tower, config, reporter, world)
     world.broadcast_tensors([p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad])
     checkpoint = _checkpoint(out, (data, bcfg, config), manifest, flags, len(rows), resume, reporter, world)
     with cuda_autotune(device, tower):
@@ -117,9 +112,8 @@ def finetune(
         )
     world.broadcast_tensors([*tower.buffers(), *head.buffers()])  # BatchNorm statistics: rank 0's
     info = classifier_info(built, bcfg, config, manifest)
-    info["training"] = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled}
-    info["training"].update(fingerprint=manifest.fingerprint, flags=None if flags is None else str(flags))
-    info["training"]["world_size"] = world.size
+    counts = {"rows": len(rows), "dropped": n_dropped, "relabelled": n_relabelled, "world_size": world.size}
+    info["training"] = dict(counts, fingerprint=manifest.fingerprint, flags=flags and str(flags))
     classifier = Classifier(tower, head.fc, info, changed_tower_keys(tower))
     metrics = _evaluate_and_save(classifier, data, out, test_dir, test_csv, reporter, world)
     if checkpoint is not None and world.is_main:
@@ -127,6 +121,33 @@ def finetune(
     return FinetuneResult(
         classifier, len(rows), n_dropped, n_relabelled, metrics, None if out is None else Path(out)
     )
+
+
+def _stage_own(
+    manifest: Manifest,
+    rows: np.ndarray,
+    built: Backbone,
+    tower: nn.Module,
+    config: FinetuneConfig,
+    reporter: Reporter,
+    world: World,
+) -> tuple[StagedImages, np.ndarray]:
+    """The images of the training ``rows`` this process validated (and kept), staged on the tower's device,
+    and the process owning each of ``rows`` (all 0 in one process)."""
+    device = next(tower.parameters()).device
+    owners = world.owners(len(manifest))[rows]
+    own = rows[owners == world.rank]
+    images = stage(manifest, built, device, rows=own, num_workers=config.num_workers, reporter=reporter)
+    images.channels_last = device.type == "cuda" and is_conv(tower)
+    return images, owners
+
+
+def _log_notes(notes: tuple[str, ...], reporter: Reporter) -> None:
+    """The backbone's warnings, but the offline one: it is about detection, and TeS trains the towers it
+    needs anyway."""
+    for note in notes:
+        if note != OFFLINE_NOTE:
+            reporter.log(note, "warning")
 
 
 def _checkpoint(
@@ -276,36 +297,6 @@ def _feature_dim(tower: nn.Module, image_size: int, device: torch.device) -> int
     dim = tower(torch.zeros(1, 3, image_size, image_size, device=device)).shape[-1]
     tower.train(was_training)
     return int(dim)
-
-
-class ClassifierHead(nn.Module):
-    """Linear vision head and, for TeS, the authors' projection head to the text space.
-
-    ``forward(features (B, E))`` returns ``(vision_logits (B, K), text_logits (B, K) or None)``.
-    The projection is Linear-BN-ReLU-Linear, L2-normalised, as in the authors' ``model.py``.
-    """
-
-    def __init__(self, feature_dim: int, num_classes: int, text_embeddings: torch.Tensor | None, tau: float):
-        super().__init__()
-        self.fc = nn.Linear(feature_dim, num_classes)
-        self.projection: nn.Module | None = None
-        self.tau = tau
-        if text_embeddings is not None:
-            self.projection = nn.Sequential(
-                nn.Linear(feature_dim, feature_dim),
-                nn.BatchNorm1d(feature_dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(feature_dim, text_embeddings.shape[1]),
-            )
-            self.register_buffer("text_embeddings", text_embeddings, persistent=False)  # (K, D) frozen
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.fc(features)  # (B, K)
-        if self.projection is None:
-            return logits, None
-        projected = F.normalize(self.projection(features).float(), dim=1)  # (B, D)
-        with torch.autocast(features.device.type, enabled=False):  # cos / 0.03 needs fp32, not bf16
-            return logits, text_logits(projected, self.text_embeddings.float(), self.tau)
 
 
 @torch.no_grad()

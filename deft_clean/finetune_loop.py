@@ -21,7 +21,7 @@ from deft_clean.runtime import StagedImages, autocast, cosine_lr, feature_pass
 from deft_clean.tes import tes_loss
 
 if TYPE_CHECKING:
-    from deft_clean.finetune import ClassifierHead
+    from deft_clean.tes import ClassifierHead
 
 
 def refuse_uneven_batch(config: FinetuneConfig, world: World) -> None:

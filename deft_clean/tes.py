@@ -1,4 +1,4 @@
-"""The TeS loss (Wang et al., ICCV 2023): text supervision for a vision classifier. Pure functions.
+"""The TeS loss (Wang et al., ICCV 2023): text supervision for a vision classifier, and the head it trains.
 
 A fixed text classifier (class-name prompts through the text tower, L2-normalised, frozen) and a
 projection head on the image features give *text logits* ``z_t = proj(f) · T / τ`` of shape
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def text_logits(projected: torch.Tensor, text_embeddings: torch.Tensor, tau: float) -> torch.Tensor:
@@ -56,3 +57,33 @@ def tes_loss(
     loss_vision = F.cross_entropy(vision_logits.float(), target)
     loss_text = F.cross_entropy(text_logits.float(), labels)
     return loss_vision + lambda_t * loss_text
+
+
+class ClassifierHead(nn.Module):
+    """Linear vision head and, for TeS, the authors' projection head to the text space.
+
+    ``forward(features (B, E))`` returns ``(vision_logits (B, K), text_logits (B, K) or None)``.
+    The projection is Linear-BN-ReLU-Linear, L2-normalised, as in the authors' ``model.py``.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, text_embeddings: torch.Tensor | None, tau: float):
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, num_classes)
+        self.projection: nn.Module | None = None
+        self.tau = tau
+        if text_embeddings is not None:
+            self.projection = nn.Sequential(
+                nn.Linear(feature_dim, feature_dim),
+                nn.BatchNorm1d(feature_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(feature_dim, text_embeddings.shape[1]),
+            )
+            self.register_buffer("text_embeddings", text_embeddings, persistent=False)  # (K, D) frozen
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.fc(features)  # (B, K)
+        if self.projection is None:
+            return logits, None
+        projected = F.normalize(self.projection(features).float(), dim=1)  # (B, D)
+        with torch.autocast(features.device.type, enabled=False):  # cos / 0.03 needs fp32, not bf16
+            return logits, text_logits(projected, self.text_embeddings.float(), self.tau)

@@ -150,16 +150,13 @@ def train_detector(
     world: World = World(),
 ) -> list[dict[str, float]]:
     """Train prompts and tuning on the given labels; returns per-epoch dicts (loss, ce, neg, selected, img_s).
-
-    Warm-up epochs: CE on every sample. Later epochs: CE on the samples the current model calls clean
-    (in the same batch), pseudo-labels for the rest in the negative-prompt loss (:func:`deft_loss`).
-    ``trunk``: features from :func:`trunk_cache` when the tower is frozen (computed here if not given).
-    ``after_epoch(epoch)`` (0-based) runs after each epoch with the model in eval mode.
-    ``checkpoint``: saved after every epoch (after ``after_epoch``), and the epochs it holds are skipped
-    when resuming. ``world``: under torchrun every process draws the same global batches of
-    ``config.batch_size`` samples, computes the image features of its share (:func:`world_features`),
-    the loss of the whole batch, and the gradients are averaged: the same steps as one process
-    (image augmentation draws from a generator of each process's own).
+    Warm-up epochs: CE on every sample; later, CE on the samples the model calls clean (same batch) and
+    the rest's pseudo-labels in the negative-prompt loss (:func:`deft_loss`).
+    ``trunk``: :func:`trunk_cache` features of a frozen tower (computed if not given). ``after_epoch(epoch)``
+    (0-based) runs after each epoch with the model in eval mode.
+    ``checkpoint``: saved after every epoch (after ``after_epoch``); its epochs are skipped on resume.
+    ``world``: under torchrun each process draws the same global batches, computes its share's image
+    features (:func:`world_features`) and the whole batch's loss; gradients are averaged.
     """
     device, n = data.device, len(data)
     cpu_gen = torch.Generator().manual_seed(config.seed)
@@ -184,10 +181,9 @@ def train_detector(
             for step in range(steps):
                 _set_lr(optimizer, config, epoch, step, steps)
                 index = order[step * config.batch_size : (step + 1) * config.batch_size]
-                warm = epoch < config.warmup_epochs
                 totals += _train_step(
-                    net, data, index, trunk, optimizer, config, warm=warm, generator=dev_gen, augment=augment,
-                    world=world,
+                    net, data, index, trunk, optimizer, config, warm=epoch < config.warmup_epochs,
+                    generator=dev_gen, augment=augment, world=world,
                 )  # fmt: skip
                 if step < steps - 1:
                     reporter.advance(len(index))
