@@ -9,10 +9,11 @@ selection already keeps suspect rows out of the classification loss, and a fold 
 
 Either way a row's score is averaged over the scoring model's post-warm-up epochs (each such epoch ends
 with an un-augmented pass over the rows that model scores): the positive prompts' class probabilities
-are averaged over those epochs, and the *clean score* is ``P(given) - max P(other class)`` of the average,
-in [-1, 1] (the area-under-the-margin idea of Pleiss et al., 2020). It is negative exactly when the
-averaged prediction is another class, which is the default flag (``--flag-rule margin``), so ranks and
-flags tell one story.
+are averaged over those epochs and mixed with the row's neighbour votes (:func:`fold_votes`, weight
+``--neighbour-weight``), and the *clean score* is ``P(given) - max P(other class)`` of that mix, in
+[-1, 1] (the area-under-the-margin idea of Pleiss et al., 2020). It is negative exactly when the mix
+predicts another class, which is the default flag (``--flag-rule margin``), so ranks and flags tell one
+story.
 Averaging over epochs reads the model before it memorises the noisy labels of the last epochs.
 """
 

@@ -33,9 +33,8 @@ def neighbour_votes(
     if k_max < 1:
         return np.zeros((n, num_classes), np.float32), 0
     found = _nearest(features, reference, k_max, chunk)  # (N, k_max) rows, nearest first
-    neighbour_labels = labels[found]
-    k = _choose_k(neighbour_labels, labels, num_classes, [k for k in K_GRID if k <= k_max] or [k_max])
-    return _counts(neighbour_labels[:, :k], num_classes) / np.float32(k), k
+    grid = [k for k in K_GRID if k <= k_max] or [k_max]
+    return _best_votes(labels[found], labels, num_classes, grid)
 
 
 def _reference(n: int, seed: int) -> np.ndarray:
@@ -60,16 +59,21 @@ def _nearest(features: torch.Tensor, reference: np.ndarray, k: int, chunk: int) 
     return torch.cat(out).numpy()
 
 
-def _counts(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N, num_classes) float32 label counts of each row's neighbours ``neighbour_labels`` (N, k)."""
-    counts = np.zeros((len(neighbour_labels), num_classes), np.float32)
-    rows = np.repeat(np.arange(len(neighbour_labels)), neighbour_labels.shape[1])
-    np.add.at(counts, (rows, neighbour_labels.ravel()), 1.0)
-    return counts
-
-
-def _choose_k(neighbour_labels: np.ndarray, labels: np.ndarray, num_classes: int, grid: list[int]) -> int:
-    """The k of ``grid`` whose leave-one-out majority vote agrees most with the given labels (ties: the
-    smaller k)."""
-    agreement = [np.mean(_counts(neighbour_labels[:, :k], num_classes).argmax(1) == labels) for k in grid]
-    return grid[int(np.argmax(agreement))]
+def _best_votes(
+    neighbour_labels: np.ndarray, labels: np.ndarray, num_classes: int, grid: list[int]
+) -> tuple[np.ndarray, int]:
+    """The (N, num_classes) label shares among each row's first k neighbours ``neighbour_labels`` (N, k
+    max, nearest first) and that k: the k of ``grid`` whose leave-one-out majority vote agrees most with
+    the given ``labels`` (ties: the smaller k). One pass adds the neighbours column by column, so every
+    k of the grid is read off the same running counts."""
+    rows = np.arange(len(labels))
+    counts = np.zeros((len(labels), num_classes), np.float32)
+    best_agreement, best = -1.0, (counts, 0)
+    for column in range(max(grid)):
+        counts[rows, neighbour_labels[:, column]] += 1.0  # one label per row: no index repeats
+        k = column + 1
+        if k in grid:
+            agreement = float(np.mean(counts.argmax(axis=1) == labels))
+            if agreement > best_agreement:
+                best_agreement, best = agreement, (counts / np.float32(k), k)
+    return best
