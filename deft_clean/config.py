@@ -216,6 +216,11 @@ class DetectConfig:
         "Share of the neighbour vote (the given labels of each image's nearest images in the detector's "
         "embedding) in the class probabilities that decide flags, ranks and suggestions; 0: prompts only.",
     )
+    transition_weight: float = _opt(
+        0.5,
+        "Share of the class-transition posterior (which classes' images got which wrong labels, estimated "
+        "from the data) in the score that chooses which rows --flag-rule margin flags; 0: the clean score.",
+    )
     seed: int = _opt(0, "Random seed.")
     num_workers: int = _opt(
         0, "Threads decoding the images, once per run (0: automatic).", changes_result=False
@@ -236,12 +241,13 @@ class DetectConfig:
         adapter_lr = self.adapter_lr
         ok = adapter_lr is None or (_finite(adapter_lr) and adapter_lr >= 0)
         _require(ok, "adapter_lr", adapter_lr, "that is a finite number >= 0")
-        _require(_finite(self.momentum) and self.momentum >= 0, "momentum", self.momentum, "finite and >= 0")
-        decay = self.weight_decay
-        _require(_finite(decay) and decay >= 0, "weight_decay", decay, "finite and >= 0")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            _require(_finite(value) and value >= 0, name, value, "finite and >= 0")
         _require(self.folds >= 2, "folds", self.folds, "of at least 2")
-        weight = self.neighbour_weight
-        _require(_finite(weight) and 0 <= weight <= 1, "neighbour_weight", weight, "between 0 and 1")
+        for name in ("neighbour_weight", "transition_weight"):
+            weight = getattr(self, name)
+            _require(_finite(weight) and 0 <= weight <= 1, name, weight, "between 0 and 1")
         _require_choices(self)
         _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
         _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
@@ -270,14 +276,8 @@ class DetectConfig:
     @property
     def tuning(self) -> TuningSpec:
         """The image-tower tuning these options ask for."""
-        return TuningSpec(
-            self.peft,
-            self.lora_rank,
-            self.lora_alpha,
-            self.lora_dropout,
-            _targets(self.lora_targets),
-            self.vpt_len,
-        )
+        lora = (self.lora_rank, self.lora_alpha, self.lora_dropout, _targets(self.lora_targets))
+        return TuningSpec(self.peft, *lora, self.vpt_len)
 
 
 @dataclass(frozen=True)

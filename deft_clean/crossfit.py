@@ -10,10 +10,12 @@ selection already keeps suspect rows out of the classification loss, and a fold 
 Either way a row's score is averaged over the scoring model's post-warm-up epochs (each such epoch ends
 with an un-augmented pass over the rows that model scores): the positive prompts' class probabilities
 are averaged over those epochs and mixed with the row's neighbour votes (:func:`fold_votes`, weight
-``--neighbour-weight``), and the *clean score* is ``P(given) - max P(other class)`` of that mix, in
-[-1, 1] (the area-under-the-margin idea of Pleiss et al., 2020). It is negative exactly when the mix
-predicts another class, which is the default flag (``--flag-rule margin``), so ranks and flags tell one
-story.
+``--neighbour-weight``). The margin of that mix, ``P(given) - max P(other class)`` in [-1, 1] (the
+area-under-the-margin idea of Pleiss et al., 2020), is negative when the mix predicts another class;
+that count of rows is flagged (``--flag-rule margin``). Which rows, is decided by the margin blended with
+the posterior of the class transitions (:mod:`deft_clean.transitions`, ``--transition-weight``), and the
+clean score is that blend shifted to be negative exactly for the flagged rows, so ranks and flags tell
+one story.
 Averaging over epochs reads the model before it memorises the noisy labels of the last epochs.
 """
 
@@ -31,6 +33,7 @@ from deft_clean.neighbours import neighbour_votes
 from deft_clean.results import Scores
 from deft_clean.runtime import autocast
 from deft_clean.scoring import clean_probability
+from deft_clean.transitions import Blend, blend
 
 IN_SAMPLE = -1  # the fold column's value for rows scored by the one model that trained on every row
 
@@ -155,30 +158,49 @@ def verdict(
     fold: np.ndarray,
     config: DetectConfig,
     votes: np.ndarray | None = None,
-) -> Scores:
+) -> tuple[Scores, Blend | None]:
     """Flags, ranks and predictions from the (epoch-averaged) probabilities of each row, mixed with its
-    neighbour ``votes`` (N, K) by ``--neighbour-weight`` when given: ``--flag-rule margin`` flags a
-    negative clean score, ``dual`` the p_clean rule; ranks follow the deciding score."""
+    neighbour ``votes`` (N, K) by ``--neighbour-weight`` when given: ``--flag-rule margin`` flags as many
+    rows as have a negative clean score, choosing them by the clean score blended with the class
+    transitions (:mod:`deft_clean.transitions`, ``--transition-weight``); ``dual`` flags by the p_clean
+    rule; ranks follow the deciding score. Also returns the blend (None when not used)."""
     rows = np.arange(len(labels))
     p_given = average.p_clean[rows, labels]
     probs = average.probs
     if votes is not None:
         probs = (1 - config.neighbour_weight) * probs + config.neighbour_weight * votes
     score = clean_score(probs, labels)
-    if config.flag_rule == "margin":
+    mixed = None
+    if config.flag_rule == "margin" and config.transition_weight > 0:
+        mixed = blend(probs, labels, fold, score, config.transition_weight)
+    if mixed is not None:
+        score, is_noisy, key = mixed.clean_score, mixed.is_noisy, mixed.clean_score
+    elif config.flag_rule == "margin":
         is_noisy, key = score < 0, score
     else:
         clean = p_given > config.threshold
         if config.strict:
             clean &= average.p_clean.argmax(axis=1) == labels
         is_noisy, key = ~clean, p_given
-    return Scores(
+    predicted = _suggestions(probs, labels, is_noisy)
+    scores = Scores(
         p_clean=p_given.astype(np.float32),
         margin=average.margin.astype(np.float32),
         is_noisy=is_noisy,
-        predicted=probs.argmax(axis=1).astype(np.int64) if len(labels) else np.zeros(0, np.int64),
-        predicted_prob=probs.max(axis=1, initial=0.0).astype(np.float32),
+        predicted=predicted,
+        predicted_prob=probs[rows, predicted].astype(np.float32),
         clean_score=score.astype(np.float32),
         fold=fold.astype(np.int64),
         rank_key=key,
     )
+    return scores, mixed
+
+
+def _suggestions(probs: np.ndarray, labels: np.ndarray, is_noisy: np.ndarray) -> np.ndarray:
+    """(N,) the most probable class, or for a flagged row the most probable class other than its given
+    label (a flag chosen with the transitions can fall on a row whose mix still prefers its label)."""
+    if not len(labels):
+        return np.zeros(0, np.int64)
+    others = probs.copy()
+    others[np.arange(len(labels)), labels] = -np.inf
+    return np.where(is_noisy, others.argmax(axis=1), probs.argmax(axis=1)).astype(np.int64)

@@ -341,7 +341,8 @@ def fit_and_score(
                 net, target, _rows(trunk, target.index), 2 * config.batch_size, world
             )
         average.place(scored, part.mean())
-    return _verdict(average, samples.labels_np, fold, embedded, config, reporter), history
+    scores = _verdict(average, samples.labels_np, fold, embedded, config, reporter, net.prompts.class_names)
+    return scores, history
 
 
 def _verdict(
@@ -351,16 +352,21 @@ def _verdict(
     embedded: dict[int, torch.Tensor],
     config: DetectConfig,
     reporter: Reporter,
+    names: list[str],
 ) -> Scores:
     """The flags and ranks of :func:`verdict`, with the neighbour votes of each fold's ``embedded`` rows
-    mixed in (the log says which k was chosen)."""
+    mixed in (the log says which k was chosen, and the wrong labels the class transitions found most)."""
     votes, chosen = fold_votes(embedded, labels, fold, average.probs.shape[1], config)
     if chosen:
         reporter.log(
             f"Neighbour votes: each image's {' / '.join(map(str, chosen))} nearest images (k chosen by "
             f"leave-one-out agreement) weigh {config.neighbour_weight} in its class probabilities."
         )
-    return verdict(average, labels, fold, config, votes)
+    scores, mixed = verdict(average, labels, fold, config, votes)
+    if mixed is not None and mixed.flows:
+        flows = ", ".join(f"{names[j]} given '{names[i]}' (~{rows:.0f})" for i, j, rows in mixed.flows)
+        reporter.log(f"Most frequent wrong labels by the class transitions: {flows}.")
+    return scores
 
 
 def _rows(trunk: torch.Tensor | None, index: np.ndarray) -> torch.Tensor | None:
@@ -383,4 +389,4 @@ def score_detector(
     with reporter.task("Scoring", total=len(data)):
         score_into(net, data, trunk, average, 2 * config.batch_size)
         reporter.advance(len(data))
-    return verdict(average, data.labels_np, np.full(len(data), IN_SAMPLE), config)
+    return verdict(average, data.labels_np, np.full(len(data), IN_SAMPLE), config)[0]
