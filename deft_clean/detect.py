@@ -37,6 +37,7 @@ from deft_clean.scoring import (
 )
 from deft_clean.summary import DetectResult, run_summary
 from deft_clean.training import Block, LabelledImages, embed_rows, score_into, train_detector, trunk_cache
+from deft_clean.transitions import MAX_CLASSES
 
 DEFAULT_OUT = "deft_results.parquet"
 
@@ -366,6 +367,10 @@ def _verdict(
     if mixed is not None and mixed.flows:
         flows = ", ".join(f"{names[j]} given '{names[i]}' (~{rows:.0f})" for i, j, rows in mixed.flows)
         reporter.log(f"Most frequent wrong labels by the class transitions: {flows}.")
+    elif mixed is None and config.flag_rule == "margin" and config.transition_weight > 0 and len(labels):
+        reporter.log(
+            f"Class transitions are not estimated above {MAX_CLASSES:,} classes: the margin alone flags."
+        )
     return scores
 
 

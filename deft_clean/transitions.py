@@ -43,11 +43,12 @@ def confident_joint(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     totals = np.zeros(num_classes)
     np.add.at(totals, labels, probs[np.arange(len(labels)), labels])
     thresholds = np.where(counts > 0, totals / np.maximum(counts, 1), np.inf)
-    above = probs >= thresholds
-    candidate = np.where(above, probs, -np.inf).argmax(axis=1)
-    confident = above.any(axis=1)
     joint = np.zeros((num_classes, num_classes))
-    np.add.at(joint, (labels[confident], candidate[confident]), 1.0)
+    for part in _chunks(len(labels), num_classes):
+        above = probs[part] >= thresholds
+        candidate = np.where(above, probs[part], -np.inf).argmax(axis=1)
+        confident = above.any(axis=1)
+        np.add.at(joint, (labels[part][confident], candidate[confident]), 1.0)
     per_given = joint.sum(axis=1, keepdims=True)
     return np.where(per_given > 0, joint / np.maximum(per_given, 1) * counts[:, None], 0.0)
 
@@ -60,9 +61,18 @@ def posterior_clean(probs: np.ndarray, labels: np.ndarray, joint: np.ndarray) ->
     num_classes = joint.shape[0]
     smoothed = joint + PSEUDO_COUNT * (1.0 - np.eye(num_classes))
     into = smoothed / np.maximum(smoothed.sum(axis=0, keepdims=True), 1e-12)  # [i, j]: P(given i | class j)
-    weighted = into[labels] * probs  # (N, K)
-    rows = np.arange(len(labels))
-    return weighted[rows, labels] / np.maximum(weighted.sum(axis=1), 1e-12)
+    posterior = np.empty(len(labels))
+    for part in _chunks(len(labels), num_classes):
+        weighted = into[labels[part]] * probs[part]  # (rows, K)
+        own = weighted[np.arange(len(weighted)), labels[part]]
+        posterior[part] = own / np.maximum(weighted.sum(axis=1), 1e-12)
+    return posterior
+
+
+def _chunks(n: int, num_classes: int, cells: int = 1 << 24) -> list[slice]:
+    """Row slices of about ``cells`` (N, K) cells each, so the temporaries stay near 128 MiB at any size."""
+    step = max(1, cells // max(num_classes, 1))
+    return [slice(start, start + step) for start in range(0, n, step)]
 
 
 def blend(

@@ -130,3 +130,14 @@ def test_a_pair_never_seen_is_unlikely_not_impossible():
     assert joint[2, 1] == 0  # no class 1 image was given label 2 ...
     looks_like_one = posterior_clean(np.array([[0.05, 0.9, 0.05]]), np.array([2]), joint)[0]
     assert looks_like_one < 0.9  # ... yet an image this sure of class 1 still doubts its label 2
+
+
+def test_chunked_rows_give_the_same_joint_and_posterior(monkeypatch):
+    probs, given, _ = one_way_noise()
+    joint = confident_joint(probs, given, 3)
+    posterior = posterior_clean(probs, given, joint)
+    whole = transitions._chunks
+    monkeypatch.setattr(transitions, "_chunks", lambda n, k: whole(n, k, cells=3 * 7))  # 7 rows a chunk
+    assert len(transitions._chunks(len(given), 3)) > 20
+    np.testing.assert_array_equal(confident_joint(probs, given, 3), joint)
+    np.testing.assert_array_equal(posterior_clean(probs, given, joint), posterior)
