@@ -219,7 +219,7 @@ class DetectConfig:
     transition_weight: float = _opt(
         0.5,
         "Share of the class-transition posterior (which classes' images got which wrong labels, estimated "
-        "from the data) in the score that chooses which rows --flag-rule margin flags; 0: the clean score.",
+        "from the data) in the score that chooses which rows --flag-rule margin flags; 0: the margin alone.",
     )
     seed: int = _opt(0, "Random seed.")
     num_workers: int = _opt(

@@ -14,8 +14,8 @@ are averaged over those epochs and mixed with the row's neighbour votes (:func:`
 area-under-the-margin idea of Pleiss et al., 2020), is negative when the mix predicts another class;
 that count of rows is flagged (``--flag-rule margin``). Which rows, is decided by the margin blended with
 the posterior of the class transitions (:mod:`deft_clean.transitions`, ``--transition-weight``), and the
-clean score is that blend shifted to be negative exactly for the flagged rows, so ranks and flags tell
-one story.
+clean score is that blend mapped onto [-1, 1] with 0 at the cut, negative exactly for the flagged rows,
+so ranks and flags tell one story.
 Averaging over epochs reads the model before it memorises the noisy labels of the last epochs.
 """
 
