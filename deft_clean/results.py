@@ -133,7 +133,7 @@ class Scores:
     is_noisy: np.ndarray  # bool
     predicted: np.ndarray  # int64, argmax s⁺
     predicted_prob: np.ndarray  # float32, softmax(s⁺) at the argmax
-    clean_score: np.ndarray | None = None  # float32, P(given) − max P(other); None: NaN in the table
+    clean_score: np.ndarray | None = None  # float32, the flag score (low = wrong, < 0 = flagged); None: NaN
     fold: np.ndarray | None = None  # int64, the model that scored the row (-1: in-sample); None: -1
     rank_key: np.ndarray | None = None  # the score that decides the flag, low = wrong; None: p_clean
 
