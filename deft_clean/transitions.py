@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PSEUDO_COUNT = 1.0  # rows added to each off-diagonal cell of the joint (Laplace): none is impossible
+PSEUDO_COUNT = 1.0  # rows added to every cell of the joint (Laplace): no transition is impossible
 MAX_CLASSES = 4096  # above this the (K, K) joint is not estimated (64 MiB of float32 at the cap)
 
 
@@ -57,9 +57,10 @@ def posterior_clean(probs: np.ndarray, labels: np.ndarray, joint: np.ndarray) ->
     """(N,) P(the given label is right | image, given label) by Bayes' rule: the transition into the given
     label from its own class, weighed by the row's probability of each class, against the transitions
     from every class. ``joint`` is :func:`confident_joint` (unsmoothed); :data:`PSEUDO_COUNT` rows are
-    added to each off-diagonal cell so a pair never seen is unlikely, not impossible."""
+    added to every cell so a pair never seen is unlikely, not impossible (a class whose rows all looked
+    like others still keeps a chance of its own label)."""
     num_classes = joint.shape[0]
-    smoothed = joint + PSEUDO_COUNT * (1.0 - np.eye(num_classes))
+    smoothed = joint + PSEUDO_COUNT
     into = smoothed / np.maximum(smoothed.sum(axis=0, keepdims=True), 1e-12)  # [i, j]: P(given i | class j)
     posterior = np.empty(len(labels))
     for part in _chunks(len(labels), num_classes):

@@ -130,6 +130,8 @@ def test_a_pair_never_seen_is_unlikely_not_impossible():
     assert joint[2, 1] == 0  # no class 1 image was given label 2 ...
     looks_like_one = posterior_clean(np.array([[0.05, 0.9, 0.05]]), np.array([2]), joint)[0]
     assert looks_like_one < 0.9  # ... yet an image this sure of class 1 still doubts its label 2
+    joint[:, 2] = 0.0  # no row given 2 looked like class 2 ...
+    assert posterior_clean(np.array([[0.1, 0.1, 0.8]]), np.array([2]), joint)[0] > 0.5  # ... it may still be
 
 
 def test_chunked_rows_give_the_same_joint_and_posterior(monkeypatch):
