@@ -35,7 +35,7 @@ from sklearn.model_selection import train_test_split
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("cifar10", "fashion-mnist", "synthetic")
-NOISE_KINDS = ("sym", "asym", "instance", "file")
+NOISE_KINDS = ("sym", "asym", "pairflip", "instance", "file")
 # CIFAR-10 class-dependent flips (Patrini et al. 2017): truck→automobile, bird→airplane, deer→horse, cat↔dog.
 ASYM_PAIRS = {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog", "dog": "cat"}
 # (id, readable name) in Fashion-MNIST label order: the bundled example's classes.txt is the one copy.
@@ -285,6 +285,18 @@ def asymmetric_noise(labels: np.ndarray, rate: float, class_ids: tuple[str, ...]
         members = np.flatnonzero(labels == class_ids.index(source))
         rows = rng.choice(members, size=_flip_count(len(members), rate), replace=False)
         given[rows] = class_ids.index(target)
+    return given
+
+
+def pairflip_noise(labels: np.ndarray, rate: float, n_classes: int, seed: int) -> np.ndarray:
+    """Given labels: in every class ``c``, ``round(rate * n_c)`` random rows go to class ``c + 1`` (mod K),
+    the "pair flip" of the co-teaching papers: every class sends and receives, one way round a ring."""
+    rng = np.random.default_rng(seed)
+    given = labels.copy()
+    for c in range(n_classes):
+        members = np.flatnonzero(labels == c)
+        rows = rng.choice(members, size=_flip_count(len(members), rate), replace=False)
+        given[rows] = (c + 1) % n_classes
     return given
 
 

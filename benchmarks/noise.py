@@ -30,6 +30,8 @@ def plant_noise(dataset: Dataset, noise: str, *, seed: int, folds: int = 5) -> N
         given = datasets.symmetric_noise(dataset.labels, float(value), len(dataset.class_ids), seed)
     elif kind == "asym":
         given = datasets.asymmetric_noise(dataset.labels, float(value), dataset.class_ids, seed)
+    elif kind == "pairflip":
+        given = datasets.pairflip_noise(dataset.labels, float(value), len(dataset.class_ids), seed)
     elif kind == "instance":
         features, n_classes = cached_lite0_features(dataset), len(dataset.class_ids)
         given = instance_flips(

@@ -96,6 +96,16 @@ def test_asymmetric_noise_only_along_the_pairs() -> None:
     assert flipped.mean() == pytest.approx(0.2)  # 5 of 10 classes are sources
 
 
+def test_pairflip_noise_moves_every_class_to_the_next_at_the_rate() -> None:
+    given = datasets.pairflip_noise(LABELS, 0.3, 10, seed=4)
+    flipped = given != LABELS
+    assert np.all(given[flipped] == (LABELS[flipped] + 1) % 10)  # one way round the ring
+    for c in range(10):  # every class sends exactly its share, and receives from the one before
+        assert flipped[LABELS == c].sum() == 60 and (given[flipped] == c).sum() == 60
+    assert np.array_equal(given, datasets.pairflip_noise(LABELS, 0.3, 10, seed=4))
+    assert datasets.parse_noise("pairflip:0.3") == ("pairflip", "0.3")
+
+
 def test_asymmetric_noise_refuses_datasets_without_the_pairs() -> None:
     with pytest.raises(ValueError, match="lacks .*airplane"):
         datasets.asymmetric_noise(LABELS, 0.4, tuple(f"c{k}" for k in range(10)), seed=0)
