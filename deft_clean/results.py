@@ -70,7 +70,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     ),
     "predicted_label": (
         "category",
-        "Class whose positive prompt matches the image best (averaged like clean_score; predict: top class).",
+        "The most probable class of the mix behind clean_score; for a flagged row, the most probable class "
+        "other than its given label (predict: top class).",
     ),
     "predicted_prob": (
         "float32",

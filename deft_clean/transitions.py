@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PSEUDO_COUNT = 1.0  # rows added to every cell of the joint (Laplace): no transition is impossible
-MAX_CLASSES = 4096  # above this the (K, K) joint is not estimated (64 MiB of float32 at the cap)
+MAX_CLASSES = 4096  # above this the (K, K) joints are not estimated (128 MiB of float64 each at the cap)
 
 
 @dataclass(frozen=True)
@@ -83,19 +83,22 @@ def blend(
     are as many as have a negative ``margin`` (N,), the lowest of the blend; ``clean_score`` is the blend
     mapped in order onto [-1, 1] with 0 at the cut between flagged and kept. Each fold's rows use a joint
     estimated on the other folds' rows (all rows when in-sample), so a row's own label never enters its
-    transitions under cross-fitting. None when there are more than :data:`MAX_CLASSES` classes."""
+    transitions under cross-fitting. None (the margin alone decides) with fewer than 2 or more than
+    :data:`MAX_CLASSES` classes, no rows, or a non-finite margin."""
     num_classes = probs.shape[1]
-    if num_classes > MAX_CLASSES or not len(labels):
+    if not 2 <= num_classes <= MAX_CLASSES or not len(labels) or not np.isfinite(margin).all():
         return None
-    posterior = np.ones(len(labels))
-    for k in np.unique(fold):
-        rows = np.flatnonzero(fold == k)
-        known = rows if len(rows) == len(labels) else np.flatnonzero(fold != k)
-        joint = confident_joint(probs[known], labels[known], num_classes)
-        posterior[rows] = posterior_clean(probs[rows], labels[rows], joint)
+    everyone = confident_joint(probs, labels, num_classes)
+    if (fold < 0).all():  # in-sample (crossfit.IN_SAMPLE): one joint of every row, no copies of probs
+        posterior = posterior_clean(probs, labels, everyone)
+    else:
+        posterior = np.ones(len(labels))
+        for k in np.unique(fold):
+            rows, known = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
+            joint = confident_joint(probs[known], labels[known], num_classes)
+            posterior[rows] = posterior_clean(probs[rows], labels[rows], joint)
     mixed = (1 - weight) * margin + weight * (2 * posterior - 1)
-    flows = _top_flows(confident_joint(probs, labels, num_classes))
-    return Blend(*_cut(mixed, int((margin < 0).sum())), flows=flows)
+    return Blend(*_cut(mixed, int((margin < 0).sum())), flows=_top_flows(everyone))
 
 
 def _cut(mixed: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +121,9 @@ def _cut(mixed: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
 def _top_flows(joint: np.ndarray, top: int = 3) -> list[tuple[int, int, float]]:
     """The ``top`` largest off-diagonal cells of ``joint``: (given class, true class, estimated rows)."""
     off = joint * (1.0 - np.eye(len(joint)))
-    cells = np.argsort(off, axis=None)[::-1][:top]
+    top = min(top, off.size)
+    largest = np.argpartition(off, -top, axis=None)[-top:]  # no sort of all K² cells
+    cells = largest[np.argsort(off.ravel()[largest])[::-1]]
     return [
         (int(i), int(j), float(off[i, j]))
         for i, j in zip(*np.unravel_index(cells, off.shape), strict=True)
