@@ -92,9 +92,14 @@ def clean_score(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(N,) ``P(given) - max P(other class)`` of class probabilities ``probs`` (N, K): in [-1, 1], below 0
     exactly when another class is more probable than the given label ``labels`` (N,)."""
     rows = np.arange(len(labels))
+    return probs[rows, labels] - probs[rows, best_other(probs, labels)]
+
+
+def best_other(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) the most probable class of ``probs`` (N, K) other than each row's given label ``labels``."""
     others = probs.copy()
-    others[rows, labels] = -np.inf
-    return probs[rows, labels] - others.max(axis=1)
+    others[np.arange(len(labels)), labels] = -np.inf
+    return others.argmax(axis=1)
 
 
 Similarities = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -201,6 +206,4 @@ def _suggestions(probs: np.ndarray, labels: np.ndarray, is_noisy: np.ndarray) ->
     label (a flag chosen with the transitions can fall on a row whose mix still prefers its label)."""
     if not len(labels):
         return np.zeros(0, np.int64)
-    others = probs.copy()
-    others[np.arange(len(labels)), labels] = -np.inf
-    return np.where(is_noisy, others.argmax(axis=1), probs.argmax(axis=1)).astype(np.int64)
+    return np.where(is_noisy, best_other(probs, labels), probs.argmax(axis=1)).astype(np.int64)

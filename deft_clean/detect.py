@@ -367,7 +367,9 @@ def _verdict(
     if mixed is not None and mixed.flows:
         flows = ", ".join(f"{names[j]} given '{names[i]}' (~{rows:.0f})" for i, j, rows in mixed.flows)
         reporter.log(f"Most frequent wrong labels by the class transitions: {flows}.")
-    elif mixed is None and config.flag_rule == "margin" and config.transition_weight > 0 and len(labels):
+    elif (
+        config.flag_rule == "margin" and config.transition_weight > 0 and average.probs.shape[1] > MAX_CLASSES
+    ):
         reporter.log(
             f"Class transitions are not estimated above {MAX_CLASSES:,} classes: the margin alone flags."
         )
