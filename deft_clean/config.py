@@ -212,9 +212,12 @@ class DetectConfig:
     )
     folds: int = _opt(5, "Folds for --scoring crossfit.")
     neighbour_weight: float = _opt(
-        0.5,
+        1 / 3,
         "Share of the neighbour vote (the given labels of each image's nearest images in the detector's "
-        "embedding) in the class probabilities that decide flags, ranks and suggestions; 0: prompts only.",
+        "embedding) in the class probabilities that decide flags, ranks and suggestions (prompts: the rest).",
+    )
+    probe_weight: float = _opt(
+        1 / 3, "Share of a linear probe on the frozen tower's features, fitted without the row it scores."
     )
     transition_weight: float = _opt(
         0.5,
@@ -227,14 +230,11 @@ class DetectConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "epochs", self.epochs, "of at least 1")
-        _require(
-            0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs, "in 0..--epochs"
-        )
-        _require(
-            self.batch_size is None or self.batch_size >= 1, "batch_size", self.batch_size, "of at least 1"
-        )
-        _require(self.n_ctx >= 1, "n_ctx", self.n_ctx, "of at least 1")
+        for name in ("epochs", "n_ctx", "lora_rank", "vpt_len"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "of at least 1")
+        warm, batch = self.warmup_epochs, self.batch_size
+        _require(0 <= warm <= self.epochs, "warmup_epochs", warm, "in 0..--epochs")
+        _require(batch is None or batch >= 1, "batch_size", batch, "of at least 1")
         _require(0.0 < self.threshold < 1.0, "threshold", self.threshold, "strictly between 0 and 1")
         lr_ok = self.lr is None or (_finite(self.lr) and self.lr > 0)
         _require(lr_ok, "lr", self.lr, "that is a finite positive number")
@@ -245,12 +245,12 @@ class DetectConfig:
             value = getattr(self, name)
             _require(_finite(value) and value >= 0, name, value, "finite and >= 0")
         _require(self.folds >= 2, "folds", self.folds, "of at least 2")
-        for name in ("neighbour_weight", "transition_weight"):
+        for name in ("neighbour_weight", "probe_weight", "transition_weight"):
             weight = getattr(self, name)
             _require(_finite(weight) and 0 <= weight <= 1, name, weight, "between 0 and 1")
+        shares = self.neighbour_weight + self.probe_weight
+        _require(shares <= 1, "probe_weight", self.probe_weight, "at most 1 - --neighbour-weight")
         _require_choices(self)
-        _require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "of at least 1")
-        _require(self.vpt_len >= 1, "vpt_len", self.vpt_len, "of at least 1")
         _require(self.text_classes >= 2, "text_classes", self.text_classes, "of at least 2")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")
 

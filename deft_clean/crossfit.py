@@ -10,12 +10,13 @@ selection already keeps suspect rows out of the classification loss, and a fold 
 Either way a row's score is averaged over the scoring model's post-warm-up epochs (each such epoch ends
 with an un-augmented pass over the rows that model scores): the positive prompts' class probabilities
 are averaged over those epochs and mixed with the row's neighbour votes (:func:`fold_votes`, weight
-``--neighbour-weight``). The margin of that mix, ``P(given) - max P(other class)`` in [-1, 1] (the
-area-under-the-margin idea of Pleiss et al., 2020), is negative when the mix predicts another class;
-that count of rows is flagged (``--flag-rule margin``). Which rows, is decided by the margin blended with
-the posterior of the class transitions (:mod:`deft_clean.transitions`, ``--transition-weight``), and the
-clean score is that blend mapped onto [-1, 1] with 0 at the cut, negative exactly for the flagged rows,
-so ranks and flags tell one story.
+``--neighbour-weight``) and, for a frozen tower, a linear probe's leave-one-out probabilities
+(:mod:`deft_clean.probe`, ``--probe-weight``). The margin of that mix, ``P(given) - max P(other
+class)`` in [-1, 1] (the area-under-the-margin idea of Pleiss et al., 2020), is negative when the mix
+predicts another class; that count of rows is flagged (``--flag-rule margin``). Which rows, is decided
+by the margin blended with the posterior of the class transitions (:mod:`deft_clean.transitions`,
+``--transition-weight``), and the clean score is that blend mapped onto [-1, 1] with 0 at the cut,
+negative exactly for the flagged rows, so ranks and flags tell one story.
 Averaging over epochs reads the model before it memorises the noisy labels of the last epochs.
 """
 
@@ -30,10 +31,12 @@ import torch
 from deft_clean.config import DetectConfig
 from deft_clean.distributed import World
 from deft_clean.neighbours import neighbour_votes
+from deft_clean.probe import loo_probe
+from deft_clean.progress import Reporter
 from deft_clean.results import Scores
 from deft_clean.runtime import autocast
 from deft_clean.scoring import clean_probability
-from deft_clean.transitions import Blend, blend
+from deft_clean.transitions import MAX_CLASSES, Blend, blend, cut
 
 IN_SAMPLE = -1  # the fold column's value for rows scored by the one model that trained on every row
 
@@ -157,31 +160,102 @@ def fold_votes(
     return votes, chosen
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What a verdict mixes in beside the prompts: each fold's ``embedded`` rows (fold → (rows, E), for
+    the neighbour votes), the frozen ``trunk`` features (N, F) of every row (for the linear probe; None
+    for a tuned tower) and the class ``names`` the log uses."""
+
+    embedded: dict[int, torch.Tensor]
+    trunk: torch.Tensor | None
+    names: list[str]
+
+
+def logged_verdict(
+    average: EpochAverage,
+    labels: np.ndarray,
+    fold: np.ndarray,
+    evidence: Evidence,
+    config: DetectConfig,
+    reporter: Reporter,
+) -> Scores:
+    """The flags and ranks of :func:`verdict` with the neighbour votes and the linear probe mixed in; the
+    log says which k the votes chose, how the probe fitted, and the wrong labels the transitions found."""
+    num_classes = average.probs.shape[1]
+    votes, chosen = fold_votes(evidence.embedded, labels, fold, num_classes, config)
+    if chosen:
+        reporter.log(
+            f"Neighbour votes: each image's {' / '.join(map(str, chosen))} nearest images (k chosen by "
+            f"leave-one-out agreement) weigh {config.neighbour_weight:.2f} in its class probabilities."
+        )
+    probe = _probe(evidence.trunk, labels, num_classes, config, reporter)
+    scores, mixed = verdict(average, labels, fold, config, votes, probe)
+    names = evidence.names
+    if mixed is not None and mixed.flows:
+        flows = ", ".join(f"{names[j]} given '{names[i]}' (~{rows:.0f})" for i, j, rows in mixed.flows)
+        reporter.log(f"Most frequent wrong labels by the class transitions: {flows}.")
+    elif config.flag_rule == "margin" and config.transition_weight > 0 and num_classes > MAX_CLASSES:
+        reporter.log(
+            f"Class transitions are not estimated above {MAX_CLASSES:,} classes: the margin alone flags."
+        )
+    return scores
+
+
+def _probe(
+    trunk: torch.Tensor | None, labels: np.ndarray, num_classes: int, config: DetectConfig, reporter: Reporter
+) -> np.ndarray | None:
+    """(N, K) the linear probe's leave-one-out probabilities (:mod:`deft_clean.probe`), or None (weight
+    0, a tuned tower, or features it cannot fit), with a log line saying which and why."""
+    if config.probe_weight == 0:
+        return None
+    if trunk is None:
+        reporter.log("Linear probe: not used, the image tower is tuned (its features change as it trains).")
+        return None
+    probe = loo_probe(trunk, labels, num_classes)
+    if probe is None:
+        reporter.log(
+            "Linear probe: not fitted (too few rows or classes, or features too wide or not finite)."
+        )
+        return None
+    reporter.log(
+        f"Linear probe: a ridge fit on the frozen features of every other image predicts each image's "
+        f"class (penalty {probe.penalty:g} chosen by leave-one-out error; it agrees with "
+        f"{probe.agreement:.0%} of the given labels) and weighs {config.probe_weight:.2f} in its class "
+        "probabilities."
+    )
+    return probe.probs
+
+
 def verdict(
     average: EpochAverage,
     labels: np.ndarray,
     fold: np.ndarray,
     config: DetectConfig,
     votes: np.ndarray | None = None,
+    probe: np.ndarray | None = None,
 ) -> tuple[Scores, Blend | None]:
     """Flags, ranks and predictions from the (epoch-averaged) probabilities of each row, mixed with its
-    neighbour ``votes`` (N, K) by ``--neighbour-weight`` when given: ``--flag-rule margin`` flags as many
-    rows as have a negative clean score, choosing them by the clean score blended with the class
-    transitions (:mod:`deft_clean.transitions`, ``--transition-weight``); ``dual`` flags by the p_clean
-    rule; ranks follow the deciding score. Also returns the blend (None when not used)."""
+    neighbour ``votes`` and leave-one-out ``probe`` (N, K) when given (:func:`mix`). ``--flag-rule
+    margin`` flags as many rows as the prompts and votes alone find another class more probable for,
+    choosing them by the mix's clean score blended with the class transitions
+    (:mod:`deft_clean.transitions`, ``--transition-weight``): the probe and the transitions change which
+    rows are flagged, not how many. ``dual`` flags by the p_clean rule; ranks follow the deciding score.
+    Also returns the blend (None when not used)."""
     rows = np.arange(len(labels))
     p_given = average.p_clean[rows, labels]
-    probs = average.probs
-    if votes is not None:
-        probs = (1 - config.neighbour_weight) * probs + config.neighbour_weight * votes
+    probs = mix(average.probs, config, votes, probe)
     score = clean_score(probs, labels)
+    count = int((score < 0).sum())
+    if probe is not None:  # with the probe in the count, low-noise sets lost F1 (docs/benchmarks.md)
+        count = int((clean_score(mix(average.probs, config, votes, None), labels) < 0).sum())
     mixed = None
     if config.flag_rule == "margin" and config.transition_weight > 0:
-        mixed = blend(probs, labels, fold, score, config.transition_weight)
+        mixed = blend(probs, labels, fold, score, config.transition_weight, count)
     if mixed is not None:
         score, is_noisy, key = mixed.clean_score, mixed.is_noisy, mixed.clean_score
     elif config.flag_rule == "margin":
-        is_noisy, key = score < 0, score
+        is_noisy, score = cut(score, count) if probe is not None else (score < 0, score)
+        key = score
     else:
         clean = p_given > config.threshold
         if config.strict:
@@ -199,6 +273,23 @@ def verdict(
         rank_key=key,
     )
     return scores, mixed
+
+
+def mix(
+    probs: np.ndarray, config: DetectConfig, votes: np.ndarray | None, probe: np.ndarray | None
+) -> np.ndarray:
+    """(N, K) the prompts' ``probs`` averaged with the neighbour ``votes`` and the ``probe``'s
+    probabilities by ``--neighbour-weight`` and ``--probe-weight`` (the prompts weigh the rest). A source
+    not given drops out and the others' weights are rescaled to sum to 1, so a tuned tower (no probe)
+    mixes prompts and votes in the same proportion as the frozen tower does."""
+    parts = [(1 - config.neighbour_weight - config.probe_weight, probs)]
+    parts += [
+        (w, p) for w, p in ((config.neighbour_weight, votes), (config.probe_weight, probe)) if p is not None
+    ]
+    total = sum(weight for weight, _ in parts)
+    if total <= 0:  # every given share is 0 (e.g. the probe alone asked for, and not fitted)
+        return probs
+    return sum(weight / total * part for weight, part in parts if weight > 0)
 
 
 def _suggestions(probs: np.ndarray, labels: np.ndarray, is_noisy: np.ndarray) -> np.ndarray:

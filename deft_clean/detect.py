@@ -20,7 +20,7 @@ import torch
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
-from deft_clean.crossfit import IN_SAMPLE, EpochAverage, fold_plan, fold_votes, verdict
+from deft_clean.crossfit import IN_SAMPLE, EpochAverage, Evidence, fold_plan, logged_verdict, verdict
 from deft_clean.data import Manifest, load_labels, load_manifest
 from deft_clean.deft_model import DeftModel, save_detector
 from deft_clean.distributed import World, runs_distributed, world_from_env
@@ -37,7 +37,6 @@ from deft_clean.scoring import (
 )
 from deft_clean.summary import DetectResult, run_summary
 from deft_clean.training import Block, LabelledImages, embed_rows, score_into, train_detector, trunk_cache
-from deft_clean.transitions import MAX_CLASSES
 
 DEFAULT_OUT = "deft_results.parquet"
 
@@ -342,38 +341,9 @@ def fit_and_score(
                 net, target, _rows(trunk, target.index), 2 * config.batch_size, world
             )
         average.place(scored, part.mean())
-    scores = _verdict(average, samples.labels_np, fold, embedded, config, reporter, net.prompts.class_names)
+    evidence = Evidence(embedded, trunk, net.prompts.class_names)
+    scores = logged_verdict(average, samples.labels_np, fold, evidence, config, reporter)
     return scores, history
-
-
-def _verdict(
-    average: EpochAverage,
-    labels: np.ndarray,
-    fold: np.ndarray,
-    embedded: dict[int, torch.Tensor],
-    config: DetectConfig,
-    reporter: Reporter,
-    names: list[str],
-) -> Scores:
-    """The flags and ranks of :func:`verdict`, with the neighbour votes of each fold's ``embedded`` rows
-    mixed in (the log says which k was chosen, and the wrong labels the class transitions found most)."""
-    votes, chosen = fold_votes(embedded, labels, fold, average.probs.shape[1], config)
-    if chosen:
-        reporter.log(
-            f"Neighbour votes: each image's {' / '.join(map(str, chosen))} nearest images (k chosen by "
-            f"leave-one-out agreement) weigh {config.neighbour_weight} in its class probabilities."
-        )
-    scores, mixed = verdict(average, labels, fold, config, votes)
-    if mixed is not None and mixed.flows:
-        flows = ", ".join(f"{names[j]} given '{names[i]}' (~{rows:.0f})" for i, j, rows in mixed.flows)
-        reporter.log(f"Most frequent wrong labels by the class transitions: {flows}.")
-    elif (
-        config.flag_rule == "margin" and config.transition_weight > 0 and average.probs.shape[1] > MAX_CLASSES
-    ):
-        reporter.log(
-            f"Class transitions are not estimated above {MAX_CLASSES:,} classes: the margin alone flags."
-        )
-    return scores
 
 
 def _rows(trunk: torch.Tensor | None, index: np.ndarray) -> torch.Tensor | None:

@@ -77,14 +77,19 @@ def _chunks(n: int, num_classes: int, cells: int = 1 << 24) -> list[slice]:
 
 
 def blend(
-    probs: np.ndarray, labels: np.ndarray, fold: np.ndarray, margin: np.ndarray, weight: float
+    probs: np.ndarray,
+    labels: np.ndarray,
+    fold: np.ndarray,
+    margin: np.ndarray,
+    weight: float,
+    count: int | None = None,
 ) -> Blend | None:
     """Flags and scores from ``(1 - weight) · margin + weight · (2 · posterior - 1)``: the rows flagged
-    are as many as have a negative ``margin`` (N,), the lowest of the blend; ``clean_score`` is the blend
-    mapped in order onto [-1, 1] with 0 at the cut between flagged and kept. Each fold's rows use a joint
-    estimated on the other folds' rows (all rows when in-sample), so a row's own label never enters its
-    transitions under cross-fitting. None (the margin alone decides) with fewer than 2 or more than
-    :data:`MAX_CLASSES` classes, no rows, or a non-finite margin."""
+    are the ``count`` lowest of the blend (default: as many as have a negative ``margin`` (N,));
+    ``clean_score`` is the blend mapped in order onto [-1, 1] with 0 at the cut between flagged and kept.
+    Each fold's rows use a joint estimated on the other folds' rows (all rows when in-sample), so a row's
+    own label never enters its transitions under cross-fitting. None (the margin alone decides) with
+    fewer than 2 or more than :data:`MAX_CLASSES` classes, no rows, or a non-finite margin."""
     num_classes = probs.shape[1]
     if not 2 <= num_classes <= MAX_CLASSES or not len(labels) or not np.isfinite(margin).all():
         return None
@@ -98,10 +103,11 @@ def blend(
             joint = confident_joint(probs[known], labels[known], num_classes)
             posterior[rows] = posterior_clean(probs[rows], labels[rows], joint)
     mixed = (1 - weight) * margin + weight * (2 * posterior - 1)
-    return Blend(*_cut(mixed, int((margin < 0).sum())), flows=_top_flows(everyone))
+    count = int((margin < 0).sum()) if count is None else count
+    return Blend(*cut(mixed, count), flows=_top_flows(everyone))
 
 
-def _cut(mixed: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+def cut(mixed: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Flag the ``count`` lowest of ``mixed`` (in [-1, 1]; ties: input order) and map the scores onto
     [-1, 1] again, piecewise linearly and in order, with 0 halfway between the last flagged and the first
     kept: the flagged are exactly those below 0."""

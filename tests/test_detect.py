@@ -22,10 +22,10 @@ from PIL import Image
 from deft_clean import transitions
 from deft_clean.backbone import load_backbone
 from deft_clean.config import BackboneConfig, DetectConfig
-from deft_clean.crossfit import EpochAverage, fold_plan
+from deft_clean.crossfit import EpochAverage, Evidence, fold_plan, logged_verdict
 from deft_clean.data import load_manifest
 from deft_clean.deft_model import DeftModel, load_detector
-from deft_clean.detect import _verdict, default_out, detect, score_detector
+from deft_clean.detect import default_out, detect, score_detector
 from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.progress import SilentReporter
 from deft_clean.results import COLUMNS, read_results
@@ -239,11 +239,12 @@ def test_crossfit_never_scores_a_row_with_a_model_that_saw_its_label(tmp_path, m
 
 def test_beyond_the_class_cap_the_log_says_the_margin_alone_flags(monkeypatch):
     monkeypatch.setattr(transitions, "MAX_CLASSES", 2)
-    monkeypatch.setattr(importlib.import_module("deft_clean.detect"), "MAX_CLASSES", 2)
+    monkeypatch.setattr(importlib.import_module("deft_clean.crossfit"), "MAX_CLASSES", 2)
     probs = np.tile([[0.6, 0.3, 0.1]], (6, 1))
     average = EpochAverage(probs, np.full_like(probs, 0.9), np.zeros(6), 1)
     log, labels = _Log(), np.array([0, 0, 1, 1, 2, 2])
-    scores = _verdict(average, labels, np.full(6, -1), {}, DetectConfig(), log, ["a", "b", "c"])
+    evidence = Evidence({}, None, ["a", "b", "c"])
+    scores = logged_verdict(average, labels, np.full(6, -1), evidence, DetectConfig(probe_weight=0), log)
     assert log.lines == ["Class transitions are not estimated above 2 classes: the margin alone flags."]
     assert scores.is_noisy.tolist() == [False, False, True, True, True, True]
 

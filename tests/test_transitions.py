@@ -68,7 +68,7 @@ def test_a_row_labelled_with_a_class_that_receives_no_noise_loses_its_flag_to_on
 
 
 def test_under_cross_fitting_a_folds_transitions_come_from_the_other_folds(monkeypatch):
-    monkeypatch.setattr(transitions, "_cut", lambda mixed, count: (mixed < 0, mixed))  # the blend itself
+    monkeypatch.setattr(transitions, "cut", lambda mixed, count: (mixed < 0, mixed))  # the blend itself
     probs, given, _ = one_way_noise()
     fold = np.arange(len(given)) % 3
     mixed = blend(probs, given, fold, clean_score(probs, given), 1.0)  # weight 1: 2 * posterior - 1
@@ -80,16 +80,16 @@ def test_under_cross_fitting_a_folds_transitions_come_from_the_other_folds(monke
 
 
 def test_ties_across_the_cut_still_split_by_sign():
-    is_noisy, shifted = transitions._cut(np.array([0.2, 0.2, 0.2, 0.5]), 2)
+    is_noisy, shifted = transitions.cut(np.array([0.2, 0.2, 0.2, 0.5]), 2)
     assert is_noisy.tolist() == [True, True, False, False]
     assert ((shifted < 0) == is_noisy).all()
-    nothing, shifted = transitions._cut(np.array([0.1, 0.3]), 0)
+    nothing, shifted = transitions.cut(np.array([0.1, 0.3]), 0)
     assert not nothing.any() and (shifted >= 0).all()
 
 
 def test_the_score_stays_in_minus_1_1_in_the_same_order_with_0_at_the_cut():
     mixed = np.array([-1.0, -0.5, 0.6, 0.7, 0.9, 1.0])
-    is_noisy, shifted = transitions._cut(mixed, 3)  # the cut falls between 0.6 and 0.7: 0.65
+    is_noisy, shifted = transitions.cut(mixed, 3)  # the cut falls between 0.6 and 0.7: 0.65
     assert is_noisy.tolist() == [True, True, True, False, False, False]
     np.testing.assert_allclose(shifted, [-1.0, -1.15 / 1.65, -0.05 / 1.65, 0.05 / 0.35, 0.25 / 0.35, 1.0])
 

@@ -1,0 +1,143 @@
+"""The leave-one-out linear probe: each row's probabilities come from a ridge fit without that row (an
+exact identity, checked against explicit refits), it outvotes planted wrong labels, and it enters the
+verdict only through --probe-weight."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deft_clean import probe as probe_module
+from deft_clean.config import DetectConfig
+from deft_clean.crossfit import EpochAverage, Evidence, logged_verdict, mix, verdict
+from deft_clean.errors import ConfigError
+from deft_clean.probe import loo_probe
+
+
+def _noisy_clusters(seed: int = 0, width: int = 6) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(60, width) features in 3 overlapping clusters, their true labels, and given labels with rows 0,
+    20, 40 moved to the next class."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(3), 20)
+    features = np.eye(width)[truth] * 2 + rng.normal(0, 0.6, (60, width))
+    given = truth.copy()
+    given[[0, 20, 40]] = (truth[[0, 20, 40]] + 1) % 3
+    return torch.from_numpy(features), truth, given
+
+
+def _refit_without(features: np.ndarray, given: np.ndarray, row: int, penalty: float) -> np.ndarray:
+    """Ridge of one-hot labels on the unit-length features of every row but ``row`` (intercept not
+    penalised), written out directly: the prediction for ``row``, clipped at 0 and normalised."""
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    centred_all = unit - unit.mean(axis=0)
+    scale = np.linalg.eigvalsh(centred_all.T @ centred_all).clip(0).mean()  # the grid is relative to it
+    keep = np.arange(len(given)) != row
+    mean, onehot = unit[keep].mean(axis=0), np.eye(3)[given[keep]]
+    centred = unit[keep] - mean
+    weights = np.linalg.solve(
+        centred.T @ centred + penalty * scale * np.eye(unit.shape[1]), centred.T @ onehot
+    )
+    predicted = ((unit[row] - mean) @ weights + onehot.mean(axis=0)).clip(0)
+    return predicted / predicted.sum()
+
+
+@pytest.mark.parametrize("width", [6, 90])  # more rows than features (the scatter), fewer (the Gram)
+def test_each_row_is_predicted_by_a_fit_that_never_saw_it(width):
+    features, _, given = _noisy_clusters(width=width)
+    found = loo_probe(features, given, 3)
+    for row in (0, 5, 20, 59):
+        expected = _refit_without(features.numpy(), given, row, found.penalty)
+        np.testing.assert_allclose(found.probs[row], expected, atol=1e-6)
+
+
+def test_a_rows_own_label_cannot_move_its_probabilities(monkeypatch):
+    monkeypatch.setattr(probe_module, "PENALTY_GRID", (1.0,))  # the penalty is the one shared choice
+    features, _, given = _noisy_clusters()
+    before = loo_probe(features, given, 3).probs
+    for new_label in (1, 2):
+        relabelled = given.copy()
+        relabelled[7] = new_label
+        after = loo_probe(features, relabelled, 3).probs
+        np.testing.assert_allclose(after[7], before[7], atol=1e-6)  # row 7 never entered its own fit
+        assert not np.allclose(after[8], before[8], atol=1e-6)  # but it entered row 8's
+
+
+def test_planted_wrong_labels_are_outvoted_and_the_penalty_is_chosen_inside_the_grid():
+    features, truth, given = _noisy_clusters()
+    found = loo_probe(features, given, 3)
+    assert found.probs[[0, 20, 40]].argmax(axis=1).tolist() == truth[[0, 20, 40]].tolist()
+    np.testing.assert_allclose(found.probs.sum(axis=1), 1.0, atol=1e-6)
+    assert (found.probs >= 0).all()
+    assert found.agreement == pytest.approx((found.probs.argmax(axis=1) == given).mean())
+    assert found.penalty in probe_module.PENALTY_GRID
+
+
+def test_row_blocks_give_the_same_probabilities():
+    features, _, given = _noisy_clusters(seed=3)
+    whole = loo_probe(features, given, 3)
+    blocked = loo_probe(features, given, 3, chunk=6 * 7)  # blocks of 7 rows
+    np.testing.assert_allclose(blocked.probs, whole.probs, atol=1e-9)
+    assert blocked.penalty == whole.penalty
+
+
+def test_what_cannot_be_fitted_is_not_probed(monkeypatch):
+    features, _, given = _noisy_clusters()
+    assert loo_probe(features[:2], given[:2], 3) is None  # a leave-one-out fit needs two other rows
+    assert loo_probe(features, np.zeros(60, np.int64), 1) is None  # one class
+    nan = features.clone()
+    nan[4, 2] = float("nan")
+    assert loo_probe(nan, given, 3) is None
+    monkeypatch.setattr(probe_module, "MAX_FEATURES", 5)
+    assert loo_probe(features, given, 3) is None  # 6 features above the cap
+
+
+def test_the_mix_weighs_each_source_and_rescales_when_one_is_missing():
+    prompts, votes, probe = np.array([[0.9, 0.1]]), np.array([[0.0, 1.0]]), np.array([[0.3, 0.7]])
+    thirds = DetectConfig()  # the defaults: a third each
+    np.testing.assert_allclose(mix(prompts, thirds, votes, probe), [[0.4, 0.6]])
+    np.testing.assert_allclose(mix(prompts, thirds, votes, None), [[0.45, 0.55]])  # a tuned tower: halves
+    only_probe = DetectConfig(neighbour_weight=0.0, probe_weight=0.25)
+    np.testing.assert_allclose(mix(prompts, only_probe, votes, probe), [[0.75, 0.25]])
+    np.testing.assert_allclose(
+        mix(prompts, DetectConfig(neighbour_weight=0.5, probe_weight=0.5), None, None), prompts
+    )
+
+
+def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_how_it_fitted():
+    features, truth, given = _noisy_clusters()
+    prompts = np.eye(3)[given] * 0.8 + 0.1  # a model that memorised the given labels, ...
+    doubted = [1, 21, 41]  # ... except 3 right labels it narrowly doubts
+    prompts[doubted] = 0.15 + 0.25 * np.eye(3)[given[doubted]] + 0.3 * np.eye(3)[(given[doubted] + 2) % 3]
+    average = EpochAverage(prompts, np.full_like(prompts, 0.9), np.zeros(60), 1)
+    lines: list[str] = []
+    log = type("Log", (), {"log": staticmethod(lines.append)})()
+    config = DetectConfig(neighbour_weight=0.0, probe_weight=0.6, transition_weight=0.0)
+    tuned = logged_verdict(average, given, np.full(60, -1), Evidence({}, None, ["a", "b", "c"]), config, log)
+    assert np.flatnonzero(tuned.is_noisy).tolist() == doubted  # without frozen features: the prompts
+    assert lines == ["Linear probe: not used, the image tower is tuned (its features change as it trains)."]
+    evidence = Evidence({}, features, ["a", "b", "c"])
+    scores = logged_verdict(average, given, np.full(60, -1), evidence, config, log)
+    assert np.flatnonzero(scores.is_noisy).tolist() == [0, 20, 40]  # as many, now the planted ones
+    assert scores.predicted[[0, 20, 40]].tolist() == truth[[0, 20, 40]].tolist()
+    assert (scores.clean_score[[0, 20, 40]] < 0).all() and (
+        np.delete(scores.clean_score, [0, 20, 40]) >= 0
+    ).all()
+    assert len(lines) == 2 and lines[1].startswith("Linear probe: a ridge fit on the frozen features")
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.6), (0.0, 1.2), (0.2, float("nan"))])
+def test_shares_that_leave_the_prompts_less_than_nothing_are_refused(weights):
+    with pytest.raises(ConfigError, match="--probe-weight"):
+        DetectConfig(neighbour_weight=weights[0], probe_weight=weights[1])
+
+
+def test_the_count_is_the_prompts_and_votes_own_even_when_the_probe_disagrees_more():
+    prompts = np.array([[0.45, 0.55], [0.6, 0.4], [0.7, 0.3], [0.9, 0.1]])  # only row 0 prefers class 1
+    probe = np.array([[0.5, 0.5], [0.0, 1.0], [0.05, 0.95], [1.0, 0.0]])  # rows 1 and 2 look like class 1
+    average, labels = EpochAverage(prompts, np.full_like(prompts, 0.9), np.zeros(4), 1), np.zeros(4, np.int64)
+    for weight in (0.0, 0.5):  # with and without the class transitions
+        config = DetectConfig(neighbour_weight=0.0, probe_weight=0.5, transition_weight=weight)
+        scores, _ = verdict(average, labels, np.full(4, -1), config, None, probe)
+        assert np.flatnonzero(scores.is_noisy).tolist() == [1]  # one flag, on the row the mix doubts most
+        assert scores.clean_score[1] < 0 <= scores.clean_score[[0, 2, 3]].min()
