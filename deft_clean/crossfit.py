@@ -219,7 +219,7 @@ def _probe(
         return None
     reporter.log(
         f"Linear probe: a ridge fit on the frozen features of every other image predicts each image's "
-        f"class (penalty {probe.penalty:g} chosen by leave-one-out error; it agrees with "
+        f"class (penalty {probe.penalty:.3g} chosen by leave-one-out error; it agrees with "
         f"{probe.agreement:.0%} of the given labels) and weighs {config.probe_weight:.2f} in its class "
         "probabilities."
     )
