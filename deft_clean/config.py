@@ -212,12 +212,14 @@ class DetectConfig:
     )
     folds: int = _opt(5, "Folds for --scoring crossfit.")
     neighbour_weight: float = _opt(
-        1 / 3,
+        0.5,
         "Share of the neighbour vote (the given labels of each image's nearest images in the detector's "
-        "embedding) in the class probabilities that decide flags, ranks and suggestions (prompts: the rest).",
+        "embedding) in the class probabilities that decide flags, ranks and suggestions; 0: prompts only.",
     )
     probe_weight: float = _opt(
-        1 / 3, "Share of a linear probe on the frozen tower's features, fitted without the row it scores."
+        1 / 3,
+        "Share of a linear probe on the frozen tower's features, fitted without the row it scores, in the "
+        "same class probabilities (the rest: prompts and votes as above); 0: no probe.",
     )
     transition_weight: float = _opt(
         0.5,
@@ -248,8 +250,6 @@ class DetectConfig:
         for name in ("neighbour_weight", "probe_weight", "transition_weight"):
             weight = getattr(self, name)
             _require(_finite(weight) and 0 <= weight <= 1, name, weight, "between 0 and 1")
-        shares = self.neighbour_weight + self.probe_weight
-        _require(shares <= 1, "probe_weight", self.probe_weight, "at most 1 - --neighbour-weight")
         _require_choices(self)
         _require(self.text_classes >= 2, "text_classes", self.text_classes, "of at least 2")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0 (0: automatic)")

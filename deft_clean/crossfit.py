@@ -183,12 +183,13 @@ def logged_verdict(
     log says which k the votes chose, how the probe fitted, and the wrong labels the transitions found."""
     num_classes = average.probs.shape[1]
     votes, chosen = fold_votes(evidence.embedded, labels, fold, num_classes, config)
+    probe = _probe(evidence.trunk, labels, num_classes, config, reporter)
     if chosen:
+        share = config.neighbour_weight * (1 - config.probe_weight if probe is not None else 1)
         reporter.log(
             f"Neighbour votes: each image's {' / '.join(map(str, chosen))} nearest images (k chosen by "
-            f"leave-one-out agreement) weigh {config.neighbour_weight:.2f} in its class probabilities."
+            f"leave-one-out agreement) weigh {share:.2f} in its class probabilities."
         )
-    probe = _probe(evidence.trunk, labels, num_classes, config, reporter)
     scores, mixed = verdict(average, labels, fold, config, votes, probe)
     names = evidence.names
     if mixed is not None and mixed.flows:
@@ -278,18 +279,14 @@ def verdict(
 def mix(
     probs: np.ndarray, config: DetectConfig, votes: np.ndarray | None, probe: np.ndarray | None
 ) -> np.ndarray:
-    """(N, K) the prompts' ``probs`` averaged with the neighbour ``votes`` and the ``probe``'s
-    probabilities by ``--neighbour-weight`` and ``--probe-weight`` (the prompts weigh the rest). A source
-    not given drops out and the others' weights are rescaled to sum to 1, so a tuned tower (no probe)
-    mixes prompts and votes in the same proportion as the frozen tower does."""
-    parts = [(1 - config.neighbour_weight - config.probe_weight, probs)]
-    parts += [
-        (w, p) for w, p in ((config.neighbour_weight, votes), (config.probe_weight, probe)) if p is not None
-    ]
-    total = sum(weight for weight, _ in parts)
-    if total <= 0:  # every given share is 0 (e.g. the probe alone asked for, and not fitted)
-        return probs
-    return sum(weight / total * part for weight, part in parts if weight > 0)
+    """(N, K) the prompts' ``probs`` mixed with the neighbour ``votes`` by ``--neighbour-weight``, then
+    with the ``probe``'s probabilities by ``--probe-weight`` (defaults: a third each). A source not
+    given drops out: without the probe (a tuned tower) prompts and votes mix exactly as asked."""
+    if votes is not None:
+        probs = (1 - config.neighbour_weight) * probs + config.neighbour_weight * votes
+    if probe is not None:
+        probs = (1 - config.probe_weight) * probs + config.probe_weight * probe
+    return probs
 
 
 def _suggestions(probs: np.ndarray, labels: np.ndarray, is_noisy: np.ndarray) -> np.ndarray:

@@ -4,17 +4,19 @@ Why: the prompts' class probabilities come from a model that trained on the row'
 neighbour votes come from an embedding that model shaped. A linear probe on the frozen features, fitted
 without the row, is the out-of-sample opinion a careful user would compute by hand (and what cleanlab
 is usually fed). ``detect`` mixes it into the class probabilities (``--probe-weight``); on 2,000
-CIFAR-10 images the three-way mix ranked better than prompts and votes under every noise setting
+CIFAR-10 images the mix with it ranked better than prompts and votes alone under every noise setting
 measured (docs/benchmarks.md, "Linear probe").
 
 The probe is ridge regression of the one-hot given labels on the L2-normalised features, with an
 unpenalised intercept. Ridge has an exact leave-one-out identity: with hat-matrix diagonal ``h_i``, the
 prediction for row i of the fit without row i is ``y_i + (ŷ_i - y_i) / (1 - h_i)``. One eigendecomposition
-of the (F, F) covariance therefore gives every row's leave-one-out prediction under every penalty of the
-grid, with no folds and no clean labels. The penalty is the one with the lowest leave-one-out squared
-error (over at most :data:`SELECTION_ROWS` evenly spaced rows): one number out of 13, the only part of
-the fit a row's own label touches. Cost: two passes over the rows, O(N·F²), an F³ solve and
-O(N·F·K) for the predictions, in row blocks.
+(of the (F, F) scatter matrix of the centred rows, or of their (N, N) Gram matrix when there are fewer
+rows than features: the same non-zero spectrum) therefore gives every row's leave-one-out prediction
+under every penalty of the grid, with no folds and no clean labels. The penalty is the one with the
+lowest leave-one-out squared error (over at most :data:`SELECTION_ROWS` evenly spaced rows): one number
+out of 13, the only part of the fit a row's own label touches. Cost: three passes over the rows in
+blocks (centre; scatter; predictions), O(N·F² + N·F·K), and one eigendecomposition, in float64 (the
+identity subtracts nearly equal numbers) on CUDA or else the CPU (Apple's MPS lacks both).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PENALTY_GRID = tuple(10.0 ** (e / 2) for e in range(-6, 7))  # x the mean eigenvalue of the covariance
-MAX_FEATURES = 8192  # wider features are not probed (the F³ solve and the (F, F) matrix grow too large)
+PENALTY_GRID = tuple(10.0 ** (e / 2) for e in range(-6, 7))  # x the scatter's mean eigenvalue
+MAX_FEATURES = 8192  # wider features are not probed (the (F, F) matrix and its eigendecomposition)
 MIN_ROWS = 3  # a leave-one-out fit needs at least two other rows
 SELECTION_ROWS = 8192  # rows whose leave-one-out error chooses the penalty (a fixed sample above)
+
+Rows = Callable[[slice | torch.Tensor], torch.Tensor]  # rows (a block or indices) → (B, ...)
 
 
 @dataclass(frozen=True)
@@ -47,85 +51,86 @@ def loo_probe(
 ) -> Probe | None:
     """The leave-one-out ridge probe of ``features`` (N, F) on any device against the given ``labels``
     (N,); None when it cannot be fitted (fewer than :data:`MIN_ROWS` rows or 2 classes, features wider
-    than :data:`MAX_FEATURES`, or non-finite features). ``chunk``: elements of a row block's temporaries
-    (the features are read block by block in float64, never copied whole)."""
+    than :data:`MAX_FEATURES`, non-finite features, or a failed eigendecomposition). ``chunk``: elements
+    of a row block's temporaries (the features are read block by block; the Gram path holds N x N)."""
     n, width = features.shape if features.ndim == 2 else (0, 0)
     if n < MIN_ROWS or num_classes < 2 or not 0 < width <= MAX_FEATURES:
         return None
     if not bool(torch.isfinite(features).all()):
         return None
-    dtype, y = _precise(features.device), torch.as_tensor(labels, device=features.device)
+    device = features.device if features.device.type == "cuda" else torch.device("cpu")
+    y = torch.as_tensor(labels, dtype=torch.int64, device=device)
     step = max(1, chunk // max(width, num_classes))
     blocks = [slice(start, start + step) for start in range(0, n, step)]
 
-    def unit(rows: slice | torch.Tensor) -> torch.Tensor:  # (B, F) L2-normalised rows, in float64
-        x = features[rows].to(dtype)
+    def unit(rows: slice | torch.Tensor) -> torch.Tensor:  # (B, F) L2-normalised rows in float64
+        x = features[rows].to(device=device, dtype=torch.float64)
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     centre = sum(unit(part).sum(dim=0) for part in blocks) / n
-    eigvals, project, by_class = _spectrum(unit, centre, y, blocks, num_classes)
-    prior = torch.bincount(y, minlength=num_classes).to(dtype) / n
-    fit = _RidgeFit(eigvals, by_class, prior, n)
-    scale = float(eigvals.sum()) / width  # the mean eigenvalue of the (F, F) scatter, either way
-    penalties = [p * max(scale, 1e-12) for p in PENALTY_GRID]
-    sample = _sample(n, y.device)
-    best = _best_penalty(fit, penalties, project(sample), y[sample])
-    probs = torch.empty(n, num_classes, device=features.device)
+    try:
+        eigvals, project, by_class = _spectrum(unit, centre, blocks, y, num_classes)
+    except torch.linalg.LinAlgError:
+        return None
+    fit = _RidgeFit(eigvals, by_class, torch.bincount(y, minlength=num_classes) / n, n)
+    scale = max(float(eigvals.sum()) / width, 1e-12)  # the (F, F) scatter's mean eigenvalue, either way
+    best = _best_penalty(fit, [p * scale for p in PENALTY_GRID], project, y, step)
+    probs = torch.empty(n, num_classes, device=device)
     for part in blocks:
-        onehot = _onehot(y[part], num_classes, dtype)
-        residual = fit.loo_residual(project(part), onehot, penalties[best])
+        onehot = _onehot(y[part], num_classes)
+        residual = fit.loo_residual(project(part), onehot, PENALTY_GRID[best] * scale)
         probs[part] = _normalised((onehot + residual).clamp_min(0)).float()
     agreement = float((probs.argmax(dim=1) == y).float().mean())
     return Probe(probs.cpu().numpy(), PENALTY_GRID[best], agreement)
 
 
-Rows = Callable[[slice | torch.Tensor], torch.Tensor]
-
-
 def _spectrum(
-    unit: Rows, centre: torch.Tensor, labels: torch.Tensor, blocks: list[slice], num_classes: int
+    unit: Rows, centre: torch.Tensor, blocks: list[slice], labels: torch.Tensor, num_classes: int
 ) -> tuple[torch.Tensor, Rows, torch.Tensor]:
     """The centred rows' spectrum: eigenvalues (R,) (clipped at 0), a function giving rows Z (B, R) in
-    the eigenbasis, and Zᵀ Y (R, K). Fewer rows than features: from the (N, N) Gram matrix (the same
-    non-zero eigenvalues, Z = eigenvectors · sqrt(eigenvalues), cheaper to decompose); else from the
-    (F, F) scatter, accumulated block by block."""
-    n, width = len(labels), centre.shape[0]
-    if n <= width:
+    the eigenbasis, and Zᵀ Y (R, K). Fewer rows than features: from the (N, N) Gram matrix (Z =
+    eigenvectors · sqrt(eigenvalues), cheaper to decompose); else from the (F, F) scatter and Xᵀ Y of
+    the centred rows X, summed block by block and turned into the eigenbasis."""
+    width = centre.shape[0]
+    if len(labels) <= width:
         centred = torch.cat([unit(part) - centre for part in blocks])
         eigvals, vectors = torch.linalg.eigh(centred @ centred.T)
         z = vectors * eigvals.clamp_min(0).sqrt()
-        by_class = torch.zeros(n, num_classes, dtype=z.dtype, device=z.device).index_add_(1, labels, z.T)
+        by_class = sum(z[part].T @ _onehot(labels[part], num_classes) for part in blocks)
         return eigvals.clamp_min(0), lambda rows: z[rows], by_class
-    scatter = torch.zeros(width, width, dtype=centre.dtype, device=centre.device)
-    by_label = torch.zeros(width, num_classes, dtype=centre.dtype, device=centre.device)  # Xᵀ Y, centred
+    scatter = torch.zeros(width, width, dtype=torch.float64, device=centre.device)
+    by_label = torch.zeros(width, num_classes, dtype=torch.float64, device=centre.device)
     for part in blocks:
         centred = unit(part) - centre
         scatter += centred.T @ centred
-        by_label.index_add_(1, labels[part], centred.T)
+        by_label += centred.T @ _onehot(labels[part], num_classes)
     eigvals, basis = torch.linalg.eigh(scatter)
     return eigvals.clamp_min(0), lambda rows: (unit(rows) - centre) @ basis, basis.T @ by_label
 
 
-def _sample(n: int, device: torch.device) -> torch.Tensor:
-    """At most :data:`SELECTION_ROWS` evenly spaced rows (all of them below that), whose leave-one-out
-    errors choose the penalty: the mean error of a fixed sample, at a fixed cost per penalty."""
-    return torch.from_numpy(
+def _best_penalty(
+    fit: _RidgeFit, penalties: list[float], project: Rows, labels: torch.Tensor, step: int
+) -> int:
+    """Index of the penalty with the lowest leave-one-out squared error over at most
+    :data:`SELECTION_ROWS` evenly spaced rows (all rows below that), in blocks of ``step`` rows."""
+    n = len(labels)
+    chosen = torch.from_numpy(
         np.unique(np.linspace(0, n - 1, min(n, SELECTION_ROWS)).round().astype(np.int64))
-    ).to(device)
-
-
-def _best_penalty(fit: _RidgeFit, penalties: list[float], z: torch.Tensor, labels: torch.Tensor) -> int:
-    """Index of the penalty whose leave-one-out squared error over rows ``z`` (S, F) is lowest."""
-    onehot = _onehot(labels, fit.by_class.shape[1], z.dtype)
-    errors = [float((fit.loo_residual(z, onehot, penalty) ** 2).sum()) for penalty in penalties]
+    ).to(labels.device)
+    errors = np.zeros(len(penalties))
+    for start in range(0, len(chosen), step):
+        rows = chosen[start : start + step]
+        z, onehot = project(rows), _onehot(labels[rows], fit.by_class.shape[1])
+        for i, penalty in enumerate(penalties):
+            errors[i] += float((fit.loo_residual(z, onehot, penalty) ** 2).sum())
     return int(np.argmin(errors))
 
 
 @dataclass(frozen=True)
 class _RidgeFit:
-    """Ridge of one-hot labels on centred features, in the covariance's eigenbasis: ``eigvals`` (F,),
-    ``by_class`` (F, K) = Zᵀ Y (Z: the centred rows in that basis), ``prior`` (K,) the label shares
-    (the intercept), ``rows`` N."""
+    """Ridge of one-hot labels on the centred rows, in the eigenbasis of their spectrum: ``eigvals``
+    (R,), ``by_class`` (R, K) = Zᵀ Y (Z: the rows in that basis), ``prior`` (K,) the label shares (the
+    intercept), ``rows`` N."""
 
     eigvals: torch.Tensor
     by_class: torch.Tensor
@@ -133,16 +138,16 @@ class _RidgeFit:
     rows: int
 
     def loo_residual(self, z: torch.Tensor, onehot: torch.Tensor, penalty: float) -> torch.Tensor:
-        """(B, K) leave-one-out prediction minus label of the rows ``z`` (B, F) (projected features),
-        ``onehot`` (B, K): the in-sample residual divided by ``1 - h_i``."""
+        """(B, K) leave-one-out prediction minus label of the rows ``z`` (B, R), ``onehot`` (B, K): the
+        in-sample residual divided by ``1 - h_i`` (``h_i``: the row's leverage, intercept included)."""
         inverse = 1.0 / (self.eigvals + penalty)
         fitted = (z * inverse) @ self.by_class + self.prior
         leverage = (z * z) @ inverse + 1.0 / self.rows
         return (fitted - onehot) / (1.0 - leverage).clamp_min(1e-9)[:, None]
 
 
-def _onehot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.nn.functional.one_hot(labels, num_classes).to(dtype)
+def _onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels, num_classes).to(torch.float64)
 
 
 def _normalised(probs: torch.Tensor) -> torch.Tensor:
@@ -150,8 +155,3 @@ def _normalised(probs: torch.Tensor) -> torch.Tensor:
     total = probs.sum(dim=1, keepdim=True)
     uniform = torch.full_like(probs, 1.0 / probs.shape[1])
     return torch.where(total > 0, probs / total.clamp_min(1e-12), uniform)
-
-
-def _precise(device: torch.device) -> torch.dtype:
-    """float64 where the device has it (the solve subtracts nearly equal numbers), else float32."""
-    return torch.float32 if device.type == "mps" else torch.float64

@@ -45,15 +45,16 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "is_noisy": (
         "boolean",
         "True when the given label is judged wrong: with the default --flag-rule margin, clean_score < 0 "
-        "(as many rows as the mix finds another class more probable for, chosen by the score blended with "
-        "the class transitions); with --flag-rule dual, p_clean <= --threshold (with --strict, also when "
-        "another class has a higher p_clean). NA for unreadable rows.",
+        "(as many rows as the prompts and neighbour votes find another class more probable for, chosen by "
+        "the score blended with the class transitions); with --flag-rule dual, p_clean <= --threshold "
+        "(with --strict, also when another class has a higher p_clean). NA for unreadable rows.",
     ),
     "clean_score": (
         "float32",
         "The margin m = P(given label) - max P(other class), P = the positive prompts' class probabilities "
         "averaged over the epochs after warm-up, mixed with the labels of the image's nearest images "
-        "(--neighbour-weight); blended as (1 - w) m + w (2 q - 1) with q = P(label right) under the class "
+        "(--neighbour-weight) and, for a frozen tower, a linear probe's leave-one-out class probabilities "
+        "(--probe-weight); blended as (1 - w) m + w (2 q - 1) with q = P(label right) under the class "
         "transitions estimated from the data, w = --transition-weight (0: m alone), then mapped in order "
         "onto [-1, 1] with 0 at the cut, so it is below 0 exactly for the flagged rows. NaN for unreadable "
         "rows.",

@@ -68,7 +68,7 @@ def test_votes_enter_the_clean_score_by_the_neighbour_weight():
     probs = np.array([[0.7, 0.3], [0.6, 0.4]])
     votes = np.array([[0.0, 1.0], [1.0, 0.0]])
     labels, fold = np.array([0, 0]), np.full(2, -1)
-    only = {"transition_weight": 0.0, "probe_weight": 0.0}  # the votes alone
+    only = {"transition_weight": 0.0}  # the neighbour mix alone (transitions: tests/test_transitions.py)
     plain, _ = verdict(_average(probs), labels, fold, DetectConfig(neighbour_weight=0.0, **only), votes)
     np.testing.assert_allclose(plain.clean_score, [0.4, 0.2])  # weight 0: the prompts alone
     mixed, _ = verdict(_average(probs), labels, fold, DetectConfig(neighbour_weight=0.5, **only), votes)
