@@ -214,7 +214,7 @@ class DetectConfig:
     neighbour_weight: float = _opt(
         0.5,
         "Share of the neighbour vote (the given labels of each image's nearest images in the detector's "
-        "embedding) in the class probabilities that decide flags, ranks and suggestions; 0: prompts only.",
+        "embedding) in the prompts-and-votes mix (--probe-weight takes its share of the whole); 0: no votes.",
     )
     probe_weight: float = _opt(
         1 / 3,

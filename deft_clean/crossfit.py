@@ -215,7 +215,8 @@ def _probe(
     probe = loo_probe(trunk, labels, num_classes)
     if probe is None:
         reporter.log(
-            "Linear probe: not fitted (too few rows or classes, or features too wide or not finite)."
+            "Linear probe: not fitted (too few rows or classes, features too wide or not finite, or the "
+            "eigendecomposition failed)."
         )
         return None
     reporter.log(

@@ -15,8 +15,9 @@ rows than features: the same non-zero spectrum) therefore gives every row's leav
 under every penalty of the grid, with no folds and no clean labels. The penalty is the one with the
 lowest leave-one-out squared error (over at most :data:`SELECTION_ROWS` evenly spaced rows): one number
 out of 13, the only part of the fit a row's own label touches. Cost: three passes over the rows in
-blocks (centre; scatter; predictions), O(N·F² + N·F·K), and one eigendecomposition, in float64 (the
-identity subtracts nearly equal numbers) on CUDA or else the CPU (Apple's MPS lacks both).
+blocks (centre; scatter; predictions) and one over the selection rows, O(N·F² + N·F·K), and one
+eigendecomposition, in float64 (the identity subtracts nearly equal numbers) on CUDA or else the CPU
+(Apple's MPS lacks both).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def loo_probe(
     """The leave-one-out ridge probe of ``features`` (N, F) on any device against the given ``labels``
     (N,); None when it cannot be fitted (fewer than :data:`MIN_ROWS` rows or 2 classes, features wider
     than :data:`MAX_FEATURES`, non-finite features, or a failed eigendecomposition). ``chunk``: elements
-    of a row block's temporaries (the features are read block by block; the Gram path holds N x N)."""
+    of a row block's temporaries (the features are read block by block; with N <= F the centred N x F
+    rows and the N x N Gram matrix are held whole)."""
     n, width = features.shape if features.ndim == 2 else (0, 0)
     if n < MIN_ROWS or num_classes < 2 or not 0 < width <= MAX_FEATURES:
         return None
@@ -72,7 +74,7 @@ def loo_probe(
         eigvals, project, by_class = _spectrum(unit, centre, blocks, y, num_classes)
     except torch.linalg.LinAlgError:
         return None
-    fit = _RidgeFit(eigvals, by_class, torch.bincount(y, minlength=num_classes) / n, n)
+    fit = _RidgeFit(eigvals, by_class, torch.bincount(y, minlength=num_classes).double() / n, n)
     scale = max(float(eigvals.sum()) / width, 1e-12)  # the (F, F) scatter's mean eigenvalue, either way
     best = _best_penalty(fit, [p * scale for p in PENALTY_GRID], project, y, step)
     probs = torch.empty(n, num_classes, device=device)
