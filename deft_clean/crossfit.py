@@ -13,10 +13,11 @@ are averaged over those epochs and mixed with the row's neighbour votes (:func:`
 ``--neighbour-weight``) and, for a frozen tower, a linear probe's leave-one-out probabilities
 (:mod:`deft_clean.probe`, ``--probe-weight``). The margin of that mix, ``P(given) - max P(other
 class)`` in [-1, 1] (the area-under-the-margin idea of Pleiss et al., 2020), is negative when the mix
-predicts another class; that count of rows is flagged (``--flag-rule margin``). Which rows, is decided
-by the margin blended with the posterior of the class transitions (:mod:`deft_clean.transitions`,
-``--transition-weight``), and the clean score is that blend mapped onto [-1, 1] with 0 at the cut,
-negative exactly for the flagged rows, so ranks and flags tell one story.
+predicts another class; as many rows as the prompts-and-votes mix (without the probe) predicts another
+class for are flagged (``--flag-rule margin``). Which rows, is decided by the margin blended with the
+posterior of the class transitions (:mod:`deft_clean.transitions`, ``--transition-weight``), and the
+clean score is that blend mapped onto [-1, 1] with 0 at the cut, negative exactly for the flagged rows,
+so ranks and flags tell one story.
 Averaging over epochs reads the model before it memorises the noisy labels of the last epochs.
 """
 
