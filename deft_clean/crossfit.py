@@ -246,11 +246,11 @@ def verdict(
     Also returns the blend (None when not used)."""
     rows = np.arange(len(labels))
     p_given = average.p_clean[rows, labels]
-    probs = mix(average.probs, config, votes, probe)
+    counted = mix(average.probs, config, votes, None)  # prompts and votes: the count of flags
+    probs = mix(counted, config, None, probe)
     score = clean_score(probs, labels)
-    count = int((score < 0).sum())
-    if probe is not None:  # with the probe in the count, low-noise sets lost F1 (docs/benchmarks.md)
-        count = int((clean_score(mix(average.probs, config, votes, None), labels) < 0).sum())
+    # with the probe in the count, low-noise sets lost F1 (docs/benchmarks.md)
+    count = int(((score if probe is None else clean_score(counted, labels)) < 0).sum())
     mixed = None
     if config.flag_rule == "margin" and config.transition_weight > 0:
         mixed = blend(probs, labels, fold, score, config.transition_weight, count)
