@@ -5,7 +5,10 @@ neighbour votes come from an embedding that model shaped. A linear probe on the 
 without the row, is the out-of-sample opinion a careful user would compute by hand (and what cleanlab
 is usually fed). ``detect`` mixes it into the class probabilities (``--probe-weight``); on 2,000
 CIFAR-10 images the mix with it ranked better than prompts and votes alone under every noise setting
-measured (docs/benchmarks.md, "Linear probe").
+measured (docs/benchmarks.md, "Linear probe"). ``detect`` fits the probe twice: on every row, then on the rows
+that first verdict kept (``fitted_on``), so the suspects' labels no longer pull the fit towards their
+mistakes; the flagged rows are then predicted by a fit that never saw them, the kept ones still each by
+the fit without it.
 
 The probe is ridge regression of the one-hot given labels on the L2-normalised features, with an
 unpenalised intercept. Ridge has an exact leave-one-out identity: with hat-matrix diagonal ``h_i``, the
@@ -13,7 +16,7 @@ prediction for row i of the fit without row i is ``y_i + (ŷ_i - y_i) / (1 - h_i
 (of the (F, F) scatter matrix of the centred rows, or of their (N, N) Gram matrix when there are fewer
 rows than features: the same non-zero spectrum) therefore gives every row's leave-one-out prediction
 under every penalty of the grid, with no folds and no clean labels. The penalty is the one with the
-lowest leave-one-out squared error (over at most :data:`SELECTION_ROWS` evenly spaced rows): one number
+lowest leave-one-out squared error (over at most :data:`SELECTION_ROWS` evenly spaced fitted rows): one number
 out of 13, the only part of the fit a row's own label touches. Cost: three passes over the rows in
 blocks (centre; scatter; predictions) and one over the selection rows, O(N·F² + N·F·K), and one
 eigendecomposition, in float64 (the identity subtracts nearly equal numbers) on CUDA or else the CPU
@@ -48,20 +51,29 @@ class Probe:
 
 
 def loo_probe(
-    features: torch.Tensor, labels: np.ndarray, num_classes: int, *, chunk: int = 1 << 22
+    features: torch.Tensor,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    fitted_on: np.ndarray | None = None,
+    chunk: int = 1 << 22,
 ) -> Probe | None:
     """The leave-one-out ridge probe of ``features`` (N, F) on any device against the given ``labels``
-    (N,); None when it cannot be fitted (fewer than :data:`MIN_ROWS` rows or 2 classes, features wider
-    than :data:`MAX_FEATURES`, non-finite features, or a failed eigendecomposition). ``chunk``: elements
-    of a row block's temporaries (the features are read block by block; with N <= F the centred N x F
-    rows and the N x N Gram matrix are held whole)."""
+    (N,); None when it cannot be fitted (fewer than :data:`MIN_ROWS` rows to fit or 2 classes, features
+    wider than :data:`MAX_FEATURES`, non-finite features, or a failed eigendecomposition).
+    ``fitted_on`` (N,) bool: the rows the ridge fits (default: all). Each of them is predicted by the fit
+    without it; every other row by the fit as it is, which never saw that row either. ``chunk``:
+    elements of a row block's temporaries (the features are read block by block; with fewer fitted rows
+    than features the centred fitted rows and their Gram matrix are held whole)."""
     n, width = features.shape if features.ndim == 2 else (0, 0)
-    if n < MIN_ROWS or num_classes < 2 or not 0 < width <= MAX_FEATURES:
+    fitted = np.ones(n, bool) if fitted_on is None else np.asarray(fitted_on, bool)
+    if fitted.sum() < MIN_ROWS or num_classes < 2 or not 0 < width <= MAX_FEATURES:
         return None
     if not bool(torch.isfinite(features).all()):
         return None
     device = features.device if features.device.type == "cuda" else torch.device("cpu")
     y = torch.as_tensor(labels, dtype=torch.int64, device=device)
+    member = torch.as_tensor(fitted, device=device)
     step = max(1, chunk // max(width, num_classes))
     blocks = [slice(start, start + step) for start in range(0, n, step)]
 
@@ -69,83 +81,105 @@ def loo_probe(
         x = features[rows].to(device=device, dtype=torch.float64)
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    centre = sum(unit(part).sum(dim=0) for part in blocks) / n
+    def fitted_rows(part: slice) -> torch.Tensor:  # (B', F) the block's rows that the ridge fits
+        return unit(part)[member[part]]
+
+    size = int(fitted.sum())
+    centre = sum(fitted_rows(part).sum(dim=0) for part in blocks) / size
     try:
-        eigvals, project, by_class = _spectrum(unit, centre, blocks, y, num_classes)
+        eigvals, project, by_class = _spectrum(fitted_rows, unit, centre, blocks, y, member, num_classes)
     except torch.linalg.LinAlgError:
         return None
-    fit = _RidgeFit(eigvals, by_class, torch.bincount(y, minlength=num_classes).double() / n, n)
+    fit = _RidgeFit(eigvals, by_class, torch.bincount(y[member], minlength=num_classes).double() / size, size)
     scale = max(float(eigvals.sum()) / width, 1e-12)  # the (F, F) scatter's mean eigenvalue, either way
-    best = _best_penalty(fit, [p * scale for p in PENALTY_GRID], project, y, step)
+    best = _best_penalty(fit, [p * scale for p in PENALTY_GRID], project, y, np.flatnonzero(fitted), step)
     probs = torch.empty(n, num_classes, device=device)
     for part in blocks:
         onehot = _onehot(y[part], num_classes)
-        residual = fit.loo_residual(project(part), onehot, PENALTY_GRID[best] * scale)
+        residual = fit.residual(project(part), onehot, PENALTY_GRID[best] * scale, member[part])
         probs[part] = _normalised((onehot + residual).clamp_min(0)).float()
     agreement = float((probs.argmax(dim=1) == y).float().mean())
     return Probe(probs.cpu().numpy(), PENALTY_GRID[best], agreement)
 
 
 def _spectrum(
-    unit: Rows, centre: torch.Tensor, blocks: list[slice], labels: torch.Tensor, num_classes: int
+    fitted_rows: Rows,
+    unit: Rows,
+    centre: torch.Tensor,
+    blocks: list[slice],
+    labels: torch.Tensor,
+    member: torch.Tensor,
+    num_classes: int,
 ) -> tuple[torch.Tensor, Rows, torch.Tensor]:
-    """The centred rows' spectrum: eigenvalues (R,) (clipped at 0), a function giving rows Z (B, R) in
-    the eigenbasis, and Zᵀ Y (R, K). Fewer rows than features: from the (N, N) Gram matrix (Z =
-    eigenvectors · sqrt(eigenvalues), cheaper to decompose); else from the (F, F) scatter and Xᵀ Y of
-    the centred rows X, summed block by block and turned into the eigenbasis."""
+    """The centred fitted rows' spectrum: eigenvalues (R,) (clipped at 0), a function giving any rows
+    in the eigenbasis (B, R), and Zᵀ Y (R, K) of the fitted rows Z. Fewer fitted rows than features:
+    from their (N', N') Gram matrix (cheaper to decompose; the basis is Xᵀ V / sqrt(eigenvalue), null
+    directions dropped, as they carry no fit); else from the (F, F) scatter and Xᵀ Y of the centred
+    fitted rows X, summed block by block and turned into the eigenbasis."""
     width = centre.shape[0]
-    if len(labels) <= width:
-        centred = torch.cat([unit(part) - centre for part in blocks])
+    fitted_labels = labels[member]
+    if len(fitted_labels) <= width:
+        centred = torch.cat([fitted_rows(part) - centre for part in blocks])
         eigvals, vectors = torch.linalg.eigh(centred @ centred.T)
-        z = vectors * eigvals.clamp_min(0).sqrt()
-        by_class = sum(z[part].T @ _onehot(labels[part], num_classes) for part in blocks)
-        return eigvals.clamp_min(0), lambda rows: z[rows], by_class
+        kept = eigvals > eigvals.max().clamp_min(0) * 1e-12
+        basis = centred.T @ (vectors[:, kept] / eigvals[kept].sqrt())
+        z = vectors[:, kept] * eigvals[kept].sqrt()  # = centred @ basis
+        return (
+            eigvals[kept],
+            lambda rows: (unit(rows) - centre) @ basis,
+            z.T @ _onehot(fitted_labels, num_classes),
+        )
     scatter = torch.zeros(width, width, dtype=torch.float64, device=centre.device)
     by_label = torch.zeros(width, num_classes, dtype=torch.float64, device=centre.device)
     for part in blocks:
-        centred = unit(part) - centre
+        centred = fitted_rows(part) - centre
         scatter += centred.T @ centred
-        by_label += centred.T @ _onehot(labels[part], num_classes)
+        by_label += centred.T @ _onehot(labels[part][member[part]], num_classes)
     eigvals, basis = torch.linalg.eigh(scatter)
     return eigvals.clamp_min(0), lambda rows: (unit(rows) - centre) @ basis, basis.T @ by_label
 
 
 def _best_penalty(
-    fit: _RidgeFit, penalties: list[float], project: Rows, labels: torch.Tensor, step: int
+    fit: _RidgeFit, penalties: list[float], project: Rows, labels: torch.Tensor, fitted: np.ndarray, step: int
 ) -> int:
     """Index of the penalty with the lowest leave-one-out squared error over at most
-    :data:`SELECTION_ROWS` evenly spaced rows (all rows below that), in blocks of ``step`` rows."""
-    n = len(labels)
-    chosen = torch.from_numpy(
-        np.unique(np.linspace(0, n - 1, min(n, SELECTION_ROWS)).round().astype(np.int64))
-    ).to(labels.device)
+    :data:`SELECTION_ROWS` evenly spaced ``fitted`` rows (indices; all of them below that), in blocks of
+    ``step`` rows."""
+    spaced = np.unique(np.linspace(0, len(fitted) - 1, min(len(fitted), SELECTION_ROWS)).round())
+    chosen = torch.from_numpy(fitted[spaced.astype(np.int64)]).to(labels.device)
     errors = np.zeros(len(penalties))
     for start in range(0, len(chosen), step):
         rows = chosen[start : start + step]
         z, onehot = project(rows), _onehot(labels[rows], fit.by_class.shape[1])
+        held_in = torch.ones(len(rows), dtype=torch.bool, device=labels.device)
         for i, penalty in enumerate(penalties):
-            errors[i] += float((fit.loo_residual(z, onehot, penalty) ** 2).sum())
+            errors[i] += float((fit.residual(z, onehot, penalty, held_in) ** 2).sum())
     return int(np.argmin(errors))
 
 
 @dataclass(frozen=True)
 class _RidgeFit:
-    """Ridge of one-hot labels on the centred rows, in the eigenbasis of their spectrum: ``eigvals``
-    (R,), ``by_class`` (R, K) = Zᵀ Y (Z: the rows in that basis), ``prior`` (K,) the label shares (the
-    intercept), ``rows`` N."""
+    """Ridge of one-hot labels on the centred fitted rows, in the eigenbasis of their spectrum:
+    ``eigvals`` (R,), ``by_class`` (R, K) = Zᵀ Y (Z: the fitted rows in that basis), ``prior`` (K,) their
+    label shares (the intercept), ``rows`` how many they are."""
 
     eigvals: torch.Tensor
     by_class: torch.Tensor
     prior: torch.Tensor
     rows: int
 
-    def loo_residual(self, z: torch.Tensor, onehot: torch.Tensor, penalty: float) -> torch.Tensor:
-        """(B, K) leave-one-out prediction minus label of the rows ``z`` (B, R), ``onehot`` (B, K): the
-        in-sample residual divided by ``1 - h_i`` (``h_i``: the row's leverage, intercept included)."""
+    def residual(
+        self, z: torch.Tensor, onehot: torch.Tensor, penalty: float, held_in: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, K) out-of-sample prediction minus label of the rows ``z`` (B, R), ``onehot`` (B, K). A row
+        the ridge fits (``held_in`` (B,) True) gets the leave-one-out identity: its in-sample residual
+        divided by ``1 - h_i`` (``h_i``: its leverage, intercept included); any other row the fit's own
+        prediction."""
         inverse = 1.0 / (self.eigvals + penalty)
         fitted = (z * inverse) @ self.by_class + self.prior
         leverage = (z * z) @ inverse + 1.0 / self.rows
-        return (fitted - onehot) / (1.0 - leverage).clamp_min(1e-9)[:, None]
+        shrink = torch.where(held_in, (1.0 - leverage).clamp_min(1e-9), torch.ones_like(leverage))
+        return (fitted - onehot) / shrink[:, None]
 
 
 def _onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

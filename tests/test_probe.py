@@ -26,13 +26,17 @@ def _noisy_clusters(seed: int = 0, width: int = 6) -> tuple[torch.Tensor, np.nda
     return torch.from_numpy(features), truth, given
 
 
-def _refit_without(features: np.ndarray, given: np.ndarray, row: int, penalty: float) -> np.ndarray:
-    """Ridge of one-hot labels on the unit-length features of every row but ``row`` (intercept not
-    penalised), written out directly: the prediction for ``row``, clipped at 0 and normalised."""
+def _explicit_fit(
+    features: np.ndarray, given: np.ndarray, row: int, penalty: float, fitted: np.ndarray | None = None
+) -> np.ndarray:
+    """Ridge of one-hot labels on the unit-length features of the ``fitted`` rows (default all) other
+    than ``row`` (intercept not penalised), written out directly: the prediction for ``row``, clipped at
+    0 and normalised."""
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
-    centred_all = unit - unit.mean(axis=0)
+    fitted = np.ones(len(given), bool) if fitted is None else fitted
+    centred_all = unit[fitted] - unit[fitted].mean(axis=0)
     scale = np.linalg.eigvalsh(centred_all.T @ centred_all).clip(0).mean()  # the grid is relative to it
-    keep = np.arange(len(given)) != row
+    keep = fitted & (np.arange(len(given)) != row)
     mean, onehot = unit[keep].mean(axis=0), np.eye(3)[given[keep]]
     centred = unit[keep] - mean
     weights = np.linalg.solve(
@@ -47,8 +51,20 @@ def test_each_row_is_predicted_by_a_fit_that_never_saw_it(width):
     features, _, given = _noisy_clusters(width=width)
     found = loo_probe(features, given, 3)
     for row in (0, 5, 20, 59):
-        expected = _refit_without(features.numpy(), given, row, found.penalty)
+        expected = _explicit_fit(features.numpy(), given, row, found.penalty)
         np.testing.assert_allclose(found.probs[row], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [6, 90])
+def test_a_fit_on_some_rows_predicts_them_left_out_and_the_rest_as_it_stands(width):
+    features, _, given = _noisy_clusters(width=width)
+    fitted = np.ones(60, bool)
+    fitted[[0, 20, 40, 3]] = False  # the planted rows and one right one sit out
+    found = loo_probe(features, given, 3, fitted_on=fitted)
+    for row in (0, 3, 5, 20, 21, 59):
+        expected = _explicit_fit(features.numpy(), given, row, found.penalty, fitted)
+        np.testing.assert_allclose(found.probs[row], expected, atol=1e-6)
+    assert loo_probe(features, given, 3, fitted_on=np.arange(60) < 2) is None  # two rows cannot fit
 
 
 def test_a_rows_own_label_cannot_move_its_probabilities(monkeypatch):
@@ -106,12 +122,18 @@ def test_the_mix_weighs_each_source_and_a_missing_probe_leaves_prompts_and_votes
     )
 
 
+def _memorised_but_doubting(given: np.ndarray) -> tuple[EpochAverage, list[int]]:
+    """Prompts' probabilities of a model that memorised the ``given`` labels, except 3 right labels (rows
+    1, 21, 41) it narrowly doubts: the count of flags is 3."""
+    prompts = np.eye(3)[given] * 0.8 + 0.1
+    doubted = [1, 21, 41]
+    prompts[doubted] = 0.15 + 0.25 * np.eye(3)[given[doubted]] + 0.3 * np.eye(3)[(given[doubted] + 2) % 3]
+    return EpochAverage(prompts, np.full_like(prompts, 0.9), np.zeros(60), 1), doubted
+
+
 def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_how_it_fitted():
     features, truth, given = _noisy_clusters()
-    prompts = np.eye(3)[given] * 0.8 + 0.1  # a model that memorised the given labels, ...
-    doubted = [1, 21, 41]  # ... except 3 right labels it narrowly doubts
-    prompts[doubted] = 0.15 + 0.25 * np.eye(3)[given[doubted]] + 0.3 * np.eye(3)[(given[doubted] + 2) % 3]
-    average = EpochAverage(prompts, np.full_like(prompts, 0.9), np.zeros(60), 1)
+    average, doubted = _memorised_but_doubting(given)
     lines: list[str] = []
     log = type("Log", (), {"log": staticmethod(lines.append)})()
     config = DetectConfig(neighbour_weight=0.0, probe_weight=0.6, transition_weight=0.0)
@@ -125,7 +147,26 @@ def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_
     assert (scores.clean_score[[0, 20, 40]] < 0).all() and (
         np.delete(scores.clean_score, [0, 20, 40]) >= 0
     ).all()
-    assert len(lines) == 2 and lines[1].startswith("Linear probe: a ridge fit on the frozen features")
+    assert len(lines) == 3 and lines[1].startswith("Linear probe: a ridge fit on the frozen features")
+    assert lines[2].startswith("Linear probe, second fit: without the 3 rows first flagged (penalty")
+
+
+def test_the_second_fit_leaves_out_the_rows_the_first_flagged(monkeypatch):
+    features, _, given = _noisy_clusters()
+    average, _ = _memorised_but_doubting(given)
+    fits: list[np.ndarray | None] = []
+
+    def recorded(*args, fitted_on=None, **kwargs):
+        fits.append(fitted_on)
+        return loo_probe(*args, fitted_on=fitted_on, **kwargs)
+
+    monkeypatch.setattr("deft_clean.crossfit.loo_probe", recorded)
+    config = DetectConfig(neighbour_weight=0.0, probe_weight=0.6, transition_weight=0.0)
+    log = type("Log", (), {"log": staticmethod(lambda line: None)})()
+    scores = logged_verdict(average, given, np.full(60, -1), Evidence({}, features, list("abc")), config, log)
+    assert fits[0] is None and len(fits) == 2  # first on every row, then ...
+    assert not fits[1][[0, 20, 40]].any() and fits[1].sum() == 57  # ... without the planted ones
+    assert np.flatnonzero(scores.is_noisy).tolist() == [0, 20, 40]
 
 
 @pytest.mark.parametrize("weight", [-0.1, 1.2, float("nan")])
