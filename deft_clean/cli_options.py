@@ -90,11 +90,7 @@ def config_options(*config_classes: type, only: set[str] | None = None) -> Calla
         for cls, specs in fields.items():
             hints = typing.get_type_hints(cls)
             for spec in specs:
-                long = isinstance(spec.default, float) and len(repr(spec.default)) > 8
-                shown = f"{spec.default:.3g}" if long else True  # 1/3 as 0.333
-                option = typer.Option(
-                    spec.default, config.flag(spec.name), help=spec.metadata.get("help"), show_default=shown
-                )
+                option = typer.Option(spec.default, config.flag(spec.name), help=spec.metadata.get("help"))
                 kind = inspect.Parameter.KEYWORD_ONLY
                 hint = str if typing.get_origin(hints[spec.name]) is typing.Literal else hints[spec.name]
                 params.append(inspect.Parameter(spec.name, kind, default=option, annotation=hint))

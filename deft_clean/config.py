@@ -217,7 +217,7 @@ class DetectConfig:
         "embedding) in the prompts-and-votes mix (--probe-weight takes its share of the whole); 0: no votes.",
     )
     probe_weight: float = _opt(
-        1 / 3,
+        0.75,
         "Share of a linear probe on the frozen tower's features, fitted without the row it scores, in the "
         "same class probabilities (the rest: prompts and votes as above); 0: no probe.",
     )

@@ -190,7 +190,7 @@ def logged_verdict(
         share = config.neighbour_weight * (1 - config.probe_weight if probe is not None else 1)
         reporter.log(
             f"Neighbour votes: each image's {' / '.join(map(str, chosen))} nearest images (k chosen by "
-            f"leave-one-out agreement) weigh {share:.2f} in its class probabilities."
+            f"leave-one-out agreement) weigh {share:.3g} in its class probabilities."
         )
     scores, mixed = verdict(average, labels, fold, config, votes, probe)
     if probe is not None:
@@ -228,7 +228,7 @@ def _probe(
     reporter.log(
         f"Linear probe: a ridge fit on the frozen features of every other image predicts each image's "
         f"class (penalty {probe.penalty:.3g} chosen by leave-one-out error; it agrees with "
-        f"{probe.agreement:.0%} of the given labels) and weighs {config.probe_weight:.2f} in its class "
+        f"{probe.agreement:.0%} of the given labels) and weighs {config.probe_weight:.3g} in its class "
         "probabilities."
     )
     return probe.probs
@@ -304,7 +304,8 @@ def mix(
     probs: np.ndarray, config: DetectConfig, votes: np.ndarray | None, probe: np.ndarray | None
 ) -> np.ndarray:
     """(N, K) the prompts' ``probs`` mixed with the neighbour ``votes`` by ``--neighbour-weight``, then
-    with the ``probe``'s probabilities by ``--probe-weight`` (defaults: a third each). A source not
+    with the ``probe``'s probabilities by ``--probe-weight`` (defaults: the probe 3/4, prompts and votes
+    1/8 each: the probe ranked best of the three, docs/benchmarks.md). A source not
     given drops out: without the probe (a tuned tower) prompts and votes mix exactly as asked."""
     if votes is not None:
         probs = (1 - config.neighbour_weight) * probs + config.neighbour_weight * votes

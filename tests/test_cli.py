@@ -38,12 +38,6 @@ def test_every_config_field_is_an_option_with_its_default(command, classes):
             assert options[option] == field.default, (command, option)
 
 
-def test_help_shows_a_long_float_default_in_three_digits(wide_console):
-    text = " ".join(CliRunner().invoke(app, ["detect", "--help"]).output.split())
-    assert "[default: (0.333)]" in text and "0.3333" not in text  # --probe-weight's 1/3
-    assert "[default: 0.5]" in text  # short floats as they are (--neighbour-weight)
-
-
 def test_option_values_reach_the_library(wide_console):
     args = ["check", str(EXAMPLE), str(EXAMPLE / "labels.csv"), "--min-per-class", "100"]
     result = CliRunner().invoke(app, args)

@@ -237,7 +237,7 @@ def test_crossfit_never_scores_a_row_with_a_model_that_saw_its_label(tmp_path, m
     assert any(line.startswith("Most frequent wrong labels by the class transitions: ") for line in log.lines)
     assert any(line.startswith("Linear probe: a ridge fit on the frozen features") for line in log.lines)
     votes = [line for line in log.lines if line.startswith("Neighbour votes: ")]
-    assert len(votes) == 1 and votes[0].endswith("weigh 0.33 in its class probabilities.")  # 0.5 of 2/3
+    assert len(votes) == 1 and votes[0].endswith("weigh 0.125 in its class probabilities.")  # 0.5 of 1/4
 
 
 def test_beyond_the_class_cap_the_log_says_the_margin_alone_flags(monkeypatch):

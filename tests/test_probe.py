@@ -110,9 +110,9 @@ def test_what_cannot_be_fitted_is_not_probed(monkeypatch):
 
 def test_the_mix_weighs_each_source_and_a_missing_probe_leaves_prompts_and_votes_as_asked():
     prompts, votes, probe = np.array([[0.9, 0.1]]), np.array([[0.0, 1.0]]), np.array([[0.3, 0.7]])
-    thirds = DetectConfig()  # the defaults: votes half of the rest, the probe a third: a third each
-    np.testing.assert_allclose(mix(prompts, thirds, votes, probe), [[0.4, 0.6]])
-    np.testing.assert_allclose(mix(prompts, thirds, votes, None), [[0.45, 0.55]])  # a tuned tower: halves
+    defaults = DetectConfig()  # the probe 3/4; votes half of the rest: prompts and votes 1/8 each
+    np.testing.assert_allclose(mix(prompts, defaults, votes, probe), [[0.3375, 0.6625]])
+    np.testing.assert_allclose(mix(prompts, defaults, votes, None), [[0.45, 0.55]])  # a tuned tower: halves
     mostly_votes = DetectConfig(neighbour_weight=0.9)
     np.testing.assert_allclose(mix(prompts, mostly_votes, votes, None), [[0.09, 0.91]])
     only_probe = DetectConfig(neighbour_weight=0.0, probe_weight=0.25)
@@ -173,7 +173,7 @@ def test_the_second_fit_leaves_out_the_rows_the_first_flagged(monkeypatch):
 def test_a_probe_weight_outside_0_1_is_refused_and_any_neighbour_weight_still_fits_beside_it(weight):
     with pytest.raises(ConfigError, match="--probe-weight"):
         DetectConfig(probe_weight=weight)
-    assert DetectConfig(neighbour_weight=0.9).probe_weight == pytest.approx(1 / 3)  # the shares nest
+    assert DetectConfig(neighbour_weight=0.9).probe_weight == 0.75  # the shares nest
 
 
 def test_the_count_is_the_prompts_and_votes_own_even_when_the_probe_disagrees_more():
