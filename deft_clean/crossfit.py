@@ -193,8 +193,9 @@ def logged_verdict(
             f"leave-one-out agreement) weigh {share:.3g} in its class probabilities."
         )
     scores, mixed = verdict(average, labels, fold, config, votes, probe)
-    if probe is not None:
-        second = _refit_probe(evidence.trunk, labels, ~scores.is_noisy, num_classes, reporter)
+    # a second probe fit chooses which rows the margin flags (under --flag-rule dual, p_clean flags)
+    if config.flag_rule == "margin" and probe is not None and evidence.trunk is not None:
+        second = _refit_probe(evidence.trunk, labels, scores.is_noisy, num_classes, reporter)
         if second is not None:
             scores, mixed = verdict(average, labels, fold, config, votes, second)
     names = evidence.names
@@ -235,20 +236,27 @@ def _probe(
 
 
 def _refit_probe(
-    trunk: torch.Tensor | None, labels: np.ndarray, kept: np.ndarray, num_classes: int, reporter: Reporter
+    trunk: torch.Tensor, labels: np.ndarray, flagged: np.ndarray, num_classes: int, reporter: Reporter
 ) -> np.ndarray | None:
-    """(N, K) the probe fitted again on the ``kept`` rows only, so the rows the first verdict flagged no
-    longer teach it their labels (each kept row still left out of its own fit, the flagged rows out of
-    every fit); None when it cannot be fitted. On 2,000 CIFAR-10 images the second fit ranked better at
-    high and pair-wise noise and no worse elsewhere (docs/benchmarks.md, "Linear probe")."""
-    refit = None if trunk is None else loo_probe(trunk, labels, num_classes, fitted_on=kept)
-    if refit is not None:
-        reporter.log(
-            f"Linear probe, second fit: without the {int((~kept).sum()):,} rows first flagged (penalty "
-            f"{refit.penalty:.3g}; it agrees with {refit.agreement:.0%} of the given labels), it chooses "
-            "the rows flagged."
-        )
-    return None if refit is None else refit.probs
+    """(N, K) the probe fitted again without the rows the first verdict ``flagged``, so they no longer
+    teach it their labels (each row it fits still left out of its own fit, the flagged ones out of every
+    fit); a class whose rows were all flagged keeps them, or the fit could never predict it. None when
+    nothing is left out (the first fit stands) or it cannot be fitted. On 2,000 CIFAR-10 images the second
+    fit ranked better at high and class-pair noise and within 0.003 AUROC elsewhere (docs/benchmarks.md,
+    "The probe's second fit")."""
+    fitted = ~flagged | ~np.isin(labels, labels[~flagged])
+    if fitted.all():
+        return None
+    refit = loo_probe(trunk, labels, num_classes, fitted_on=fitted)
+    if refit is None:
+        reporter.log("Linear probe, second fit: too few rows kept to fit; the first fit decides.")
+        return None
+    reporter.log(
+        f"Linear probe, second fit: without the {int((~fitted).sum()):,} rows first flagged (penalty "
+        f"{refit.penalty:.3g}; it agrees with {refit.agreement:.0%} of the given labels), it chooses the "
+        "rows flagged."
+    )
+    return refit.probs
 
 
 def verdict(
@@ -305,7 +313,7 @@ def mix(
 ) -> np.ndarray:
     """(N, K) the prompts' ``probs`` mixed with the neighbour ``votes`` by ``--neighbour-weight``, then
     with the ``probe``'s probabilities by ``--probe-weight`` (defaults: the probe 3/4, prompts and votes
-    1/8 each: the probe ranked best of the three, docs/benchmarks.md). A source not
+    1/8 each: the probe ranked best of the three; docs/benchmarks.md, "The probe's second fit"). A source not
     given drops out: without the probe (a tuned tower) prompts and votes mix exactly as asked."""
     if votes is not None:
         probs = (1 - config.neighbour_weight) * probs + config.neighbour_weight * votes

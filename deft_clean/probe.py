@@ -17,7 +17,8 @@ prediction for row i of the fit without row i is ``y_i + (ŷ_i - y_i) / (1 - h_i
 rows than features: the same non-zero spectrum) therefore gives every row's leave-one-out prediction
 under every penalty of the grid, with no folds and no clean labels. The penalty is the one with the
 lowest leave-one-out squared error (over at most :data:`SELECTION_ROWS` evenly spaced fitted rows): one number
-out of 13, the only part of the fit a row's own label touches. Cost: three passes over the rows in
+out of 13, the only part of the fit a row's own label touches (in the second fit, also which other
+rows the first verdict flagged). Cost: three passes over the rows in
 blocks (centre; scatter; predictions) and one over the selection rows, O(N·F² + N·F·K), and one
 eigendecomposition, in float64 (the identity subtracts nearly equal numbers) on CUDA or else the CPU
 (Apple's MPS lacks both).
@@ -41,9 +42,10 @@ Rows = Callable[[slice | torch.Tensor], torch.Tensor]  # rows (a block or indice
 
 @dataclass(frozen=True)
 class Probe:
-    """Leave-one-out class probabilities ``probs`` (N, K) (the ridge predictions clipped at 0 and
-    normalised), the ``penalty`` chosen (relative to the mean eigenvalue) and the rows' ``agreement``
-    (share whose leave-one-out prediction is their given label)."""
+    """Out-of-sample class probabilities ``probs`` (N, K) (the ridge predictions clipped at 0 and
+    normalised; a fitted row's by the fit without it, any other row's by the fit), the ``penalty``
+    chosen (relative to the mean eigenvalue) and the rows' ``agreement`` (share whose prediction is
+    their given label)."""
 
     probs: np.ndarray
     penalty: float
@@ -66,7 +68,9 @@ def loo_probe(
     elements of a row block's temporaries (the features are read block by block; with fewer fitted rows
     than features the centred fitted rows and their Gram matrix are held whole)."""
     n, width = features.shape if features.ndim == 2 else (0, 0)
-    fitted = np.ones(n, bool) if fitted_on is None else np.asarray(fitted_on, bool)
+    if fitted_on is not None and (fitted_on.shape != (n,) or fitted_on.dtype != bool):
+        raise ValueError(f"fitted_on must be a ({n},) bool mask, not {fitted_on.dtype} {fitted_on.shape}")
+    fitted = np.ones(n, bool) if fitted_on is None else fitted_on
     if fitted.sum() < MIN_ROWS or num_classes < 2 or not 0 < width <= MAX_FEATURES:
         return None
     if not bool(torch.isfinite(features).all()):

@@ -27,11 +27,16 @@ def _noisy_clusters(seed: int = 0, width: int = 6) -> tuple[torch.Tensor, np.nda
 
 
 def _explicit_fit(
-    features: np.ndarray, given: np.ndarray, row: int, penalty: float, fitted: np.ndarray | None = None
+    features: np.ndarray,
+    given: np.ndarray,
+    row: int,
+    penalty: float,
+    fitted: np.ndarray | None = None,
+    raw: bool = False,
 ) -> np.ndarray:
     """Ridge of one-hot labels on the unit-length features of the ``fitted`` rows (default all) other
     than ``row`` (intercept not penalised), written out directly: the prediction for ``row``, clipped at
-    0 and normalised."""
+    0 and normalised (``raw``: as it is)."""
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     fitted = np.ones(len(given), bool) if fitted is None else fitted
     centred_all = unit[fitted] - unit[fitted].mean(axis=0)
@@ -42,8 +47,8 @@ def _explicit_fit(
     weights = np.linalg.solve(
         centred.T @ centred + penalty * scale * np.eye(unit.shape[1]), centred.T @ onehot
     )
-    predicted = ((unit[row] - mean) @ weights + onehot.mean(axis=0)).clip(0)
-    return predicted / predicted.sum()
+    predicted = (unit[row] - mean) @ weights + onehot.mean(axis=0)
+    return predicted if raw else predicted.clip(0) / predicted.clip(0).sum()
 
 
 @pytest.mark.parametrize("width", [6, 90])  # more rows than features (the scatter), fewer (the Gram)
@@ -65,6 +70,26 @@ def test_a_fit_on_some_rows_predicts_them_left_out_and_the_rest_as_it_stands(wid
         expected = _explicit_fit(features.numpy(), given, row, found.penalty, fitted)
         np.testing.assert_allclose(found.probs[row], expected, atol=1e-6)
     assert loo_probe(features, given, 3, fitted_on=np.arange(60) < 2) is None  # two rows cannot fit
+
+
+def test_the_penalty_is_chosen_by_the_leave_one_out_error_of_the_fitted_rows_alone(monkeypatch):
+    monkeypatch.setattr(probe_module, "PENALTY_GRID", (1e-3, 1e-1, 10.0))
+    features, _, given = _noisy_clusters(seed=5)
+    fitted = np.ones(60, bool)
+    fitted[40:] = False
+    given[40:] = np.random.default_rng(5).integers(0, 3, 20)  # labels the fit never sees: noise
+    found = loo_probe(features, given, 3, fitted_on=fitted)
+    errors = [
+        sum(
+            (
+                (_explicit_fit(features.numpy(), given, row, p, fitted, raw=True) - np.eye(3)[given[row]])
+                ** 2
+            ).sum()
+            for row in np.flatnonzero(fitted)
+        )
+        for p in probe_module.PENALTY_GRID
+    ]
+    assert found.penalty == probe_module.PENALTY_GRID[int(np.argmin(errors))]
 
 
 def test_a_rows_own_label_cannot_move_its_probabilities(monkeypatch):
@@ -151,9 +176,8 @@ def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_
     assert lines[2].startswith("Linear probe, second fit: without the 3 rows first flagged (penalty")
 
 
-def test_the_second_fit_leaves_out_the_rows_the_first_flagged(monkeypatch):
-    features, _, given = _noisy_clusters()
-    average, _ = _memorised_but_doubting(given)
+def _recorded_fits(monkeypatch) -> list[np.ndarray | None]:
+    """The ``fitted_on`` of every probe fit the verdict asks for, in order."""
     fits: list[np.ndarray | None] = []
 
     def recorded(*args, fitted_on=None, **kwargs):
@@ -161,12 +185,63 @@ def test_the_second_fit_leaves_out_the_rows_the_first_flagged(monkeypatch):
         return loo_probe(*args, fitted_on=fitted_on, **kwargs)
 
     monkeypatch.setattr("deft_clean.crossfit.loo_probe", recorded)
+    return fits
+
+
+QUIET = type("Log", (), {"log": staticmethod(lambda line: None)})()
+
+
+def test_the_second_fit_leaves_out_the_rows_the_first_flagged_and_decides(monkeypatch):
+    features, _, given = _noisy_clusters()
+    average, _ = _memorised_but_doubting(given)
+    fits = _recorded_fits(monkeypatch)
     config = DetectConfig(neighbour_weight=0.0, probe_weight=0.6, transition_weight=0.0)
-    log = type("Log", (), {"log": staticmethod(lambda line: None)})()
-    scores = logged_verdict(average, given, np.full(60, -1), Evidence({}, features, list("abc")), config, log)
+    fold, evidence = np.full(60, -1), Evidence({}, features, list("abc"))
+    scores = logged_verdict(average, given, fold, evidence, config, QUIET)
     assert fits[0] is None and len(fits) == 2  # first on every row, then ...
     assert not fits[1][[0, 20, 40]].any() and fits[1].sum() == 57  # ... without the planted ones
     assert np.flatnonzero(scores.is_noisy).tolist() == [0, 20, 40]
+    second = loo_probe(features, given, 3, fitted_on=fits[1]).probs
+    expected, _ = verdict(average, given, fold, config, None, second)
+    np.testing.assert_array_equal(scores.clean_score, expected.clean_score)  # the second fit's verdict
+    first = verdict(average, given, fold, config, None, loo_probe(features, given, 3).probs)[0]
+    assert not np.array_equal(first.clean_score, expected.clean_score)
+
+
+def test_a_class_whose_rows_were_all_flagged_keeps_them_and_the_dual_rule_fits_once(monkeypatch):
+    features, _, given = _noisy_clusters()
+    prompts = np.eye(3)[given] * 0.8 + 0.1
+    prompts[given == 2] = np.array([0.5, 0.3, 0.2])  # the prompts doubt every row given class 2
+    average = EpochAverage(prompts, np.full_like(prompts, 0.9), np.zeros(60), 1)
+    fits = _recorded_fits(monkeypatch)
+    config = DetectConfig(neighbour_weight=0.0, probe_weight=0.2, transition_weight=0.0)
+    scores = logged_verdict(
+        average, given, np.full(60, -1), Evidence({}, features, list("abc")), config, QUIET
+    )
+    assert scores.is_noisy[given == 2].all()  # the first verdict flagged the whole class ...
+    assert len(fits) == 1  # ... so nothing would be left out: the first fit stands
+    fits.clear()
+    average.probs[np.flatnonzero(given == 0)[:2]] = [0.2, 0.5, 0.3]  # two rows given 0 doubted as well
+    scores = logged_verdict(
+        average, given, np.full(60, -1), Evidence({}, features, list("abc")), config, QUIET
+    )
+    assert len(fits) == 2 and fits[1][given == 2].all()  # class 2 keeps its rows
+    assert not fits[1][np.flatnonzero(given == 0)[:2]].any() and fits[1].sum() == 58
+    fits.clear()
+    average.p_clean[[1, 2], given[[1, 2]]] = 0.1  # the dual rule flags rows 1 and 2
+    dual = DetectConfig(neighbour_weight=0.0, probe_weight=0.2, flag_rule="dual")
+    scores = logged_verdict(average, given, np.full(60, -1), Evidence({}, features, list("abc")), dual, QUIET)
+    assert (
+        np.flatnonzero(scores.is_noisy).tolist() == [1, 2] and len(fits) == 1
+    )  # p_clean flags: a second fit could not change which rows
+
+
+def test_a_fit_mask_that_is_not_one_bool_per_row_is_refused():
+    features, _, given = _noisy_clusters()
+    with pytest.raises(ValueError, match="fitted_on must be a"):
+        loo_probe(features, given, 3, fitted_on=np.ones(59, bool))
+    with pytest.raises(ValueError, match="fitted_on must be a"):
+        loo_probe(features, given, 3, fitted_on=np.ones(60, np.int64))
 
 
 @pytest.mark.parametrize("weight", [-0.1, 1.2, float("nan")])
