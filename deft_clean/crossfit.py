@@ -280,7 +280,7 @@ def verdict(
     probs = mix(counted, config, None, probe)
     score = clean_score(probs, labels)
     # with the probe in the count, low-noise sets lost F1 (docs/benchmarks.md)
-    count = int(((score if probe is None else clean_score(counted, labels)) < 0).sum())
+    count = int((clean_score(counted, labels) < 0).sum())
     mixed = None
     if config.flag_rule == "margin" and config.transition_weight > 0:
         mixed = blend(probs, labels, fold, score, config.transition_weight, count)

@@ -85,13 +85,10 @@ def loo_probe(
         x = features[rows].to(device=device, dtype=torch.float64)
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def fitted_rows(part: slice) -> torch.Tensor:  # (B', F) the block's rows that the ridge fits
-        return unit(part)[member[part]]
-
     size = int(fitted.sum())
-    centre = sum(fitted_rows(part).sum(dim=0) for part in blocks) / size
+    centre = sum(unit(part)[member[part]].sum(dim=0) for part in blocks) / size
     try:
-        eigvals, project, by_class = _spectrum(fitted_rows, unit, centre, blocks, y, member, num_classes)
+        eigvals, project, by_class = _spectrum(unit, centre, blocks, y, member, num_classes)
     except torch.linalg.LinAlgError:
         return None
     fit = _RidgeFit(eigvals, by_class, torch.bincount(y[member], minlength=num_classes).double() / size, size)
@@ -107,7 +104,6 @@ def loo_probe(
 
 
 def _spectrum(
-    fitted_rows: Rows,
     unit: Rows,
     centre: torch.Tensor,
     blocks: list[slice],
@@ -115,15 +111,16 @@ def _spectrum(
     member: torch.Tensor,
     num_classes: int,
 ) -> tuple[torch.Tensor, Rows, torch.Tensor]:
-    """The centred fitted rows' spectrum: eigenvalues (R,) (clipped at 0), a function giving any rows
-    in the eigenbasis (B, R), and Zᵀ Y (R, K) of the fitted rows Z. Fewer fitted rows than features:
-    from their (N', N') Gram matrix (cheaper to decompose; the basis is Xᵀ V / sqrt(eigenvalue), null
-    directions dropped, as they carry no fit); else from the (F, F) scatter and Xᵀ Y of the centred
-    fitted rows X, summed block by block and turned into the eigenbasis."""
+    """The spectrum of the fitted rows (``member`` (N,) bool) of ``unit``, centred: eigenvalues (R,)
+    (clipped at 0), a function giving any rows in the eigenbasis (B, R), and Zᵀ Y (R, K) of the fitted
+    rows Z. Fewer fitted rows than features: from their (N', N') Gram matrix (cheaper to decompose; the
+    basis is Xᵀ V / sqrt(eigenvalue), null directions dropped, as they carry no fit); else from the
+    (F, F) scatter and Xᵀ Y of the centred fitted rows X, summed block by block and turned into the
+    eigenbasis."""
     width = centre.shape[0]
     fitted_labels = labels[member]
     if len(fitted_labels) <= width:
-        centred = torch.cat([fitted_rows(part) - centre for part in blocks])
+        centred = torch.cat([unit(part)[member[part]] - centre for part in blocks])
         eigvals, vectors = torch.linalg.eigh(centred @ centred.T)
         kept = eigvals > eigvals.max().clamp_min(0) * 1e-12
         basis = centred.T @ (vectors[:, kept] / eigvals[kept].sqrt())
@@ -136,7 +133,7 @@ def _spectrum(
     scatter = torch.zeros(width, width, dtype=torch.float64, device=centre.device)
     by_label = torch.zeros(width, num_classes, dtype=torch.float64, device=centre.device)
     for part in blocks:
-        centred = fitted_rows(part) - centre
+        centred = unit(part)[member[part]] - centre
         scatter += centred.T @ centred
         by_label += centred.T @ _onehot(labels[part][member[part]], num_classes)
     eigvals, basis = torch.linalg.eigh(scatter)
