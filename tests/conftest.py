@@ -9,7 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deft_clean.progress import SilentReporter
+
 ImageWriter = Callable[..., Path]
+
+
+class LogLines(SilentReporter):
+    """A reporter that keeps the log lines of a run (``lines``), and nothing else."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.lines.append(message)
 
 
 def write_image(

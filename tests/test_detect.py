@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import stage_configs
+from conftest import LogLines, stage_configs
 from PIL import Image
 
 from deft_clean import transitions
@@ -27,7 +27,6 @@ from deft_clean.data import load_manifest
 from deft_clean.deft_model import DeftModel, load_detector
 from deft_clean.detect import default_out, detect, score_detector
 from deft_clean.errors import ConfigError, TrainingError
-from deft_clean.progress import SilentReporter
 from deft_clean.results import COLUMNS, read_results
 from deft_clean.runtime import StagedImages
 from deft_clean.training import LabelledImages, train_detector
@@ -201,14 +200,6 @@ def test_flag_rule_dual_flags_and_ranks_by_p_clean(tmp_path):
     assert (margin["is_noisy"] != dual["is_noisy"]).any()  # the rule changed something here
 
 
-class _Log(SilentReporter):
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.lines.append(message)
-
-
 def test_crossfit_never_scores_a_row_with_a_model_that_saw_its_label(tmp_path, monkeypatch):
     root, labels, _ = make_dataset(tmp_path / "d", per_class=6)
     trained_on = []  # the samples each fold model trains on, in call order (fold 0, 1, 2)
@@ -218,7 +209,7 @@ def test_crossfit_never_scores_a_row_with_a_model_that_saw_its_label(tmp_path, m
         return train_detector(net, data, config, **kwargs)
 
     monkeypatch.setattr(importlib.import_module("deft_clean.detect"), "train_detector", recording)
-    log = _Log()
+    log = LogLines()
     options = dict(QUICK, scoring="crossfit", folds=3, peft="auto")
     frame = detect(
         root, labels, out=tmp_path / "r.parquet", reporter=log, **stage_configs("detect", **options)
@@ -245,7 +236,7 @@ def test_beyond_the_class_cap_the_log_says_the_margin_alone_flags(monkeypatch):
     monkeypatch.setattr(importlib.import_module("deft_clean.crossfit"), "MAX_CLASSES", 2)
     probs = np.tile([[0.6, 0.3, 0.1]], (6, 1))
     average = EpochAverage(probs, np.full_like(probs, 0.9), np.zeros(6), 1)
-    log, labels = _Log(), np.array([0, 0, 1, 1, 2, 2])
+    log, labels = LogLines(), np.array([0, 0, 1, 1, 2, 2])
     evidence = Evidence({}, None, ["a", "b", "c"])
     scores = logged_verdict(average, labels, np.full(6, -1), evidence, DetectConfig(probe_weight=0), log)
     assert log.lines == ["Class transitions are not estimated above 2 classes: the margin alone flags."]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import stage_configs, write_image
+from conftest import LogLines, stage_configs, write_image
 
 from deft_clean import image_cache
 from deft_clean.config import DataConfig
@@ -18,16 +18,6 @@ from deft_clean.data import load_manifest
 from deft_clean.detect import detect
 from deft_clean.image_cache import build_image_cache
 from deft_clean.progress import SilentReporter
-
-
-class Log(SilentReporter):
-    """Keeps the log lines of a run."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.lines.append(message)
 
 
 class Decodes:
@@ -43,13 +33,13 @@ class Decodes:
         monkeypatch.setattr(image_cache, "decode_square", counted)
 
 
-def _load(folder: Path, cache: Path, log: Log | None = None, **options: object):
+def _load(folder: Path, cache: Path, log: LogLines | None = None, **options: object):
     config = DataConfig(image_cache=str(cache), **options)  # type: ignore[arg-type]
     return load_manifest(folder, config=config, image_size=8, reporter=log or SilentReporter())
 
 
 def test_second_load_reads_the_cache_and_says_so(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
-    decodes, first, second = Decodes(monkeypatch), Log(), Log()
+    decodes, first, second = Decodes(monkeypatch), LogLines(), LogLines()
     before = _load(image_folder, tmp_path / "c", first)
     assert decodes.count == 6
     (file,) = (tmp_path / "c").iterdir()
@@ -97,7 +87,7 @@ def test_damaged_cache_is_ignored_with_a_notice_and_rebuilt(
     else:
         data[:20] = b"x" * 20
     file.write_bytes(bytes(data))
-    decodes, log = Decodes(monkeypatch), Log()
+    decodes, log = Decodes(monkeypatch), LogLines()
     rebuilt = _load(image_folder, tmp_path / "c", log)
     assert decodes.count == 6 and rebuilt.images is not None and torch.equal(rebuilt.images, good)
     assert log.lines[0].startswith(f"ignored the damaged decoded-image cache {file}")
@@ -117,7 +107,7 @@ def test_off_keeps_nothing_and_an_unwritable_folder_is_a_notice(
     load_manifest(image_folder, image_size=8)  # 'auto': $DEFT_CLEAN_CACHE/decoded
     assert len(list((tmp_path / "home" / "decoded").glob("*-8px-*.u8"))) == 1
     (tmp_path / "a-file").write_text("")
-    log = Log()
+    log = LogLines()
     manifest = _load(image_folder, tmp_path / "a-file" / "cache", log)
     assert manifest.images is not None and manifest.images.sum() > 0
     assert log.lines[0].startswith(f"not keeping the decoded images at {tmp_path / 'a-file' / 'cache'}")
@@ -128,7 +118,7 @@ def test_skipped_unreadable_rows_are_checked_again_on_a_hit(
 ) -> None:
     (image_folder / "dog" / "d1.jpg").write_bytes(b"broken")
     first = _load(image_folder, tmp_path / "c", on_bad_image="skip")
-    decodes, log = Decodes(monkeypatch), Log()
+    decodes, log = Decodes(monkeypatch), LogLines()
     second = _load(image_folder, tmp_path / "c", log, on_bad_image="skip")
     assert decodes.count == 1  # only the row the cache holds as unreadable
     assert second.readable.tolist() == first.readable.tolist() == [True] * 4 + [False, True]

@@ -7,12 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import LogLines
 
 from deft_clean import probe as probe_module
 from deft_clean.config import DetectConfig
 from deft_clean.crossfit import EpochAverage, Evidence, logged_verdict, mix, verdict
 from deft_clean.errors import ConfigError
 from deft_clean.probe import loo_probe
+from deft_clean.progress import SilentReporter
+
+QUIET = SilentReporter()  # a verdict whose log lines a test does not read
 
 
 def _noisy_clusters(seed: int = 0, width: int = 6) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -159,12 +163,12 @@ def _memorised_but_doubting(given: np.ndarray) -> tuple[EpochAverage, list[int]]
 def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_how_it_fitted():
     features, truth, given = _noisy_clusters()
     average, doubted = _memorised_but_doubting(given)
-    lines: list[str] = []
-    log = type("Log", (), {"log": staticmethod(lines.append)})()
+    log = LogLines()
     config = DetectConfig(neighbour_weight=0.0, probe_weight=0.6, transition_weight=0.0)
     tuned = logged_verdict(average, given, np.full(60, -1), Evidence({}, None, ["a", "b", "c"]), config, log)
     assert np.flatnonzero(tuned.is_noisy).tolist() == doubted  # without frozen features: the prompts
-    assert lines == ["Linear probe: not used, the image tower is tuned (its features change as it trains)."]
+    tuned_line = "Linear probe: not used, the image tower is tuned (its features change as it trains)."
+    assert log.lines == [tuned_line]
     evidence = Evidence({}, features, ["a", "b", "c"])
     scores = logged_verdict(average, given, np.full(60, -1), evidence, config, log)
     assert np.flatnonzero(scores.is_noisy).tolist() == [0, 20, 40]  # as many, now the planted ones
@@ -172,8 +176,8 @@ def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_
     assert (scores.clean_score[[0, 20, 40]] < 0).all() and (
         np.delete(scores.clean_score, [0, 20, 40]) >= 0
     ).all()
-    assert len(lines) == 3 and lines[1].startswith("Linear probe: a ridge fit on the frozen features")
-    assert lines[2].startswith("Linear probe, second fit: without the 3 rows first flagged (penalty")
+    assert len(log.lines) == 3 and log.lines[1].startswith("Linear probe: a ridge fit on the frozen features")
+    assert log.lines[2].startswith("Linear probe, second fit: without the 3 rows first flagged (penalty")
 
 
 def _recorded_fits(monkeypatch) -> list[np.ndarray | None]:
@@ -186,9 +190,6 @@ def _recorded_fits(monkeypatch) -> list[np.ndarray | None]:
 
     monkeypatch.setattr("deft_clean.crossfit.loo_probe", recorded)
     return fits
-
-
-QUIET = type("Log", (), {"log": staticmethod(lambda line: None)})()
 
 
 def test_the_second_fit_leaves_out_the_rows_the_first_flagged_and_decides(monkeypatch):
