@@ -15,7 +15,9 @@ plus, whatever the choice, every parameter whose name starts with one of the bac
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ class VisualPrompts(nn.Module):
         self.prompts = nn.Parameter(torch.empty(len(blocks), length, width, device=weight.device))
         nn.init.uniform_(self.prompts, -bound, bound)
         self.length = length
+        self.active = True  # False: the hooks pass tokens through (:meth:`ImageTuning.untuned`)
         self.token_dim = 1 if getattr(visual.transformer, "batch_first", True) else 0
         self.handles = [
             block.register_forward_pre_hook(self._make_insert(i)) for i, block in enumerate(blocks)
@@ -53,6 +56,8 @@ class VisualPrompts(nn.Module):
 
     def _make_insert(self, index: int) -> Any:
         def insert(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            if not self.active:
+                return args
             x = args[0]  # (N, L, D) batch-first, else (L, N, D)
             if index > 0:
                 x = x.narrow(self.token_dim, 0, x.shape[self.token_dim] - self.length)
@@ -64,6 +69,8 @@ class VisualPrompts(nn.Module):
         return insert
 
     def _strip(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return output
         return output.narrow(self.token_dim, 0, output.shape[self.token_dim] - self.length)
 
     def remove(self) -> None:
@@ -97,6 +104,23 @@ class ImageTuning:
         if self.visual_prompts is not None:
             params.append(self.visual_prompts.prompts)
         return params
+
+    @contextlib.contextmanager
+    def untuned(self) -> Iterator[None]:
+        """Run the image tower as it was before tuning (LoRA layers and visual prompts off), e.g. for the
+        linear probe's features, which must not move as the tower trains; the always-trained heads are
+        left as they are (the probe reads the features before them, :func:`untuned_trunk`)."""
+        if self.visual_prompts is not None:
+            self.visual_prompts.active = False
+        lora_off = (
+            self.peft_model.disable_adapter() if self.peft_model is not None else contextlib.nullcontext()
+        )
+        try:
+            with lora_off:
+                yield
+        finally:
+            if self.visual_prompts is not None:
+                self.visual_prompts.active = True
 
 
 def apply_peft(backbone: Backbone, spec: TuningSpec) -> ImageTuning:
@@ -160,11 +184,24 @@ def feature_split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     head runs each step. None when trainable parameters sit where the tower cannot be split (the
     tower must then run every step).
     """
-    visual = model.visual
-    trainable = [n for n, p in visual.named_parameters() if p.requires_grad]
-    if not trainable:
+    return _split(model.visual, [n for n, p in model.visual.named_parameters() if p.requires_grad])
+
+
+def untuned_trunk(model: nn.Module, tuning: ImageTuning) -> nn.Module | None:
+    """The trunk :func:`feature_split` would cache for this backbone with ``--peft none`` (where only the
+    always-trained parameters train), or None where there is none. Run under :meth:`ImageTuning.untuned`,
+    it gives a tuned tower the features a frozen one would have."""
+    trained = [name.removeprefix("visual.") for name in tuning.head_names if name.startswith("visual.")]
+    split = _split(model.visual, trained)
+    return None if split is None else split[0]
+
+
+def _split(visual: nn.Module, trained: list[str]) -> tuple[nn.Module, nn.Module] | None:
+    """``visual``'s (trunk, head) when only its parameters ``trained`` (names within it) train: the whole
+    tower when none do, a timm tower's trunk when they are all in its head, else None."""
+    if not trained:
         return visual, nn.Identity()
-    if hasattr(visual, "trunk") and hasattr(visual, "head") and all(n.startswith("head.") for n in trainable):
+    if hasattr(visual, "trunk") and hasattr(visual, "head") and all(n.startswith("head.") for n in trained):
         return visual.trunk, visual.head
     return None
 

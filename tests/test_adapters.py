@@ -9,7 +9,14 @@ import open_clip
 import pytest
 import torch
 
-from deft_clean.adapters import apply_peft, feature_split, load_tuning, save_tuning
+from deft_clean.adapters import (
+    ImageTuning,
+    apply_peft,
+    feature_split,
+    load_tuning,
+    save_tuning,
+    untuned_trunk,
+)
 from deft_clean.config import DetectConfig
 from deft_clean.errors import ConfigError
 
@@ -104,6 +111,45 @@ def test_vpt_adds_prompt_tokens_and_strips_them():
     assert tuning.visual_prompts.prompts.grad.abs().sum() > 0
     tuning.visual_prompts.remove()
     torch.testing.assert_close(model.encode_image(x), plain)
+
+
+@pytest.mark.parametrize("peft", ["lora", "vpt"])
+def test_untuned_runs_a_trained_tower_as_before_tuning_then_tuned_again(peft):
+    backbone = tiny()
+    model, x = backbone.model, images()
+    plain = model.encode_image(x).detach()
+    tuning = apply_peft(backbone, DetectConfig(peft=peft, lora_rank=2, vpt_len=3).tuning)
+    train_step(tuning, model, x)
+    tuned = model.encode_image(x).detach()
+    training = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not torch.allclose(tuned, plain)
+    with torch.no_grad(), tuning.untuned():
+        torch.testing.assert_close(model.encode_image(x), plain)
+    torch.testing.assert_close(model.encode_image(x), tuned)
+    with pytest.raises(RuntimeError, match="inside"), tuning.untuned():
+        raise RuntimeError("inside")
+    torch.testing.assert_close(model.encode_image(x), tuned)  # tuned again after an error too
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == training  # still trains
+
+
+def test_untuned_trunk_is_the_trunk_a_frozen_tower_would_cache():
+    vit = tiny()
+    frozen = apply_peft(vit, DetectConfig(peft="none").tuning)
+    assert untuned_trunk(vit.model, frozen) is feature_split(vit.model)[0] is vit.model.visual
+    projected = tiny(always_train=["visual.proj"])  # a trained part inside the tower: nothing to cache
+    assert untuned_trunk(projected.model, apply_peft(projected, DetectConfig(peft="none").tuning)) is None
+    assert feature_split(projected.model) is None
+    towered = tiny(always_train=["visual.head"])
+    towered.model.visual = torch.nn.Module()
+    towered.model.visual.trunk, towered.model.visual.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    frozen = apply_peft(towered, DetectConfig(peft="none").tuning)
+    assert (
+        untuned_trunk(towered.model, frozen) is feature_split(towered.model)[0] is towered.model.visual.trunk
+    )
+    lora = ImageTuning(
+        kind="lora", head_names=frozen.head_names
+    )  # what LoRA on the same tower trains besides
+    assert untuned_trunk(towered.model, lora) is towered.model.visual.trunk
 
 
 def test_vpt_refuses_a_conv_tower():
