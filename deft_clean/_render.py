@@ -202,7 +202,7 @@ def print_detect_summary(result: DetectResult, max_classes: int = 30) -> None:
     console.print(
         f"[bold green]flagged:[/bold green] {summary.n_flagged} of {summary.n_scored} images "
         f"({summary.flagged_fraction:.1%}); {summary.n_unreadable} unreadable. "
-        f"Time {timings.total_s:.1f}s (data and backbone {timings.prepare_s:.1f}s, frozen features "
+        f"Time {timings.total_s:.1f}s (data and backbone {timings.prepare_s:.1f}s, features "
         f"{timings.features_s:.1f}s, training {timings.train_s:.1f}s at "
         f"{summary.images_per_s:,.0f} img/s on {summary.device})."
     )

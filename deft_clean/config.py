@@ -218,8 +218,8 @@ class DetectConfig:
     )
     probe_weight: float = _opt(
         0.75,
-        "Share of a linear probe on the frozen tower's features, fitted without the row it scores, in the "
-        "same class probabilities (the rest: prompts and votes as above); 0: no probe.",
+        "Share of a linear probe on the image tower's untuned features, fitted without the row it scores, in "
+        "the same class probabilities (the rest: prompts and votes as above); 0: no probe.",
     )
     transition_weight: float = _opt(
         0.5,

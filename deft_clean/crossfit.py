@@ -10,8 +10,8 @@ selection already keeps suspect rows out of the classification loss, and a fold 
 Either way a row's score is averaged over the scoring model's post-warm-up epochs (each such epoch ends
 with an un-augmented pass over the rows that model scores): the positive prompts' class probabilities
 are averaged over those epochs and mixed with the row's neighbour votes (:func:`fold_votes`, weight
-``--neighbour-weight``) and, for a frozen tower, a linear probe's leave-one-out probabilities
-(:mod:`deft_clean.probe`, ``--probe-weight``; fitted again without the rows the first verdict flags,
+``--neighbour-weight``) and a linear probe's leave-one-out probabilities on the untuned tower's
+features (:mod:`deft_clean.probe`, ``--probe-weight``; fitted again without the rows the first verdict flags,
 which then decides). The margin of that mix, ``P(given) - max P(other
 class)`` in [-1, 1] (the area-under-the-margin idea of Pleiss et al., 2020), is negative when the mix
 predicts another class; as many rows as the prompts-and-votes mix (without the probe) predicts another
@@ -165,11 +165,12 @@ def fold_votes(
 @dataclass(frozen=True)
 class Evidence:
     """What a verdict mixes in beside the prompts: each fold's ``embedded`` rows (fold → (rows, E), for
-    the neighbour votes), the frozen ``trunk`` features (N, F) of every row (for the linear probe; None
-    for a tuned tower) and the class ``names`` the log uses."""
+    the neighbour votes), the image tower's ``untuned`` features (N, F) of every row (for the linear
+    probe: a frozen tower's, or a tuned tower's with its tuning off; None: no probe) and the class
+    ``names`` the log uses."""
 
     embedded: dict[int, torch.Tensor]
-    trunk: torch.Tensor | None
+    untuned: torch.Tensor | None
     names: list[str]
 
 
@@ -185,7 +186,7 @@ def logged_verdict(
     log says which k the votes chose, how the probe fitted, and the wrong labels the transitions found."""
     num_classes = average.probs.shape[1]
     votes, chosen = fold_votes(evidence.embedded, labels, fold, num_classes, config)
-    probe = _probe(evidence.trunk, labels, num_classes, config, reporter)
+    probe = _probe(evidence.untuned, labels, num_classes, config, reporter)
     if chosen:
         share = config.neighbour_weight * (1 - config.probe_weight if probe is not None else 1)
         reporter.log(
@@ -194,8 +195,8 @@ def logged_verdict(
         )
     scores, mixed = verdict(average, labels, fold, config, votes, probe)
     # a second probe fit chooses which rows the margin flags (under --flag-rule dual, p_clean flags)
-    if config.flag_rule == "margin" and probe is not None and evidence.trunk is not None:
-        second = _refit_probe(evidence.trunk, labels, scores.is_noisy, num_classes, reporter)
+    if config.flag_rule == "margin" and probe is not None and evidence.untuned is not None:
+        second = _refit_probe(evidence.untuned, labels, scores.is_noisy, num_classes, reporter)
         if second is not None:
             scores, mixed = verdict(average, labels, fold, config, votes, second)
     names = evidence.names
@@ -210,16 +211,17 @@ def logged_verdict(
 
 
 def _probe(
-    trunk: torch.Tensor | None, labels: np.ndarray, num_classes: int, config: DetectConfig, reporter: Reporter
+    untuned: torch.Tensor | None,
+    labels: np.ndarray,
+    num_classes: int,
+    config: DetectConfig,
+    reporter: Reporter,
 ) -> np.ndarray | None:
-    """(N, K) the linear probe's leave-one-out probabilities (:mod:`deft_clean.probe`), or None (weight
-    0, a tuned tower, or features it cannot fit), with a log line saying which and why."""
-    if config.probe_weight == 0:
+    """(N, K) the linear probe's leave-one-out probabilities (:mod:`deft_clean.probe`) on the ``untuned``
+    features, or None (weight 0, no features, or features it cannot fit; the log says why it could not)."""
+    if config.probe_weight == 0 or untuned is None:
         return None
-    if trunk is None:
-        reporter.log("Linear probe: not used, the image tower is tuned (its features change as it trains).")
-        return None
-    probe = loo_probe(trunk, labels, num_classes)
+    probe = loo_probe(untuned, labels, num_classes)
     if probe is None:
         reporter.log(
             "Linear probe: not fitted (too few rows or classes, features too wide or not finite, or the "
@@ -227,8 +229,8 @@ def _probe(
         )
         return None
     reporter.log(
-        f"Linear probe: a ridge fit on the frozen features of every other image predicts each image's "
-        f"class (penalty {probe.penalty:.3g} chosen by leave-one-out error; it agrees with "
+        f"Linear probe: a ridge fit on the untuned tower's features of every other image predicts each "
+        f"image's class (penalty {probe.penalty:.3g} chosen by leave-one-out error; it agrees with "
         f"{probe.agreement:.0%} of the given labels) and weighs {config.probe_weight:.3g} in its class "
         "probabilities."
     )
@@ -236,7 +238,7 @@ def _probe(
 
 
 def _refit_probe(
-    trunk: torch.Tensor, labels: np.ndarray, flagged: np.ndarray, num_classes: int, reporter: Reporter
+    untuned: torch.Tensor, labels: np.ndarray, flagged: np.ndarray, num_classes: int, reporter: Reporter
 ) -> np.ndarray | None:
     """(N, K) the probe fitted again without the rows the first verdict ``flagged``, so they no longer
     teach it their labels (each row it fits still left out of its own fit, the flagged ones out of every
@@ -247,7 +249,7 @@ def _refit_probe(
     fitted = ~flagged | ~np.isin(labels, labels[~flagged])
     if fitted.all():
         return None
-    refit = loo_probe(trunk, labels, num_classes, fitted_on=fitted)
+    refit = loo_probe(untuned, labels, num_classes, fitted_on=fitted)
     if refit is None:
         reporter.log("Linear probe, second fit: too few rows kept to fit; the first fit decides.")
         return None
@@ -314,7 +316,7 @@ def mix(
     """(N, K) the prompts' ``probs`` mixed with the neighbour ``votes`` by ``--neighbour-weight``, then
     with the ``probe``'s probabilities by ``--probe-weight`` (defaults: the probe 3/4, prompts and votes
     1/8 each: the probe ranked best of the three; docs/benchmarks.md, "The probe's second fit"). A source not
-    given drops out: without the probe (a tuned tower) prompts and votes mix exactly as asked."""
+    given drops out: without the probe (``--probe-weight 0``) prompts and votes mix exactly as asked."""
     if votes is not None:
         probs = (1 - config.neighbour_weight) * probs + config.neighbour_weight * votes
     if probe is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deft_clean.adapters import untuned_trunk
 from deft_clean.backbone import Backbone, input_size, load_backbone_on
 from deft_clean.checkpoint import Checkpoint, checkpoint_path, run_key
 from deft_clean.config import BackboneConfig, DataConfig, DetectConfig, resolve_backbone
@@ -31,7 +32,7 @@ from deft_clean.preflight import refuse_unfit
 from deft_clean.progress import Reporter, SilentReporter
 from deft_clean.report import build_report
 from deft_clean.results import Scores, result_frame, run_metadata, write_results
-from deft_clean.runtime import StagedImages, cuda_autotune, seed_everything
+from deft_clean.runtime import StagedImages, cuda_autotune, feature_pass, seed_everything
 from deft_clean.scoring import (
     training_failure,
 )
@@ -82,12 +83,11 @@ def detect(
     rows, images, samples, net = _prepare(manifest, built, device, config, reporter, world)
     clock["prepared"] = time.perf_counter()
     with cuda_autotune(device, built.model.visual):
-        trunk = _trunk(net, images, samples, config, world)
-        clock["features"] = time.perf_counter()  # the frozen-tower pass (``--peft none``), else ~0
+        trunk, untuned = _features(net, images, samples, config, world, reporter)
+        clock["features"] = time.perf_counter()  # the frozen-tower pass, or a tuned tower's untuned one
         checkpoint = _checkpoint(out_path, (data, backbone, config), manifest, resume, reporter, world)
-        scores, history = fit_and_score(
-            net, samples, config, trunk=trunk, reporter=reporter, checkpoint=checkpoint, world=world
-        )
+        scores, history = fit_and_score(net, samples, config, trunk=trunk, untuned=untuned, reporter=reporter,
+                                        checkpoint=checkpoint, world=world)  # fmt: skip
         clock["trained"] = clock["scored"] = time.perf_counter()  # scoring passes run inside training
     _refuse_failed_training(history, scores, samples, net, built, config)
     frame = result_frame(manifest, rows, scores)
@@ -218,14 +218,32 @@ def _prepare(
     return rows, images, samples, net
 
 
-def _trunk(
-    net: DeftModel, images: StagedImages, samples: LabelledImages, config: DetectConfig, world: World
-) -> torch.Tensor | None:
-    """(N, F) frozen-trunk features of every sample when the tower is frozen, else None; under torchrun
-    each process computes its share and every process gets them all."""
-    if not net.caches_features:
-        return None
-    return world.gather_rows(trunk_cache(net, images, 2 * config.batch_size), samples.owners)
+def _features(
+    net: DeftModel,
+    images: StagedImages,
+    samples: LabelledImages,
+    config: DetectConfig,
+    world: World,
+    reporter: Reporter,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(trunk, untuned)``, each (N, F) for every sample or None (under torchrun each process computes its
+    share and every process gets them all). A frozen tower's trunk features are computed once; they train
+    its head and are the linear probe's features. A tuned tower (LoRA, VPT) runs every step, so it has no
+    trunk; the probe gets the features the frozen tower would have from one more pass with the tuning off,
+    which do not move as the tower trains (docs/benchmarks.md, "The probe on a tuned tower"). A tuned
+    tower's ``untuned`` is None at ``--probe-weight 0``."""
+    batch = 2 * config.batch_size
+    if net.caches_features:
+        trunk = world.gather_rows(trunk_cache(net, images, batch), samples.owners)
+        return trunk, trunk
+    tower = untuned_trunk(net.model, net.tuning)
+    if config.probe_weight == 0 or tower is None:
+        return None, None
+    with net.tuning.untuned():
+        untuned = feature_pass(
+            tower, images, batch_size=batch, reporter=reporter, description="Untuned features"
+        )
+    return None, world.gather_rows(untuned, samples.owners)
 
 
 def _refuse_crossfit_resume(config: DetectConfig, resume: bool) -> None:
@@ -291,6 +309,7 @@ def fit_and_score(
     config: DetectConfig,
     *,
     trunk: torch.Tensor | None = None,
+    untuned: torch.Tensor | None = None,
     reporter: Reporter = SilentReporter(),
     checkpoint: Checkpoint | None = None,
     world: World = World(),
@@ -300,8 +319,8 @@ def fit_and_score(
     averaged over each model's epochs after warm-up. Returns the scores and the per-epoch records (with
     the ``fold`` they belong to). ``checkpoint`` (in-sample scoring only: one model, one epoch count)
     saves the model and the running score average after every epoch, so a resumed run averages the same
-    epochs as an uninterrupted one. ``world``: under torchrun every fold trains with every process
-    (:func:`train_detector`) and each scoring pass is shared among them."""
+    epochs as an uninterrupted one. ``world``: under torchrun every fold trains with every process, and
+    each scoring pass is shared. ``trunk``, ``untuned``: :func:`_features` (no ``untuned``: no probe)."""
     folds = config.folds if config.scoring == "crossfit" else 1
     fold = fold_plan(samples.labels_np, folds, config.seed)
     initial = net.trainable_state()
@@ -341,7 +360,7 @@ def fit_and_score(
                 net, target, _rows(trunk, target.index), 2 * config.batch_size, world
             )
         average.place(scored, part.mean())
-    evidence = Evidence(embedded, trunk, net.prompts.class_names)
+    evidence = Evidence(embedded, untuned, net.prompts.class_names)
     scores = logged_verdict(average, samples.labels_np, fold, evidence, config, reporter)
     return scores, history
 

@@ -1,7 +1,7 @@
 """A linear probe's leave-one-out opinion of every row's class, in closed form.
 
 Why: the prompts' class probabilities come from a model that trained on the row's own label, and the
-neighbour votes come from an embedding that model shaped. A linear probe on the frozen features, fitted
+neighbour votes come from an embedding that model shaped. A linear probe on the untuned features, fitted
 without the row, is the out-of-sample opinion a careful user would compute by hand (and what cleanlab
 is usually fed). ``detect`` mixes it into the class probabilities (``--probe-weight``); on 2,000
 CIFAR-10 images the mix with it ranked better than prompts and votes alone under every noise setting

@@ -53,11 +53,11 @@ COLUMNS: dict[str, tuple[str, str]] = {
         "float32",
         "The margin m = P(given label) - max P(other class), P = the positive prompts' class probabilities "
         "averaged over the epochs after warm-up, mixed with the labels of the image's nearest images "
-        "(--neighbour-weight) and, for a frozen tower, a linear probe's leave-one-out class probabilities "
-        "(--probe-weight); blended as (1 - w) m + w (2 q - 1) with q = P(label right) under the class "
-        "transitions estimated from the data, w = --transition-weight (0: m alone), then mapped in order "
-        "onto [-1, 1] with 0 at the cut, so it is below 0 exactly for the flagged rows. NaN for unreadable "
-        "rows.",
+        "(--neighbour-weight) and a linear probe's leave-one-out class probabilities on the untuned "
+        "tower's features (--probe-weight); blended as (1 - w) m + w (2 q - 1) with q = P(label right) "
+        "under the class transitions estimated from the data, w = --transition-weight (0: m alone), then "
+        "mapped in order onto [-1, 1] with 0 at the cut, so it is below 0 exactly for the flagged rows. "
+        "NaN for unreadable rows.",
     ),
     "p_clean": (
         "float32",

@@ -32,7 +32,8 @@ class ClassSummary:
 
 @dataclass(frozen=True)
 class Timings:
-    """Seconds per phase: data and model preparation, frozen features, training, scoring, the whole run."""
+    """Seconds per phase: data and model preparation, the frozen or untuned feature pass, training, scoring,
+    the whole run."""
 
     prepare_s: float
     features_s: float

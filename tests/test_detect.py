@@ -25,10 +25,10 @@ from deft_clean.config import BackboneConfig, DetectConfig
 from deft_clean.crossfit import EpochAverage, Evidence, fold_plan, logged_verdict
 from deft_clean.data import load_manifest
 from deft_clean.deft_model import DeftModel, load_detector
-from deft_clean.detect import default_out, detect, score_detector
+from deft_clean.detect import default_out, detect, fit_and_score, score_detector
 from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.results import COLUMNS, read_results
-from deft_clean.runtime import StagedImages
+from deft_clean.runtime import StagedImages, seed_everything
 from deft_clean.training import LabelledImages, train_detector
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
@@ -184,6 +184,36 @@ def test_lora_detector_saves_and_reloads(tmp_path):
     np.testing.assert_allclose(rescored.p_clean, frame["p_clean"].to_numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("peft", ["lora", "vpt"])
+def test_a_tuned_towers_probe_reads_the_tower_as_it_was_before_tuning(tmp_path, monkeypatch, peft):
+    root, labels, _ = make_dataset(tmp_path / "d", per_class=4)
+    probed, log = [], LogLines()
+
+    def recording(*args, **kwargs):
+        probed.append(kwargs["untuned"])
+        return fit_and_score(*args, **kwargs)
+
+    monkeypatch.setattr(importlib.import_module("deft_clean.detect"), "fit_and_score", recording)
+    options = dict(QUICK, peft=peft, lora_rank=2, vpt_len=2, epochs=1)
+    detect(root, labels, out=tmp_path / "r.parquet", save_model=tmp_path / "det", reporter=log,
+           **stage_configs("detect", **options))  # fmt: skip
+    net, _ = load_detector(tmp_path / "det")  # trained adapters or prompts
+    seed_everything(DetectConfig().seed)  # the random tower detect drew
+    backbone = load_backbone(BackboneConfig(model="test-tiny"))
+    plain = DeftModel(backbone, ["a"], DetectConfig(peft="none"))
+    manifest = load_manifest(root, labels)
+    images = StagedImages(manifest.decode(backbone.image_size), np.arange(len(manifest)), mean=backbone.mean,
+                          std=backbone.std, size=backbone.image_size, device=torch.device("cpu"))  # fmt: skip
+    pixels = images.images_at(torch.arange(len(manifest)), train=False)
+    with torch.no_grad():
+        frozen, tuned = plain.trunk_features(pixels), net.model.encode_image(pixels)
+    assert not torch.allclose(frozen, tuned, atol=1e-3)  # tuning moved the tower
+    torch.testing.assert_close(probed[0], frozen)  # the probe's features did not move with it
+    assert any(
+        line.startswith("Linear probe: a ridge fit on the untuned tower's features") for line in log.lines
+    )
+
+
 def test_flag_rule_dual_flags_and_ranks_by_p_clean(tmp_path):
     root, labels, _ = make_dataset(tmp_path / "d", per_class=6)
     margin, dual = (
@@ -226,7 +256,9 @@ def test_crossfit_never_scores_a_row_with_a_model_that_saw_its_label(tmp_path, m
     assert frame.attrs["configs"]["detect"]["peft"] == "none"  # auto on a CPU, recorded as what ran
     assert any("--peft auto chose 'none'" in line for line in log.lines)
     assert any(line.startswith("Most frequent wrong labels by the class transitions: ") for line in log.lines)
-    assert any(line.startswith("Linear probe: a ridge fit on the frozen features") for line in log.lines)
+    assert any(
+        line.startswith("Linear probe: a ridge fit on the untuned tower's features") for line in log.lines
+    )
     votes = [line for line in log.lines if line.startswith("Neighbour votes: ")]
     assert len(votes) == 1 and votes[0].endswith("weigh 0.125 in its class probabilities.")  # 0.5 of 1/4
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import stage_configs
+from conftest import LogLines, stage_configs
 from distributed_worker import step_of_one_process
 from test_detect import make_dataset
 
@@ -208,6 +209,21 @@ def test_two_nodes_on_localhost_crossfit(colours, tmp_path):
     assert written.attrs["world_size"] == 2 and (written["fold"] >= 0).all()
     reference = one_process(colours, tmp_path / "one.parquet", **options)
     assert_same_run(written, reference, colours / "labels.csv")
+
+
+def test_tuned_tower_probe_sees_every_row_under_two_processes(colours, tmp_path):
+    # each process computes the untuned features of its own images; gathered, the probe fits every row
+    # exactly as in one process (its penalty and agreement), though training draws other batches
+    options = dict(OPTIONS, peft="lora", lora_rank=2, epochs=2, warmup_epochs=1)
+    done = run(torchrun(*cli_args(colours, tmp_path / "two.parquet", **options)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = LogLines()
+    detect(colours, colours / "labels.csv", out=tmp_path / "one.parquet", reporter=log,
+           **stage_configs("detect", **options))  # fmt: skip
+    fitted = re.compile(r"Linear probe: a ridge fit .*?\(penalty (\S+) chosen .*? it agrees with (\d+%)")
+    one = [fitted.search(line).groups() for line in log.lines if fitted.search(line)]
+    two = fitted.findall(" ".join(done.stderr.split()))  # the log as printed, rewrapped
+    assert len(one) == 1 and two == one
 
 
 FINETUNE = dict(model="test-tiny", device="cpu", epochs=3, batch_size=8, lr=0.5, seed=0)

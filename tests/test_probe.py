@@ -165,10 +165,8 @@ def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_
     average, doubted = _memorised_but_doubting(given)
     log = LogLines()
     config = DetectConfig(neighbour_weight=0.0, probe_weight=0.6, transition_weight=0.0)
-    tuned = logged_verdict(average, given, np.full(60, -1), Evidence({}, None, ["a", "b", "c"]), config, log)
-    assert np.flatnonzero(tuned.is_noisy).tolist() == doubted  # without frozen features: the prompts
-    tuned_line = "Linear probe: not used, the image tower is tuned (its features change as it trains)."
-    assert log.lines == [tuned_line]
+    alone = logged_verdict(average, given, np.full(60, -1), Evidence({}, None, ["a", "b", "c"]), config, log)
+    assert np.flatnonzero(alone.is_noisy).tolist() == doubted and log.lines == []  # no features: no probe
     evidence = Evidence({}, features, ["a", "b", "c"])
     scores = logged_verdict(average, given, np.full(60, -1), evidence, config, log)
     assert np.flatnonzero(scores.is_noisy).tolist() == [0, 20, 40]  # as many, now the planted ones
@@ -176,8 +174,8 @@ def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_
     assert (scores.clean_score[[0, 20, 40]] < 0).all() and (
         np.delete(scores.clean_score, [0, 20, 40]) >= 0
     ).all()
-    assert len(log.lines) == 3 and log.lines[1].startswith("Linear probe: a ridge fit on the frozen features")
-    assert log.lines[2].startswith("Linear probe, second fit: without the 3 rows first flagged (penalty")
+    assert len(log.lines) == 2 and log.lines[0].startswith("Linear probe: a ridge fit on the untuned tower's")
+    assert log.lines[1].startswith("Linear probe, second fit: without the 3 rows first flagged (penalty")
 
 
 def _recorded_fits(monkeypatch) -> list[np.ndarray | None]:
