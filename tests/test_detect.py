@@ -26,9 +26,10 @@ from deft_clean.crossfit import EpochAverage, Evidence, fold_plan, logged_verdic
 from deft_clean.data import load_manifest
 from deft_clean.deft_model import DeftModel, load_detector
 from deft_clean.detect import default_out, detect, fit_and_score, score_detector
+from deft_clean.embed import stage
 from deft_clean.errors import ConfigError, TrainingError
 from deft_clean.results import COLUMNS, read_results
-from deft_clean.runtime import StagedImages, seed_everything
+from deft_clean.runtime import seed_everything
 from deft_clean.training import LabelledImages, train_detector
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
@@ -176,9 +177,7 @@ def test_lora_detector_saves_and_reloads(tmp_path):
     lora = [p for n, p in net.model.named_parameters() if "lora_B" in n]
     assert lora and any(p.abs().sum() > 0 for p in lora)  # trained (B starts at zero) and reloaded
     manifest = load_manifest(root, labels)
-    backbone = load_backbone(BackboneConfig(model="test-tiny"))
-    images = StagedImages(manifest.decode(backbone.image_size), np.arange(len(manifest)), mean=backbone.mean,
-                          std=backbone.std, size=backbone.image_size, device=torch.device("cpu"))  # fmt: skip
+    images = stage(manifest, load_backbone(BackboneConfig(model="test-tiny")), torch.device("cpu"))
     data = LabelledImages(images, manifest.labels)
     rescored = score_detector(net, data, DetectConfig(**meta["configs"]["detect"]))
     np.testing.assert_allclose(rescored.p_clean, frame["p_clean"].to_numpy(), atol=1e-5)
@@ -202,9 +201,9 @@ def test_a_tuned_towers_probe_reads_the_tower_as_it_was_before_tuning(tmp_path, 
     backbone = load_backbone(BackboneConfig(model="test-tiny"))
     plain = DeftModel(backbone, ["a"], DetectConfig(peft="none"))
     manifest = load_manifest(root, labels)
-    images = StagedImages(manifest.decode(backbone.image_size), np.arange(len(manifest)), mean=backbone.mean,
-                          std=backbone.std, size=backbone.image_size, device=torch.device("cpu"))  # fmt: skip
-    pixels = images.images_at(torch.arange(len(manifest)), train=False)
+    pixels = stage(manifest, backbone, torch.device("cpu")).images_at(
+        torch.arange(len(manifest)), train=False
+    )
     with torch.no_grad():
         frozen, tuned = plain.trunk_features(pixels), net.model.encode_image(pixels)
     assert not torch.allclose(frozen, tuned, atol=1e-3)  # tuning moved the tower

@@ -141,7 +141,7 @@ def test_the_mix_weighs_each_source_and_a_missing_probe_leaves_prompts_and_votes
     prompts, votes, probe = np.array([[0.9, 0.1]]), np.array([[0.0, 1.0]]), np.array([[0.3, 0.7]])
     defaults = DetectConfig()  # the probe 3/4; votes half of the rest: prompts and votes 1/8 each
     np.testing.assert_allclose(mix(prompts, defaults, votes, probe), [[0.3375, 0.6625]])
-    np.testing.assert_allclose(mix(prompts, defaults, votes, None), [[0.45, 0.55]])  # a tuned tower: halves
+    np.testing.assert_allclose(mix(prompts, defaults, votes, None), [[0.45, 0.55]])  # no probe: halves
     mostly_votes = DetectConfig(neighbour_weight=0.9)
     np.testing.assert_allclose(mix(prompts, mostly_votes, votes, None), [[0.09, 0.91]])
     only_probe = DetectConfig(neighbour_weight=0.0, probe_weight=0.25)
