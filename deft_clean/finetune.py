@@ -98,7 +98,7 @@ def finetune(
     rows, labels, n_dropped, n_relabelled = select_training_rows(
         manifest, flags_df, config, flags_name=f"'{flags}'"
     )
-    refuse_uneven_batch(config, world)
+    refuse_uneven_batch(config, world, world.owners(len(manifest))[rows])
     built, tower = world.together(lambda: build_tower(bcfg, config))  # load_classifier rebuilds it so
     _log_notes(built.notes, reporter)
     device = next(tower.parameters()).device

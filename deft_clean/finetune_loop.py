@@ -24,14 +24,29 @@ if TYPE_CHECKING:
     from deft_clean.tes import ClassifierHead
 
 
-def refuse_uneven_batch(config: FinetuneConfig, world: World) -> None:
-    """Under torchrun a tuned tower trains on ``--batch-size / N`` images of each process per step."""
-    if world.active and config.tune != "linear" and config.batch_size % world.size:
+def refuse_uneven_batch(config: FinetuneConfig, world: World, owners: np.ndarray) -> None:
+    """Under torchrun a tuned tower trains on ``--batch-size / N`` images of each process per step, so the
+    batch must split evenly and each process must hold one share of the training rows (``owners`` (N,):
+    the process holding each); one that holds fewer (its block of the CSV lost rows as unreadable or
+    flagged) would leave every epoch without a step and the tower untrained."""
+    if not world.active or config.tune == "linear":
+        return
+    if config.batch_size % world.size:
         raise ConfigError(
             f"--batch-size {config.batch_size} is the global batch; with {world.size} processes and "
             f"--tune {config.tune} it must be a multiple of {world.size} (each process takes an equal "
             "share).",
             hint=f"Use --batch-size {config.batch_size // world.size * world.size or world.size}.",
+        )
+    held = np.bincount(owners, minlength=world.size)
+    share = max(min(config.batch_size, len(owners)) // world.size, 1)
+    if held.min() < share:
+        poorest = int(held.argmin())
+        raise ConfigError(
+            f"With {world.size} processes and --tune {config.tune} each process trains on {share} of its own "
+            f"images per step, but process {poorest} holds {held[poorest]} training rows (its block of the "
+            f"CSV, less unreadable and dropped rows; the processes hold {', '.join(map(str, held))}).",
+            hint="Run with fewer processes, a smaller --batch-size, or --tune linear.",
         )
 
 

@@ -170,6 +170,8 @@ def feature_pass(
             with autocast(images.device):
                 parts.append(tower(images.images_at(index, train=False)).float())
             reporter.advance(len(index))
-    if not parts:
-        return torch.zeros(0, 0, device=images.device)
+    if not parts:  # (0, F): gather_rows needs every process's width; not every tower runs an empty batch
+        blank = torch.zeros(1, 3, images.size, images.size, device=images.device)
+        with autocast(images.device):
+            return tower(blank).float()[:0]
     return torch.cat(parts)

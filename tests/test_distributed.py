@@ -131,6 +131,47 @@ def test_bad_image_on_one_process_stops_both(colours, tmp_path):
     assert not (tmp_path / "flags.parquet").exists()
 
 
+@pytest.fixture(scope="module")
+def second_block_missing(colours, tmp_path_factory) -> Path:
+    """The colour set and as many rows of missing images after it: the second process reads no image."""
+    data = tmp_path_factory.mktemp("half") / "data"
+    shutil.copytree(colours / "img", data / "img")
+    lines = (colours / "labels.csv").read_text().splitlines()
+    missing = [f"img/missing{i}.png,red" for i in range(len(lines) - 1)]
+    (data / "labels.csv").write_text("\n".join([*lines, *missing]) + "\n")
+    return data
+
+
+def test_process_without_a_readable_image_takes_the_steps_of_one(second_block_missing, tmp_path):
+    # its share of the frozen features is empty (0, F); gathered, they are one process's
+    data, options = second_block_missing, dict(OPTIONS, on_bad_image="skip")
+    done = run(torchrun(*cli_args(data, tmp_path / "flags.parquet", **options)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = read_results(tmp_path / "flags.parquet")
+    assert_same_run(written, one_process(data, tmp_path / "one.parquet", **options), data / "labels.csv")
+    assert written["status"].tolist()[-48:] == ["unreadable"] * 48
+
+
+def test_linear_finetune_with_a_process_without_images(second_block_missing, tmp_path):
+    data, options = second_block_missing, dict(FINETUNE, tune="linear", on_bad_image="skip")
+    done = run(torchrun(*finetune_args(data, tmp_path / "model", **options)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = finetune(data, data / "labels.csv", out=tmp_path / "one", **stage_configs("finetune", **options))
+    trained = load_classifier(tmp_path / "model", device="cpu")
+    for got, want in zip(trained.fc.parameters(), one.classifier.fc.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_tuned_finetune_refuses_a_process_without_images(second_block_missing, tmp_path):
+    data = second_block_missing
+    options = dict(FINETUNE, tune="full", method="ce", on_bad_image="skip")
+    done = run(torchrun(*finetune_args(data, tmp_path / "model", **options)))
+    assert done.returncode != 0
+    assert "process 1 holds 0 training rows" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr.split("torch/distributed/elastic")[0]
+    assert not (tmp_path / "model").exists()
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -281,8 +322,16 @@ def test_finetune_tuned_tower_under_two_processes(colours, tmp_path):
 
 
 def test_tuned_batch_must_split_evenly():
-    config = FinetuneConfig(tune="full", batch_size=7)
+    config, even = FinetuneConfig(tune="full", batch_size=7), np.repeat([0, 1], 10)
     with pytest.raises(ConfigError, match="--batch-size 7 is the global batch; with 2 processes"):
-        refuse_uneven_batch(config, World(0, 2))
-    refuse_uneven_batch(FinetuneConfig(tune="linear", batch_size=7), World(0, 2))  # any batch: no split
-    refuse_uneven_batch(config, World())
+        refuse_uneven_batch(config, World(0, 2), even)
+    refuse_uneven_batch(FinetuneConfig(tune="linear", batch_size=7), World(0, 2), even)  # no split
+    refuse_uneven_batch(config, World(), np.zeros(20, dtype=np.int64))
+
+
+def test_tuned_tower_needs_a_share_of_rows_in_every_process():
+    config = FinetuneConfig(tune="full", batch_size=8)
+    refuse_uneven_batch(config, World(0, 2), np.repeat([0, 1], [16, 4]))  # 4 each per step: one step
+    with pytest.raises(ConfigError, match=r"process 1 holds 3 training rows .* hold 16, 3\)"):
+        refuse_uneven_batch(config, World(1, 2), np.repeat([0, 1], [16, 3]))
+    refuse_uneven_batch(FinetuneConfig(tune="linear", batch_size=8), World(0, 2), np.repeat([0, 1], [16, 0]))
