@@ -64,6 +64,20 @@ def test_each_row_is_predicted_by_a_fit_that_never_saw_it(width):
         np.testing.assert_allclose(found.probs[row], expected, atol=1e-6)
 
 
+def test_non_negative_features_are_fitted_by_their_square_roots_and_signed_ones_as_they_are():
+    features, _, given = _noisy_clusters()
+    pooled = features.abs()  # non-negative, as a convolutional tower's pooled activations
+    found = loo_probe(pooled, given, 3)
+    for row in (0, 5, 20, 59):
+        expected = _explicit_fit(pooled.sqrt().numpy(), given, row, found.penalty)
+        np.testing.assert_allclose(found.probs[row], expected, atol=1e-6)
+    one_negative = pooled.clone()
+    one_negative[7, 2] = -1e-3
+    signed = loo_probe(one_negative, given, 3)
+    expected = _explicit_fit(one_negative.numpy(), given, 20, signed.penalty)
+    np.testing.assert_allclose(signed.probs[20], expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("width", [6, 90])
 def test_a_fit_on_some_rows_predicts_them_left_out_and_the_rest_as_it_stands(width):
     features, _, given = _noisy_clusters(width=width)
