@@ -228,9 +228,10 @@ def _probe(
             "eigendecomposition failed)."
         )
         return None
+    roots = " (their square roots, as all are non-negative)" if probe.square_roots else ""
     reporter.log(
-        f"Linear probe: a ridge fit on the untuned tower's features of every other image predicts each "
-        f"image's class (penalty {probe.penalty:.3g} chosen by leave-one-out error; it agrees with "
+        f"Linear probe: a ridge fit on the untuned tower's features{roots} of every other image predicts "
+        f"each image's class (penalty {probe.penalty:.3g} chosen by leave-one-out error; it agrees with "
         f"{probe.agreement:.0%} of the given labels) and weighs {config.probe_weight:.3g} in its class "
         "probabilities."
     )

@@ -51,12 +51,13 @@ Rows = Callable[[slice | torch.Tensor], torch.Tensor]  # rows (a block or indice
 class Probe:
     """Out-of-sample class probabilities ``probs`` (N, K) (the ridge predictions clipped at 0 and
     normalised; a fitted row's by the fit without it, any other row's by the fit), the ``penalty``
-    chosen (relative to the mean eigenvalue) and the rows' ``agreement`` (share whose prediction is
-    their given label)."""
+    chosen (relative to the mean eigenvalue), the rows' ``agreement`` (share whose prediction is
+    their given label), and whether it fitted the features' ``square_roots`` (all were non-negative)."""
 
     probs: np.ndarray
     penalty: float
     agreement: float
+    square_roots: bool
 
 
 def loo_probe(
@@ -88,7 +89,7 @@ def loo_probe(
     step = max(1, chunk // max(width, num_classes))
     blocks = [slice(start, start + step) for start in range(0, n, step)]
 
-    hellinger = bool((features >= 0).all())  # pooled activations: compared by their square roots
+    hellinger = bool(features.amin() >= 0)  # pooled activations: compared by their square roots
 
     def unit(rows: slice | torch.Tensor) -> torch.Tensor:  # (B, F) L2-normalised rows in float64
         x = features[rows].to(device=device, dtype=torch.float64)
@@ -110,7 +111,7 @@ def loo_probe(
         residual = fit.residual(project(part), onehot, PENALTY_GRID[best] * scale, member[part])
         probs[part] = _normalised((onehot + residual).clamp_min(0)).float()
     agreement = float((probs.argmax(dim=1) == y).float().mean())
-    return Probe(probs.cpu().numpy(), PENALTY_GRID[best], agreement)
+    return Probe(probs.cpu().numpy(), PENALTY_GRID[best], agreement, hellinger)
 
 
 def _spectrum(

@@ -68,12 +68,14 @@ def test_non_negative_features_are_fitted_by_their_square_roots_and_signed_ones_
     features, _, given = _noisy_clusters()
     pooled = features.abs()  # non-negative, as a convolutional tower's pooled activations
     found = loo_probe(pooled, given, 3)
+    assert found.square_roots
     for row in (0, 5, 20, 59):
         expected = _explicit_fit(pooled.sqrt().numpy(), given, row, found.penalty)
         np.testing.assert_allclose(found.probs[row], expected, atol=1e-6)
     one_negative = pooled.clone()
     one_negative[7, 2] = -1e-3
     signed = loo_probe(one_negative, given, 3)
+    assert not signed.square_roots
     expected = _explicit_fit(one_negative.numpy(), given, 20, signed.penalty)
     np.testing.assert_allclose(signed.probs[20], expected, atol=1e-6)
 
@@ -189,6 +191,7 @@ def test_the_probe_chooses_which_rows_are_flagged_not_how_many_and_the_log_says_
         np.delete(scores.clean_score, [0, 20, 40]) >= 0
     ).all()
     assert len(log.lines) == 2 and log.lines[0].startswith("Linear probe: a ridge fit on the untuned tower's")
+    assert "square roots" not in log.lines[0]  # signed features: as they are
     assert log.lines[1].startswith("Linear probe, second fit: without the 3 rows first flagged (penalty")
 
 
