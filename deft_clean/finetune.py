@@ -33,7 +33,7 @@ from deft_clean.distributed import World, runs_distributed, world_from_env
 from deft_clean.embed import stage
 from deft_clean.errors import ConfigError
 from deft_clean.files import check_output, releases_outputs
-from deft_clean.finetune_loop import refuse_uneven_batch, train_classifier
+from deft_clean.finetune_loop import check_process_shares, train_classifier
 from deft_clean.offline import OFFLINE_NOTE
 from deft_clean.preflight import refuse_one_class
 from deft_clean.progress import Reporter, SilentReporter
@@ -98,7 +98,7 @@ def finetune(
     rows, labels, n_dropped, n_relabelled = select_training_rows(
         manifest, flags_df, config, flags_name=f"'{flags}'"
     )
-    refuse_uneven_batch(config, world, world.owners(len(manifest))[rows])
+    check_process_shares(config, world, world.owners(len(manifest))[rows], reporter)
     built, tower = world.together(lambda: build_tower(bcfg, config))  # load_classifier rebuilds it so
     _log_notes(built.notes, reporter)
     device = next(tower.parameters()).device

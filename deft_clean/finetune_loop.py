@@ -24,11 +24,14 @@ if TYPE_CHECKING:
     from deft_clean.tes import ClassifierHead
 
 
-def refuse_uneven_batch(config: FinetuneConfig, world: World, owners: np.ndarray) -> None:
+def check_process_shares(
+    config: FinetuneConfig, world: World, owners: np.ndarray, reporter: Reporter
+) -> None:
     """Under torchrun a tuned tower trains on ``--batch-size / N`` images of each process per step, so the
     batch must split evenly and each process must hold one share of the training rows (``owners`` (N,):
     the process holding each); one that holds fewer (its block of the CSV lost rows as unreadable or
-    flagged) would leave every epoch without a step and the tower untrained."""
+    flagged) would leave every epoch without a step and the tower untrained. When the poorest process
+    lets an epoch reach less than 3/4 of the rows one process would train on, the log says so."""
     if not world.active or config.tune == "linear":
         return
     if config.batch_size % world.size:
@@ -40,13 +43,24 @@ def refuse_uneven_batch(config: FinetuneConfig, world: World, owners: np.ndarray
         )
     held = np.bincount(owners, minlength=world.size)
     share = max(min(config.batch_size, len(owners)) // world.size, 1)
+    poorest = int(held.argmin())
+    where = (
+        f"process {poorest} holds {held[poorest]} training rows (its block of the CSV, less unreadable and "
+        f"dropped rows; the processes hold {', '.join(map(str, held))})"
+    )
     if held.min() < share:
-        poorest = int(held.argmin())
         raise ConfigError(
             f"With {world.size} processes and --tune {config.tune} each process trains on {share} of its own "
-            f"images per step, but process {poorest} holds {held[poorest]} training rows (its block of the "
-            f"CSV, less unreadable and dropped rows; the processes hold {', '.join(map(str, held))}).",
+            f"images per step, but {where}.",
             hint="Run with fewer processes, a smaller --batch-size, or --tune linear.",
+        )
+    covered, size = int(held.min()) // share * share * world.size, min(config.batch_size, len(owners))
+    if covered < 0.75 * (len(owners) // size * size):  # one process drops only the ragged last batch
+        reporter.log(
+            f"Each epoch trains on {covered:,} of the {len(owners):,} training rows: with --tune "
+            f"{config.tune} each process takes {share} of its own images per step, and {where}. Fewer "
+            "processes would train on more of them.",
+            level="warning",
         )
 
 

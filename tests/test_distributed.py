@@ -38,7 +38,7 @@ from deft_clean.detect import detect
 from deft_clean.distributed import World
 from deft_clean.errors import ConfigError, OutputError
 from deft_clean.finetune import finetune
-from deft_clean.finetune_loop import refuse_uneven_batch
+from deft_clean.finetune_loop import check_process_shares
 from deft_clean.results import read_results
 
 REPO = Path(deft_clean.__file__).resolve().parents[1]
@@ -252,14 +252,17 @@ def test_two_nodes_on_localhost_crossfit(colours, tmp_path):
     assert_same_run(written, reference, colours / "labels.csv")
 
 
-def test_tuned_tower_probe_sees_every_row_under_two_processes(colours, tmp_path):
-    # each process computes the untuned features of its own images; gathered, the probe fits every row
-    # exactly as in one process (its penalty and agreement), though training draws other batches
-    options = dict(OPTIONS, peft="lora", lora_rank=2, epochs=2, warmup_epochs=1)
-    done = run(torchrun(*cli_args(colours, tmp_path / "two.parquet", **options)))
+@pytest.mark.parametrize("dataset", ["colours", "second_block_missing"])
+def test_tuned_tower_probe_sees_every_row_under_two_processes(dataset, request, tmp_path):
+    # each process computes the untuned features of its own images (the second process none, when its
+    # block is unreadable); gathered, the probe fits every row exactly as in one process (its penalty and
+    # agreement), though training draws other batches
+    data = request.getfixturevalue(dataset)
+    options = dict(OPTIONS, peft="lora", lora_rank=2, epochs=2, warmup_epochs=1, on_bad_image="skip")
+    done = run(torchrun(*cli_args(data, tmp_path / "two.parquet", **options)))
     assert done.returncode == 0, done.stderr[-3000:]
     log = LogLines()
-    detect(colours, colours / "labels.csv", out=tmp_path / "one.parquet", reporter=log,
+    detect(data, data / "labels.csv", out=tmp_path / "one.parquet", reporter=log,
            **stage_configs("detect", **options))  # fmt: skip
     fitted = re.compile(r"Linear probe: a ridge fit .*?\(penalty (\S+) chosen .*? it agrees with (\d+%)")
     one = [fitted.search(line).groups() for line in log.lines if fitted.search(line)]
@@ -322,16 +325,26 @@ def test_finetune_tuned_tower_under_two_processes(colours, tmp_path):
 
 
 def test_tuned_batch_must_split_evenly():
-    config, even = FinetuneConfig(tune="full", batch_size=7), np.repeat([0, 1], 10)
+    config, even, log = FinetuneConfig(tune="full", batch_size=7), np.repeat([0, 1], 10), LogLines()
     with pytest.raises(ConfigError, match="--batch-size 7 is the global batch; with 2 processes"):
-        refuse_uneven_batch(config, World(0, 2), even)
-    refuse_uneven_batch(FinetuneConfig(tune="linear", batch_size=7), World(0, 2), even)  # no split
-    refuse_uneven_batch(config, World(), np.zeros(20, dtype=np.int64))
+        check_process_shares(config, World(0, 2), even, log)
+    check_process_shares(FinetuneConfig(tune="linear", batch_size=7), World(0, 2), even, log)  # no split
+    check_process_shares(config, World(), np.zeros(20, dtype=np.int64), log)
+    assert log.lines == []
 
 
 def test_tuned_tower_needs_a_share_of_rows_in_every_process():
-    config = FinetuneConfig(tune="full", batch_size=8)
-    refuse_uneven_batch(config, World(0, 2), np.repeat([0, 1], [16, 4]))  # 4 each per step: one step
+    config, log = FinetuneConfig(tune="full", batch_size=8), LogLines()
+    check_process_shares(config, World(0, 2), np.repeat([0, 1], [12, 10]), log)  # 16 rows, as in one
+    assert log.lines == []
+    check_process_shares(config, World(0, 2), np.repeat([0, 1], [16, 4]), log)  # 8 rows; one: 16
+    assert log.lines == [
+        "Each epoch trains on 8 of the 20 training rows: with --tune full each process takes 4 of its own "
+        "images per step, and process 1 holds 4 training rows (its block of the CSV, less unreadable and "
+        "dropped rows; the processes hold 16, 4). Fewer processes would train on more of them."
+    ]
     with pytest.raises(ConfigError, match=r"process 1 holds 3 training rows .* hold 16, 3\)"):
-        refuse_uneven_batch(config, World(1, 2), np.repeat([0, 1], [16, 3]))
-    refuse_uneven_batch(FinetuneConfig(tune="linear", batch_size=8), World(0, 2), np.repeat([0, 1], [16, 0]))
+        check_process_shares(config, World(1, 2), np.repeat([0, 1], [16, 3]), log)
+    linear = FinetuneConfig(tune="linear", batch_size=8)
+    check_process_shares(linear, World(0, 2), np.repeat([0, 1], [16, 0]), log)
+    assert len(log.lines) == 1
