@@ -41,20 +41,19 @@ def check_process_shares(
             "share).",
             hint=f"Use --batch-size {config.batch_size // world.size * world.size or world.size}.",
         )
-    held = np.bincount(owners, minlength=world.size)
-    share = max(min(config.batch_size, len(owners)) // world.size, 1)
+    held, share, steps = _shares(config.batch_size, owners, world.size)
     poorest = int(held.argmin())
     where = (
         f"process {poorest} holds {held[poorest]} training rows (its block of the CSV, less unreadable and "
         f"dropped rows; the processes hold {', '.join(map(str, held))})"
     )
-    if held.min() < share:
+    if steps == 0:
         raise ConfigError(
             f"With {world.size} processes and --tune {config.tune} each process trains on {share} of its own "
             f"images per step, but {where}.",
             hint="Run with fewer processes, a smaller --batch-size, or --tune linear.",
         )
-    covered, size = int(held.min()) // share * share * world.size, min(config.batch_size, len(owners))
+    covered, size = steps * share * world.size, min(config.batch_size, len(owners))
     if covered < 0.75 * (len(owners) // size * size):  # one process drops only the ragged last batch
         reporter.log(
             f"Each epoch trains on {covered:,} of the {len(owners):,} training rows: with --tune "
@@ -62,6 +61,14 @@ def check_process_shares(
             "processes would train on more of them.",
             level="warning",
         )
+
+
+def _shares(batch_size: int, owners: np.ndarray, processes: int) -> tuple[np.ndarray, int, int]:
+    """(rows each process holds, images each takes per step, steps per epoch) of a tuned tower: every
+    step takes the same share from every process, so the process holding fewest rows sets the epoch."""
+    held = np.bincount(owners, minlength=processes)
+    share = max(min(batch_size, len(owners)) // processes, 1)
+    return held, share, int(held.min()) // share
 
 
 def train_classifier(
@@ -158,9 +165,8 @@ class _Batches:
             return
         if images.channels_last:
             tower.to(memory_format=torch.channels_last)
-        self.share = self.size // world.size
+        _, self.share, self.steps = _shares(cfg.batch_size, owners, world.size)
         self.own_labels = labels[torch.from_numpy(np.flatnonzero(owners == world.rank)).to(labels.device)]
-        self.steps = int(np.bincount(owners, minlength=world.size).min()) // max(self.share, 1)
         self.who = np.repeat(np.arange(world.size), self.share)
 
     def order(self, epoch: int, generator: torch.Generator) -> torch.Tensor:
