@@ -146,9 +146,8 @@ def test_untuned_trunk_is_the_trunk_a_frozen_tower_would_cache():
     assert (
         untuned_trunk(towered.model, frozen) is feature_split(towered.model)[0] is towered.model.visual.trunk
     )
-    lora = ImageTuning(
-        kind="lora", head_names=frozen.head_names
-    )  # what LoRA on the same tower trains besides
+    # what LoRA on the same tower trains besides its adapters
+    lora = ImageTuning(kind="lora", head_names=frozen.head_names)
     assert untuned_trunk(towered.model, lora) is towered.model.visual.trunk
 
 
