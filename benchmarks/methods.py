@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
@@ -100,6 +102,36 @@ class Context:
                 features, noisy.given, n_classes=len(self.dataset.class_ids), folds=self.folds, seed=self.seed
             )
         return self._out_of_sample[noisy.noise]
+
+
+class PhaseLog:
+    """A progress reporter for unattended runs (a GPU lease, a background job): one line per finished
+    phase (an epoch, the decode, the scoring) with its wall time and rate, flushed at once, so the log of
+    a run killed at a time limit still says how far it got and how fast it went."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self._done: list[int] = []  # units done, one entry per open (possibly nested) phase
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[None]:
+        self._done.append(0)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds, done = time.perf_counter() - start, self._done.pop()
+            self._line(f"{description}: {done:,} in {seconds:.1f} s ({done / max(seconds, 1e-9):,.0f}/s)")
+
+    def advance(self, n: int = 1, **fields: float) -> None:
+        if self._done:
+            self._done[-1] += n
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._line(f"{level}: {message}")
+
+    def _line(self, text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=self.stream, flush=True)
 
 
 def slug(text: str | None) -> str:
@@ -216,6 +248,7 @@ def call_detect(
         data=data,
         backbone=backbone,
         detect=DetectConfig(**options),
+        reporter=PhaseLog(),
     ).frame
 
 

@@ -411,12 +411,15 @@ def test_results_stay_out_of_the_tracked_tree_unless_asked(capsys: pytest.Captur
     assert "--smoke records are not measurements" in capsys.readouterr().err
 
 
-def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
+def test_smoke_run_writes_a_complete_record_per_method(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The CI smoke run: ~200 images (CIFAR-10 from ../shared, else synthetic), test-tiny, every method."""
     from benchmarks.run import main
 
     before = _tracked_state()
     assert main(["--smoke", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "DeFT epoch 1/1: 200 in " in capsys.readouterr().err  # detect's phases are logged as they end
     assert _tracked_state() == before  # nothing written into the checkout (results default to the cache)
     results = tmp_path / "cache" / "results"
     records = {r["method"]: r for r in map(json.loads, map(Path.read_text, results.glob("*.json")))}
@@ -448,6 +451,40 @@ def test_smoke_run_writes_a_complete_record_per_method(tmp_path: Path) -> None:
     assert names == [
         f"{dataset}-200_sym-0.4_deft_epochs_1_warmup_epochs_0_batch_size_32_num_workers_1_test-tiny_s0.json"
     ]
+
+
+def test_phase_log_writes_one_line_per_finished_phase_with_its_count() -> None:
+    """Nested phases each report their own units; a log line passes through with its level."""
+    import io
+
+    from benchmarks.methods import PhaseLog
+
+    stream = io.StringIO()
+    log = PhaseLog(stream)
+    with log.task("Outer", total=5):
+        log.advance(2)
+        with log.task("Inner", total=3):
+            log.advance(3)
+        log.advance(3)
+    log.log("fell back", level="warning")
+    lines = [line.split(" ", 1)[1] for line in stream.getvalue().splitlines()]  # drop the clock
+    assert [line.split(" in ")[0] for line in lines[:2]] == ["Inner: 3", "Outer: 5"]
+    assert lines[2] == "warning: fell back"
+
+
+def test_gpu_script_refuses_to_run_without_its_stage(tmp_path: Path) -> None:
+    """benchmarks/gpu_50k.sh on a fresh machine (no stage): a clear message and exit 3, no run started;
+    an unknown step prints the usage and exits 2."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_50k.sh"
+    env = {**os.environ, "STAGE": str(tmp_path / "stage"), "OUT": str(tmp_path / "out")}
+    ran = subprocess.run(["bash", str(script), "run"], env=env, capture_output=True, text=True)
+    assert ran.returncode == 3 and "the machine was replaced; call 'stage' again" in ran.stderr
+    assert not (tmp_path / "stage").exists()
+    ran = subprocess.run(["bash", str(script), "launch"], env=env, capture_output=True, text=True)
+    assert ran.returncode == 2 and "usage:" in ran.stderr
 
 
 def test_zero_shot_runs_on_an_aligned_backbone(tmp_path: Path) -> None:
