@@ -106,22 +106,28 @@ class Context:
 
 class PhaseLog:
     """A progress reporter for unattended runs (a GPU lease, a background job): one line per finished
-    phase (an epoch, the decode, the scoring) with its wall time and rate, flushed at once, so the log of
-    a run killed at a time limit still says how far it got and how fast it went."""
+    phase (checking and decoding the images, a feature pass, each training epoch) with its wall time and
+    rate, flushed at once, so the log of a run killed at a time limit still says how far it got and how
+    fast it went. Work between phases (detect's scoring after each epoch) shows in the clock times."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
+        self.stream = stream if stream is not None else sys.stderr
         self._done: list[int] = []  # units done, one entry per open (possibly nested) phase
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[None]:
         self._done.append(0)
         start = time.perf_counter()
+        ended = "in"
         try:
             yield
+        except BaseException:
+            ended = "interrupted after"
+            raise
         finally:
             seconds, done = time.perf_counter() - start, self._done.pop()
-            self._line(f"{description}: {done:,} in {seconds:.1f} s ({done / max(seconds, 1e-9):,.0f}/s)")
+            rate = done / max(seconds, 1e-9)
+            self._line(f"{description}: {done:,} {ended} {seconds:.1f} s ({rate:,.0f}/s)")
 
     def advance(self, n: int = 1, **fields: float) -> None:
         if self._done:

@@ -467,9 +467,13 @@ def test_phase_log_writes_one_line_per_finished_phase_with_its_count() -> None:
             log.advance(3)
         log.advance(3)
     log.log("fell back", level="warning")
+    with pytest.raises(KeyboardInterrupt), log.task("Killed", total=9):
+        log.advance(4)
+        raise KeyboardInterrupt
     lines = [line.split(" ", 1)[1] for line in stream.getvalue().splitlines()]  # drop the clock
     assert [line.split(" in ")[0] for line in lines[:2]] == ["Inner: 3", "Outer: 5"]
     assert lines[2] == "warning: fell back"
+    assert lines[3].startswith("Killed: 4 interrupted after ")
 
 
 def test_gpu_script_refuses_to_run_without_its_stage(tmp_path: Path) -> None:
@@ -485,6 +489,37 @@ def test_gpu_script_refuses_to_run_without_its_stage(tmp_path: Path) -> None:
     assert not (tmp_path / "stage").exists()
     ran = subprocess.run(["bash", str(script), "launch"], env=env, capture_output=True, text=True)
     assert ran.returncode == 2 and "usage:" in ran.stderr
+
+
+def test_gpu_script_returns_what_it_has_while_a_run_goes_on(tmp_path: Path) -> None:
+    """`collect` at its deadline with a run still alive and nothing finished yet (the usual case at 50k):
+    exit 0, the logs come back in the tarball, and it says to collect again, not that the runs ended."""
+    import os
+    import subprocess
+    import tarfile
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_50k.sh"
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    for folder in (stage / "offline", stage / "site", stage / "logs", out):
+        folder.mkdir(parents=True)
+    live, done = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["true"])
+    done.wait()
+    (stage / "logs" / "started").write_text("0\n")
+    (stage / "logs" / "sym-0.4.pid").write_text(f"{live.pid}\n")
+    (stage / "logs" / "sym-0.4.log").write_text("12:00:00 DeFT epoch 3/10: 50,000 in 41.0 s (1,220/s)\n")
+    (stage / "logs" / "asym-0.4.pid").write_text(f"{done.pid}\n")
+    (stage / "logs" / "asym-0.4.rc").write_text("0\n")  # finished: its exit code is written
+    (stage / "logs" / "asym-0.4.log").write_text("")
+    env = {**os.environ, "STAGE": str(stage), "OUT": str(out), "DEADLINE_S": "1"}
+    try:
+        ran = subprocess.run(["bash", str(script), "collect"], env=env, capture_output=True, text=True)
+    finally:
+        live.kill()
+    assert ran.returncode == 0, ran.stderr
+    assert "1 run(s) still going: call 'collect' at once" in ran.stdout
+    assert "sym-0.4: 12:00:00 DeFT epoch 3/10" in ran.stdout
+    with tarfile.open(out / "gpu50k.tar.gz") as archive:
+        assert "logs/sym-0.4.log" in archive.getnames()
 
 
 def test_zero_shot_runs_on_an_aligned_backbone(tmp_path: Path) -> None:
