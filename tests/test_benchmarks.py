@@ -12,7 +12,9 @@ import pytest
 from benchmarks import baselines, datasets
 from benchmarks.metrics import detection_metrics
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GPU_SCRIPT = REPO / "benchmarks" / "gpu_50k.sh"
 CIFAR = SHARED / "data" / "cifar10" / "train.parquet"
 needs_cifar = pytest.mark.skipif(not CIFAR.is_file(), reason=f"CIFAR-10 parquet not found at {CIFAR}")
 CIFAR_IDS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -394,9 +396,8 @@ def _tracked_state() -> str:
     """``git status`` of the checkout, untracked files included (ignored ones are not listed)."""
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]
     command = ["git", "status", "--porcelain", "--untracked-files=all"]
-    return subprocess.run(command, cwd=repo, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
 
 
 def test_results_stay_out_of_the_tracked_tree_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
@@ -482,12 +483,11 @@ def test_gpu_script_refuses_to_run_without_its_stage(tmp_path: Path) -> None:
     import os
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_50k.sh"
     env = {**os.environ, "STAGE": str(tmp_path / "stage"), "OUT": str(tmp_path / "out")}
-    ran = subprocess.run(["bash", str(script), "run"], env=env, capture_output=True, text=True)
+    ran = subprocess.run(["bash", str(GPU_SCRIPT), "run"], env=env, capture_output=True, text=True)
     assert ran.returncode == 3 and "the machine was replaced; call 'stage' again" in ran.stderr
     assert not (tmp_path / "stage").exists()
-    ran = subprocess.run(["bash", str(script), "launch"], env=env, capture_output=True, text=True)
+    ran = subprocess.run(["bash", str(GPU_SCRIPT), "launch"], env=env, capture_output=True, text=True)
     assert ran.returncode == 2 and "usage:" in ran.stderr
 
 
@@ -498,7 +498,6 @@ def test_gpu_script_returns_what_it_has_while_a_run_goes_on(tmp_path: Path) -> N
     import subprocess
     import tarfile
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_50k.sh"
     stage, out = tmp_path / "stage", tmp_path / "out"
     for folder in (stage / "offline", stage / "site", stage / "logs", out):
         folder.mkdir(parents=True)
@@ -512,7 +511,7 @@ def test_gpu_script_returns_what_it_has_while_a_run_goes_on(tmp_path: Path) -> N
     (stage / "logs" / "asym-0.4.log").write_text("")
     env = {**os.environ, "STAGE": str(stage), "OUT": str(out), "DEADLINE_S": "1"}
     try:
-        ran = subprocess.run(["bash", str(script), "collect"], env=env, capture_output=True, text=True)
+        ran = subprocess.run(["bash", str(GPU_SCRIPT), "collect"], env=env, capture_output=True, text=True)
     finally:
         live.kill()
     assert ran.returncode == 0, ran.stderr
